@@ -1,0 +1,1 @@
+"""chronomoe_torch: the P×T controller in PyTorch MoE training."""

@@ -1,0 +1,38 @@
+"""chronomoe_dyn: the P×T routing controller of Mixture-of-Experts models, in NumPy + Numba.
+
+The control law (``step``, ``routing_fields``) is the NumPy reference; the batched simulator
+(``simulate``, ``simulate_kuramoto``) runs it in Numba kernels that compile lazily on first use
+(cached on disk), so ``import chronomoe_dyn`` stays fast and never imports torch or numba.
+"""
+
+from __future__ import annotations
+
+from .config import ControllerConfig
+from .landscape import Landscape, ValleyHealth, landscape, state_landscape, valley_health
+from .law import (KnobFactors, coherence_gate, knob_factors, order_parameter, routing_fields,
+                  step)
+from .schedule import (AdaptiveRule, AdaptiveState, KnobSchedule, adaptive_update, kappa_at,
+                       phase_label)
+from .state import ControllerState, RoutingObservation, init_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ControllerConfig", "ControllerState", "RoutingObservation", "init_state", "step",
+    "routing_fields", "order_parameter", "knob_factors", "KnobFactors", "coherence_gate",
+    "Landscape", "landscape", "state_landscape", "ValleyHealth", "valley_health",
+    "KnobSchedule", "kappa_at", "phase_label", "AdaptiveRule", "AdaptiveState",
+    "adaptive_update", "simulate", "simulate_kuramoto", "EnvConfig", "Trajectory",
+]
+
+# The simulator imports numba; load it only when used.
+_LAZY = {"simulate": ".simulate", "simulate_kuramoto": ".kuramoto", "EnvConfig": ".env",
+         "Trajectory": ".simulate"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        mod = importlib.import_module(_LAZY[name], __name__)
+        return getattr(mod, name)
+    raise AttributeError(f"module 'chronomoe_dyn' has no attribute {name!r}")

@@ -1,0 +1,215 @@
+"""The P×T control law: the NumPy reference every backend must match (DESIGN.md §3).
+
+Per tick, given counts_LE, wsum_LE and optionally loss_LE:
+
+1. clocks: tick += 1; micro when tick % micro_period == 0, macro when tick % macro_period == 0.
+2. usage (layers that saw tokens): frac = counts / Σ_e counts; δ = E·(frac − u);
+   u ← ρu + (1−ρ)frac.
+3. reliability target: σ(sharp·(m̄ − m_e)/m̄) from mean token losses m_e (m̄: the layer's
+   token-weighted mean), else u/max(u); s ← ρs + (1−ρ)target for experts that got tokens.
+4. Kuramoto over all L·E oscillators: Z = mean(e^{iθ}) = R e^{iψ};
+   θ ← θ + dt·(ω₀ + ω_dis + α·δ + K·R·sin(ψ − θ)) + σ·sqrt(dt)·ξ  (mod 2π); ΔR = R_new − R_old.
+5. micro tick: T̄_g ← (1−η_g)T̄_g + η_g·mean_L(T_fast); P = clip(2(1/E − u/Σu), −1, 1);
+   d̂ = |u/Σu − 1/E| / max; T_fast = clip(T_base(1+β_R(1−R))(1+β_d d̂)(1+β_s(1−s)), T_min, T_max);
+   T̄_l ← (1−η_l)T̄_l + η_l·T_fast; T_eff = T_fast·T̄_g·T̄_l.
+6. macro tick: lens ← clip(lens + γ·e^{β_A κ}·σ(5ΔR)·P, ±lens_max).
+7. κ (EMA rate r, 1 = none) scales pressure by e^{β_p κ}, temperature by e^{β_T κ}.
+8. outputs: bias = scale_p·e^{β_p κ}(P + lens); temperature = clamp(T_eff·scale_T·e^{β_T κ}, 0.1, 10).
+
+Every EMA is clipped to the hull of its old value and its input, so floating point never steps
+outside it. Bad observations raise before anything is computed: the old state is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from . import rng
+from .config import ControllerConfig
+from .state import ControllerState, RoutingObservation, validate_observation
+
+__all__ = [
+    "step", "routing_fields", "order_parameter", "knob_factors", "KnobFactors",
+    "coherence_gate", "TEMPERATURE_MIN", "TEMPERATURE_MAX", "TWO_PI", "check_kappa",
+]
+
+TWO_PI = 2.0 * math.pi
+TEMPERATURE_MIN = 0.1
+"""Lower clamp of the applied router temperature."""
+TEMPERATURE_MAX = 10.0
+"""Upper clamp of the applied router temperature."""
+LENS_DR_GAIN = 5.0
+"""Slope of σ(5ΔR) in the lens update (DESIGN.md §3.6)."""
+
+
+class KnobFactors(NamedTuple):
+    """Multipliers the meta-knob κ applies: exp(β_p κ), exp(β_T κ), exp(β_A κ)."""
+    pressure: float
+    temperature: float
+    lens: float
+
+
+def check_kappa(kappa: float) -> float:
+    """Return κ as a float or raise ValueError unless it is finite and in [-1, 1]."""
+    if isinstance(kappa, bool):
+        raise ValueError(f"kappa={kappa!r}: expected a real number in [-1, 1]")
+    try:
+        k = float(kappa)
+    except (TypeError, ValueError):
+        raise ValueError(f"kappa={kappa!r}: expected a real number in [-1, 1]") from None
+    if not math.isfinite(k) or k < -1.0 or k > 1.0:
+        raise ValueError(f"kappa={kappa!r}: allowed range is [-1, 1]")
+    return k
+
+
+def knob_factors(kappa: float, config: ControllerConfig) -> KnobFactors:
+    """The κ multipliers; all equal 1 at κ = 0 and increase with κ."""
+    k = check_kappa(kappa)
+    return KnobFactors(math.exp(config.beta_pressure * k), math.exp(config.beta_temperature * k),
+                       math.exp(config.beta_lens * k))
+
+
+def order_parameter(theta: np.ndarray) -> tuple[float, float]:
+    """Kuramoto order parameter of all phases in ``theta`` (any shape): (R, ψ).
+
+    R = |mean(e^{iθ})| clipped to [0, 1]; ψ = arg of the mean, in (-π, π]."""
+    th = np.asarray(theta, dtype=np.float64)
+    if th.size == 0:
+        raise ValueError("order_parameter: theta is empty")
+    c = float(np.mean(np.cos(th)))
+    s = float(np.mean(np.sin(th)))
+    R = min(1.0, math.hypot(c, s))
+    return R, math.atan2(s, c)
+
+
+def coherence_gate(R: float, min_coherence: float = 0.2, strength: float = 0.5) -> float:
+    """Seed's gate: 1 − strength·(1 − g(R)), g = 0 below min_coherence, else
+    (R − min)/(1 − min). In [0, 1], non-decreasing in R; equals 1 at R = 1."""
+    if not 0.0 <= min_coherence < 1.0:
+        raise ValueError(f"min_coherence={min_coherence!r}: allowed range is [0, 1)")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength!r}: allowed range is [0, 1]")
+    r = min(max(float(R), 0.0), 1.0)
+    g = 0.0 if r < min_coherence else (r - min_coherence) / (1.0 - min_coherence)
+    return min(max(1.0 - strength * (1.0 - g), 0.0), 1.0)
+
+
+def _ema(old: np.ndarray, new: np.ndarray, rate: float) -> np.ndarray:
+    """(1 − rate)·old + rate·new, clipped to the hull of old and new."""
+    out = (1.0 - rate) * old + rate * new
+    return np.clip(out, np.minimum(old, new), np.maximum(old, new))
+
+
+def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
+    # Stable for large |x|: exp of a non-positive number only.
+    x = np.asarray(x, dtype=np.float64)
+    z = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+def _reliability_target(counts: np.ndarray, loss: np.ndarray | None, usage: np.ndarray,
+                        sharpness: float) -> np.ndarray:
+    """[L, E] target reliability in [0, 1] (meaningful only where counts > 0)."""
+    if loss is None:
+        umax = usage.max(axis=1, keepdims=True)
+        return np.divide(usage, umax, out=np.zeros_like(usage), where=umax > 0)
+    tot_c = counts.sum(axis=1, keepdims=True)
+    tot_l = loss.sum(axis=1, keepdims=True)
+    mbar = np.divide(tot_l, tot_c, out=np.zeros_like(tot_l), where=tot_c > 0)
+    m = np.divide(loss, counts, out=np.zeros_like(loss), where=counts > 0)
+    rel = np.divide(mbar - m, mbar, out=np.zeros_like(m), where=mbar > 0)
+    return np.clip(_sigmoid(sharpness * rel), 0.0, 1.0)
+
+
+def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservation,
+         kappa: float = 0.0) -> ControllerState:
+    """One controller tick. Pure: returns a new state; raises on bad input, touching nothing."""
+    L, E = state.num_layers, state.num_experts
+    counts, _wsum, loss = validate_observation(obs, L, E)
+    k_in = check_kappa(kappa)
+    cfg = config
+
+    # 1. clocks
+    tick = state.tick + 1
+    micro = tick % cfg.micro_period == 0
+    macro = tick % cfg.macro_period == 0
+
+    # 7 (first, so this tick's lens sees it). κ smoothing.
+    kap = float(np.clip((1.0 - cfg.kappa_smoothing) * state.kappa + cfg.kappa_smoothing * k_in,
+                        min(state.kappa, k_in), max(state.kappa, k_in)))
+
+    # 2. usage
+    rho = cfg.usage_decay
+    tot = counts.sum(axis=1, keepdims=True)                     # [L, 1]
+    active = tot > 0                                            # [L, 1]
+    frac = np.divide(counts, tot, out=np.zeros_like(counts), where=active)
+    delta = np.where(active, E * (frac - state.usage_LE), 0.0)
+    usage = np.where(active, _ema(state.usage_LE, frac, 1.0 - rho), state.usage_LE)
+
+    # 3. reliability (only experts that got tokens move)
+    target = _reliability_target(counts, loss, usage, cfg.reliability_sharpness)
+    seen = counts > 0
+    reliability = np.where(seen, _ema(state.reliability_LE, target, 1.0 - rho),
+                           state.reliability_LE)
+
+    # 4. Kuramoto phases (mean field before the update)
+    th = state.theta_LE
+    R0, psi0 = state.R, state.psi
+    drive = cfg.omega0 + state.omega_disorder_LE + cfg.drift_gain * delta \
+        + cfg.coupling * R0 * np.sin(psi0 - th)
+    th_new = th + cfg.dt * drive
+    if cfg.phase_noise > 0.0:
+        xi = rng.normal(state.seed, rng.STREAM_PHASE, tick, np.arange(L * E)).reshape(L, E)
+        th_new = th_new + cfg.phase_noise * math.sqrt(cfg.dt) * xi
+    th_new = np.mod(th_new, TWO_PI)
+    th_new = np.where(th_new >= TWO_PI, 0.0, th_new)  # mod can round up to exactly 2π
+    R, psi = order_parameter(th_new)
+    dR = R - R0
+
+    # 5. micro tick: temperatures
+    pressure, T_fast = state.pressure_LE, state.T_fast_LE
+    Tbar_g, Tbar_l, T_eff = state.Tbar_global_E, state.Tbar_local_LE, state.T_eff_LE
+    if micro:
+        Tbar_g = _ema(Tbar_g, T_fast.mean(axis=0), cfg.eta_structural_T_global)
+        share = usage / usage.sum(axis=1, keepdims=True)
+        pressure = np.clip(2.0 * (1.0 / E - share), -1.0, 1.0)
+        d = np.abs(share - 1.0 / E)
+        dmax = d.max(axis=1, keepdims=True)
+        d_hat = np.divide(d, dmax, out=np.zeros_like(d), where=dmax > 0)
+        T_fast = np.clip(cfg.T_base * (1.0 + cfg.beta_R * (1.0 - R))
+                         * (1.0 + cfg.beta_drift * d_hat)
+                         * (1.0 + cfg.beta_reliability * (1.0 - reliability)),
+                         cfg.T_min, cfg.T_max)
+        Tbar_l = _ema(Tbar_l, T_fast, cfg.eta_structural_T_local)
+        T_eff = T_fast * Tbar_g[None, :] * Tbar_l
+
+    # 6. macro tick: lens
+    lens = state.lens_LE
+    if macro:
+        rate = cfg.lens_rate * math.exp(cfg.beta_lens * kap) * float(_sigmoid(LENS_DR_GAIN * dR))
+        lens = np.clip(lens + rate * pressure, -cfg.lens_max, cfg.lens_max)
+
+    return ControllerState(
+        tick=tick, seed=state.seed, theta_LE=th_new, omega_disorder_LE=state.omega_disorder_LE,
+        R=R, psi=psi, dR=dR, usage_LE=usage, reliability_LE=reliability, delta_LE=delta,
+        pressure_LE=pressure, lens_LE=lens, T_fast_LE=T_fast, Tbar_local_LE=Tbar_l,
+        Tbar_global_E=Tbar_g, T_eff_LE=T_eff, kappa=kap,
+    )
+
+
+def routing_fields(state: ControllerState, config: ControllerConfig,
+                   kappa: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bias_LE, temperature_LE) for the router: logits' = (logits + bias) / temperature.
+
+    ``kappa`` defaults to the κ in effect in ``state`` (the last one ``step`` received, after
+    smoothing)."""
+    k = state.kappa if kappa is None else check_kappa(kappa)
+    f_p = math.exp(config.beta_pressure * k)
+    f_t = math.exp(config.beta_temperature * k)
+    bias = config.pressure_scale * f_p * (state.pressure_LE + state.lens_LE)
+    temperature = np.clip(state.T_eff_LE * config.temperature_scale * f_t,
+                          TEMPERATURE_MIN, TEMPERATURE_MAX)
+    return bias, temperature

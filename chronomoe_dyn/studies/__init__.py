@@ -1,0 +1,1 @@
+"""Dynamics studies (also runnable as `chronomoe-dyn study NAME`)."""
