@@ -43,6 +43,10 @@ TEMPERATURE_MAX = 10.0
 """Upper clamp of the applied router temperature."""
 LENS_DR_GAIN = 5.0
 """Slope of σ(5ΔR) in the lens update (DESIGN.md §3.6)."""
+DRIFT_EPS = 1e-12
+"""Largest usage drift max_e|u_e/Σu − 1/E| still read as uniform routing (d̂ = 0). u/Σu carries
+rounding noise of ~1e-16 even when u is exactly uniform (Σu ≠ 1 in floating point for E = 6, 7,
+...), and d̂ = d/max(d) would blow that noise up to the full β_d boost of T_fast."""
 
 
 class KnobFactors(NamedTuple):
@@ -178,7 +182,7 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
         pressure = np.clip(2.0 * (1.0 / E - share), -1.0, 1.0)
         d = np.abs(share - 1.0 / E)
         dmax = d.max(axis=1, keepdims=True)
-        d_hat = np.divide(d, dmax, out=np.zeros_like(d), where=dmax > 0)
+        d_hat = np.divide(d, dmax, out=np.zeros_like(d), where=dmax > DRIFT_EPS)
         T_fast = np.clip(cfg.T_base * (1.0 + cfg.beta_R * (1.0 - R))
                          * (1.0 + cfg.beta_drift * d_hat)
                          * (1.0 + cfg.beta_reliability * (1.0 - reliability)),

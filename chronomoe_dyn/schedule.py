@@ -106,12 +106,17 @@ def _base(kind: str, k0: float, k1: float, p: np.ndarray) -> np.ndarray:
     if kind == "constant":
         return np.full_like(p, k0)
     if kind in ("linear", "adaptive"):
-        return k0 + (k1 - k0) * p
-    if kind == "cosine":
-        return k1 + (k0 - k1) * 0.5 * (1.0 + np.cos(np.pi * p))
-    if kind == "step":
+        k = k0 + (k1 - k0) * p
+    elif kind == "cosine":
+        k = k1 + (k0 - k1) * 0.5 * (1.0 + np.cos(np.pi * p))
+    elif kind == "step":
         return np.where(p < 1.0 / 3.0, k0, np.where(p < 2.0 / 3.0, 0.5 * (k0 + k1), k1))
-    raise ValueError(f"unknown schedule kind {kind!r}")  # unreachable after validation
+    else:
+        raise ValueError(f"unknown schedule kind {kind!r}")  # unreachable after validation
+    # Rounding can leave k0 + (k1 − k0)·1 an ulp short of k1 or past it (likewise the cosine at
+    # p = 0): keep κ between the two ends and hit both exactly.
+    k = np.clip(k, min(k0, k1), max(k0, k1))
+    return np.where(p <= 0.0, k0, np.where(p >= 1.0, k1, k))
 
 
 def kappa_at(schedule: KnobSchedule, step: int | np.ndarray,

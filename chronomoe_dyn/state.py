@@ -142,7 +142,11 @@ def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: 
                 raise ValueError(f"RoutingObservation.{name} is None; expected an array of shape {want}")
             out.append(None)
             continue
-        a = np.asarray(v, dtype=np.float64)
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"RoutingObservation.{name} is not a numeric array of shape {want}: "
+                             f"{e}") from None
         if a.shape != want:
             raise ValueError(f"RoutingObservation.{name} has shape {a.shape}, expected {want} "
                              f"(layers, experts)")
@@ -155,7 +159,23 @@ def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: 
             raise ValueError(f"RoutingObservation.{name} has a negative value "
                              f"{a[tuple(bad)]!r} at (layer, expert)={tuple(int(i) for i in bad)}; "
                              f"must be >= 0")
+        # Finite entries can still overflow once summed over a layer (frac and the mean loss
+        # would turn into 0 or NaN): reject such an observation here, before the state moves.
+        if not np.all(np.isfinite(a.sum(axis=1))):
+            raise ValueError(f"RoutingObservation.{name}: the sum over a layer's experts "
+                             f"overflows float64")
         out.append(a)
+    counts, loss = out[0], out[2]
+    if loss is not None:
+        # The loss-based reliability divides losses by (tiny) counts: keep both per-token means
+        # finite, or the reliability, and with it every temperature, becomes NaN.
+        with np.errstate(over="ignore"):
+            m = np.divide(loss, counts, out=np.zeros_like(loss), where=counts > 0)
+            tot_c = counts.sum(axis=1)
+            mbar = np.divide(loss.sum(axis=1), tot_c, out=np.zeros_like(tot_c), where=tot_c > 0)
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(mbar))):
+            raise ValueError("RoutingObservation.loss_sum: the mean loss per token "
+                             "(loss_sum / counts) overflows float64")
     return out[0], out[1], out[2]
 
 

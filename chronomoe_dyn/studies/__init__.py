@@ -1,1 +1,43 @@
-"""Dynamics studies (also runnable as `chronomoe-dyn study NAME`)."""
+"""Dynamics studies: one module per question, each a straight script with a ``main``.
+
+Run one as ``chronomoe-dyn study NAME`` or ``python studies/NAME.py`` (``valley_repair.py`` for
+``valley-repair``). Each ``main(out_dir=None, quick=False, seed=0, progress=True,
+overrides=None) -> dict`` writes PNGs, ``summary.json`` (its numbers) and ``config.json`` (the
+resolved config) to ``studies/out/<name>/`` unless ``out_dir`` is given, and returns the summary.
+
+The registry below is plain data so that listing the studies imports neither the simulator nor
+Numba.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["STUDIES", "study_names", "get_study"]
+
+STUDIES: dict[str, tuple[str, str]] = {
+    "phases": ("chronomoe_dyn.studies.phases",
+               "κ, R, T̄ variance, valleys/ridges and gate over one run under the default cosine "
+               "κ schedule: do the seed's three phases and healthy ranges appear, and when?"),
+    "valley-repair": ("chronomoe_dyn.studies.valley_repair",
+                      "an expert collapses while it is a valley: ticks until the valley fills, "
+                      "against β_reliability and η_local, vs a geometric-EMA estimate"),
+    "kuramoto": ("chronomoe_dyn.studies.kuramoto",
+                 "simulated stationary R(K) against R = sqrt(1 − 2γ/K) for Lorentzian ω"),
+    "sweep": ("chronomoe_dyn.studies.sweep",
+              "κ × coupling phase diagram over many systems: late R, T̄ variance, valleys, loss"),
+}
+"""study name -> (module, one-line question)."""
+
+
+def study_names() -> list[str]:
+    return list(STUDIES)
+
+
+def get_study(name: str) -> ModuleType:
+    """The module of study ``name`` (``valley_repair`` and ``valley-repair`` both work)."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in STUDIES:
+        raise KeyError(f"unknown study {name!r}; available: {', '.join(STUDIES)}")
+    return importlib.import_module(STUDIES[key][0])

@@ -1,0 +1,359 @@
+"""A Mixtral-style decoder-only MoE language model with the P×T controller in its routers.
+
+    h_0 = Embed(ids)
+    h   = h + Attn(RMSNorm(h))            grouped-query attention, rotary positions, causal
+    h   = h + MoE(RMSNorm(h))             top-k router (l + b)/T, SwiGLU experts (moe.py)
+    logits = RMSNorm(h) Embedᵀ            LM head tied to the token embeddings
+
+With ``enable_chronovisor=True`` the model owns a ``PxTController`` (``self.controller``): every
+MoE layer routes with the controller's (bias, temperature) and, in training mode, reports its
+per-expert counts and gate sums to it. With ``False`` it is a plain sparse MoE (the baseline).
+
+Shape legend: B batch, S sequence, N = B·S tokens, E experts, K top-k, H hidden, V vocab,
+nh query heads, nkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chronomoe_dyn import ControllerConfig
+
+from .loss import causal_lm_token_loss
+from .moe import EXPERT_BACKENDS, RouterOutput, SparseMoE
+
+__all__ = ["MixtralConfig", "MoECausalLMOutput", "ChronovisorMixtralForCausalLM",
+           "RMSNorm", "RotaryEmbedding", "GQAttention", "DecoderLayer"]
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"MixtralConfig.{name}={value!r}: expected an integer >= {lo}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"MixtralConfig.{name}={value!r}: expected a finite number > 0")
+
+
+@dataclass(frozen=True)
+class MixtralConfig:
+    """Architecture of ``ChronovisorMixtralForCausalLM``. Frozen and validated."""
+
+    vocab_size: int = 32000
+    """Token vocabulary V. 256 suffices for the byte-level corpus (data.py). Seed: 32000."""
+    hidden_dim: int = 512
+    """Residual width H. Seed: 512."""
+    num_layers: int = 8
+    """Decoder blocks L, each with attention and a MoE layer. Seed: 8."""
+    num_experts: int = 8
+    """Experts E per MoE layer. Seed: 8."""
+    enable_chronovisor: bool = True
+    """Route with a P×T controller (True) or as a plain MoE (False, the baseline). Seed: True."""
+    intermediate_dim: int | None = None
+    """Expert SwiGLU width I. None → 2·H, so top-2 routing gives each token 4·H of FFN width,
+    a dense transformer's."""
+    num_heads: int = 8
+    """Query heads nh; H must divide by it and the head dim H/nh must be even (rotary)."""
+    num_kv_heads: int = 2
+    """Key/value heads nkv of grouped-query attention; nh must divide by it."""
+    top_k: int = 2
+    """Experts per token K (1 ≤ K ≤ E)."""
+    max_seq_length: int = 2048
+    """Longest sequence S the rotary tables cover."""
+    rope_theta: float = 10000.0
+    """Rotary base frequency."""
+    rms_norm_eps: float = 1e-5
+    """ε of RMSNorm."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; residual output projections use init_std/sqrt(2L)."""
+    init_seed: int = 0
+    """Seed of the parameter initialisation (a private generator; global RNG untouched)."""
+    router_renormalize: bool = True
+    """Renormalise the gate weights over the top-k (Mixtral). False keeps raw probabilities
+    (Switch style; with K = 1 only this gives the router a gradient from the LM loss)."""
+    aux_free_bias_rate: float = 1e-3
+    """u of the auxiliary-loss-free balancing update b += u·sign(mean − load) (DeepSeek-V3)."""
+    expert_backend: str = "auto"
+    """How experts run: "grouped_mm" (torch._grouped_mm), "loop" (one expert at a time on its
+    slice), or "auto" (grouped where available, see moe.grouped_mm_available)."""
+    controller_config: ControllerConfig = field(default_factory=ControllerConfig)
+    """Constants of the P×T controller (used when enable_chronovisor)."""
+    controller_seed: int = 0
+    """Seed of the controller's phases and frequency disorder."""
+
+    def __post_init__(self) -> None:
+        for name, lo in (("vocab_size", 1), ("hidden_dim", 1), ("num_layers", 1),
+                         ("num_experts", 1), ("num_heads", 1), ("num_kv_heads", 1),
+                         ("top_k", 1), ("max_seq_length", 1), ("init_seed", 0),
+                         ("controller_seed", 0)):
+            _check_int(name, getattr(self, name), lo)
+        if not isinstance(self.enable_chronovisor, bool):
+            raise ValueError(f"MixtralConfig.enable_chronovisor={self.enable_chronovisor!r}: "
+                             f"expected a bool")
+        if not isinstance(self.router_renormalize, bool):
+            raise ValueError(f"MixtralConfig.router_renormalize={self.router_renormalize!r}: "
+                             f"expected a bool")
+        if self.intermediate_dim is None:
+            object.__setattr__(self, "intermediate_dim", 2 * self.hidden_dim)
+        _check_int("intermediate_dim", self.intermediate_dim, 1)
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"MixtralConfig.num_heads={self.num_heads!r}: must divide "
+                             f"hidden_dim={self.hidden_dim}")
+        if (self.hidden_dim // self.num_heads) % 2:
+            raise ValueError(f"MixtralConfig.num_heads={self.num_heads!r}: head dim "
+                             f"hidden_dim/num_heads={self.hidden_dim // self.num_heads} must be "
+                             f"even for rotary positions")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"MixtralConfig.num_kv_heads={self.num_kv_heads!r}: must divide "
+                             f"num_heads={self.num_heads}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MixtralConfig.top_k={self.top_k!r}: must be <= "
+                             f"num_experts={self.num_experts}")
+        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+            _check_positive(name, getattr(self, name))
+        if isinstance(self.aux_free_bias_rate, bool) or \
+                not isinstance(self.aux_free_bias_rate, (int, float)) or \
+                not math.isfinite(self.aux_free_bias_rate) or self.aux_free_bias_rate < 0:
+            raise ValueError(f"MixtralConfig.aux_free_bias_rate={self.aux_free_bias_rate!r}: "
+                             f"expected a finite number >= 0")
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(f"MixtralConfig.expert_backend={self.expert_backend!r}: allowed "
+                             f"values are {EXPERT_BACKENDS}")
+        if not isinstance(self.controller_config, ControllerConfig):
+            raise ValueError(f"MixtralConfig.controller_config: expected a ControllerConfig, "
+                             f"got {type(self.controller_config).__name__}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["controller_config"] = self.controller_config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MixtralConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MixtralConfig field(s): {unknown}")
+        d = dict(d)
+        if isinstance(d.get("controller_config"), dict):
+            d["controller_config"] = ControllerConfig.from_dict(d["controller_config"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "MixtralConfig":
+        """A copy with some fields changed (validated again). A resolved ``intermediate_dim``
+        is kept: pass ``intermediate_dim=None`` with a new ``hidden_dim`` to re-derive it."""
+        return replace(self, **changes)
+
+
+@dataclass
+class MoECausalLMOutput:
+    """What ``ChronovisorMixtralForCausalLM.forward`` returns (docs/CONTRACTS.md)."""
+    logits: torch.Tensor
+    """[B, S, V] next-token logits (position t predicts token t+1)."""
+    router_logits: tuple[torch.Tensor, ...]
+    """Per layer [N, E]: the modified logits (l + b)/T, float32, differentiable."""
+    expert_indices: tuple[torch.Tensor, ...]
+    """Per layer [N, K] int64 selected experts."""
+    gate_weights: tuple[torch.Tensor, ...]
+    """Per layer [N, K] float32 gate weights."""
+    loss: torch.Tensor | None = None
+    """Plain causal LM loss (0-d) when labels were given."""
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + ε) · w, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary positions (rotate-half form): pairs (x_i, x_{i+D/2}) turn by angle
+    pos·θ^(-2i/D). Tables are float32 non-persistent buffers [S_max, D]."""
+
+    def __init__(self, head_dim: int, max_seq_length: int, theta: float) -> None:
+        super().__init__()
+        inv_freq_D2 = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angle_SD2 = torch.arange(max_seq_length, dtype=torch.float64)[:, None] * inv_freq_D2
+        angle_SD = torch.cat([angle_SD2, angle_SD2], dim=-1)
+        self.register_buffer("cos_SD", angle_SD.cos().float(), persistent=False)
+        self.register_buffer("sin_SD", angle_SD.sin().float(), persistent=False)
+
+    def forward(self, x_BhSD: torch.Tensor) -> torch.Tensor:
+        S = x_BhSD.shape[-2]
+        cos, sin = self.cos_SD[:S], self.sin_SD[:S]
+        x1, x2 = x_BhSD.float().chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (x_BhSD.float() * cos + rotated * sin).to(x_BhSD.dtype)
+
+
+class GQAttention(nn.Module):
+    """Causal grouped-query self-attention through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.D = config.num_heads, config.num_kv_heads, config.head_dim
+        H = config.hidden_dim
+        self.q_proj = nn.Linear(H, self.nh * self.D, bias=False)
+        self.k_proj = nn.Linear(H, self.nkv * self.D, bias=False)
+        self.v_proj = nn.Linear(H, self.nkv * self.D, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.D, H, bias=False)
+
+    def forward(self, x_BSH: torch.Tensor, rope: RotaryEmbedding,
+                mask_B1SS: torch.Tensor | None) -> torch.Tensor:
+        B, S, _ = x_BSH.shape
+        q = self.q_proj(x_BSH).view(B, S, self.nh, self.D).transpose(1, 2)   # [B, nh, S, D]
+        k = self.k_proj(x_BSH).view(B, S, self.nkv, self.D).transpose(1, 2)  # [B, nkv, S, D]
+        v = self.v_proj(x_BSH).view(B, S, self.nkv, self.D).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        enable_gqa = self.nkv != self.nh
+        if mask_B1SS is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS, enable_gqa=enable_gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.nh * self.D))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h + Attn(norm(h)), then h + MoE(norm(h))."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_dim, config.rms_norm_eps)
+        self.attn = GQAttention(config)
+        self.moe_norm = RMSNorm(config.hidden_dim, config.rms_norm_eps)
+        self.moe = SparseMoE(config.hidden_dim, config.intermediate_dim, config.num_experts,
+                             config.top_k, config.router_renormalize, config.expert_backend)
+
+    def forward(self, h_BSH: torch.Tensor, rope: RotaryEmbedding, mask_B1SS, controller,
+                layer: int, valid_N) -> tuple[torch.Tensor, RouterOutput]:
+        h_BSH = h_BSH + self.attn(self.attn_norm(h_BSH), rope, mask_B1SS)
+        B, S, H = h_BSH.shape
+        y_NH, r = self.moe(self.moe_norm(h_BSH).reshape(B * S, H), controller, layer, valid_N)
+        return h_BSH + y_NH.view(B, S, H), r
+
+
+def _attention_mask(attention_mask_BS: torch.Tensor, S: int) -> torch.Tensor:
+    """Boolean [B, 1, S, S]: causal and key not padding. Every query also sees itself, so a
+    padding query (e.g. under left padding) never has an empty softmax row (NaN)."""
+    idx = torch.arange(S, device=attention_mask_BS.device)
+    causal_SS = idx[None, :] <= idx[:, None]
+    keep_BSS = causal_SS & attention_mask_BS.bool()[:, None, :]
+    keep_BSS = keep_BSS & torch.eye(S, dtype=torch.bool, device=attention_mask_BS.device)
+    return keep_BSS[:, None]
+
+
+class ChronovisorMixtralForCausalLM(nn.Module):
+    """Mixtral-style MoE causal LM; ``controller`` is a ``PxTController`` or None."""
+
+    def __init__(self, config: MixtralConfig, controller: nn.Module | None = None) -> None:
+        """``controller`` (optional) replaces the one built from the config; only allowed with
+        ``enable_chronovisor=True``. It must provide ``layer_fields(i)`` and ``observe(...)``."""
+        super().__init__()
+        if not isinstance(config, MixtralConfig):
+            raise TypeError(f"config must be a MixtralConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_dim)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_length, config.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_dim, config.rms_norm_eps)
+        self._init_weights()
+        if controller is not None and not config.enable_chronovisor:
+            raise ValueError("a controller was given but MixtralConfig.enable_chronovisor=False")
+        if config.enable_chronovisor and controller is None:
+            from chronomoe_torch.controller import PxTController  # lazy: baseline needs none
+            controller = PxTController(config.num_layers, config.num_experts,
+                                       config=config.controller_config,
+                                       seed=config.controller_seed)
+        self.controller = controller
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        g = torch.Generator().manual_seed(self.config.init_seed)
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)  # residual branches add up
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "w_down_EIH")):
+                p.normal_(0.0, out_std, generator=g)
+            else:
+                p.normal_(0.0, std, generator=g)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, H]: the token embedding (tied)."""
+        return self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MoECausalLMOutput:
+        """``input_ids`` [B, S] int; ``attention_mask`` [B, S] (1 = token, 0 = padding);
+        ``labels`` [B, S] aligned with ``input_ids`` (shifted inside; -100 ignored)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        if S > self.config.max_seq_length:
+            raise ValueError(f"sequence length {S} exceeds MixtralConfig.max_seq_length="
+                             f"{self.config.max_seq_length}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+        mask_B1SS = None if attention_mask is None else _attention_mask(attention_mask, S)
+        valid_N = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+        h_BSH = self.embed_tokens(input_ids)
+        routers = []
+        for i, layer in enumerate(self.layers):
+            h_BSH, r = layer(h_BSH, self.rope, mask_B1SS, self.controller, i, valid_N)
+            routers.append(r)
+        logits_BSV = F.linear(self.norm(h_BSH), self.embed_tokens.weight)
+
+        loss = None
+        if labels is not None:
+            tok_BS, valid_BS = causal_lm_token_loss(logits_BSV, labels, attention_mask)
+            loss = tok_BS.sum() / valid_BS.sum().clamp_min(1)
+        return MoECausalLMOutput(
+            logits=logits_BSV,
+            router_logits=tuple(r.logits_NE for r in routers),
+            expert_indices=tuple(r.expert_idx_NK for r in routers),
+            gate_weights=tuple(r.gate_NK for r in routers),
+            loss=loss,
+        )
+
+    @torch.no_grad()
+    def update_aux_free_bias(self, rate: float | None = None) -> None:
+        """One auxiliary-loss-free balancing step in every router (call once per optimizer
+        step, e.g. from an optimizer step pre-hook): b += u·sign(mean − load) on the loads
+        routed in training mode since the last call, then clear them. On device, no sync.
+        ``rate`` (u) defaults to ``config.aux_free_bias_rate``."""
+        u = self.config.aux_free_bias_rate if rate is None else float(rate)
+        for layer in self.layers:
+            layer.moe.router.update_aux_free_bias(u)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; ``active`` counts only K of the E experts per layer."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            c = self.config
+            per_expert = 3 * c.hidden_dim * c.intermediate_dim
+            total -= c.num_layers * (c.num_experts - c.top_k) * per_expert
+        return total

@@ -1,0 +1,219 @@
+"""Sparse Mixture-of-Experts layer: a top-k router and SwiGLU experts dispatched by expert.
+
+Routing (per token x, router weight W_r [E, H]):
+    l      = W_r x                               raw router logits (float32)
+    l'     = (l + b) / T                         b, T: the P×T controller's bias and temperature
+    p      = softmax(l')                         router probabilities
+    top-k  = argtop_k(p + b_free)                b_free: auxiliary-loss-free balancing bias; it
+                                                 moves the *selection* only, never the gates
+    g_k    = p_k / Σ_{j∈top-k} p_j               gate weights renormalised over the top-k (Mixtral)
+Experts (SwiGLU): f_e(x) = (silu(x W_g[e]) ⊙ (x W_u[e])) W_d[e];  y = Σ_{k} g_k f_{e_k}(x).
+
+Dispatch is sparse: the N·K routed slots are sorted by expert id, so each expert's tokens form a
+contiguous slice; each expert runs on its own slice only (one `torch._grouped_mm` call per
+projection where the backend has one, else a Python loop over experts), outputs are scaled by
+their gates and summed back into token order with `index_add_`. Never every expert on every token
+and never an [N, E, H] tensor: the largest activations are [N·K, I].
+
+Host syncs: the grouped path is sync-free (offsets come from `searchsorted` on device). The loop
+fallback must know each expert's slice length on the host (`counts.tolist()`), one sync per layer;
+it is used where `_grouped_mm` is unavailable: float64, CUDA below sm90 or not bf16, strides not
+16-byte aligned.
+
+Auxiliary-loss-free balancing (DeepSeek-V3): each router keeps a bias b_free [E] used only in the
+top-k selection, and a load accumulator of the top-k slots it routed (training mode) since the
+last update; `Router.update_aux_free_bias(u)` applies b_free += u·sign(mean(load) − load) and
+clears the accumulator, once per optimizer step, on device, without sync.
+
+Shape legend: N tokens, E experts, K top-k, H hidden, I intermediate, M = N·K routed slots.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RouterOutput", "Router", "SparseMoE", "grouped_mm_available", "EXPERT_BACKENDS"]
+
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+_GROUPED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class RouterOutput(NamedTuple):
+    logits_NE: torch.Tensor
+    """Modified router logits (l + b) / T, float32, differentiable into the router weight."""
+    probs_NE: torch.Tensor
+    """softmax of ``logits_NE``."""
+    expert_idx_NK: torch.Tensor
+    """Selected experts (int64), in descending score order."""
+    gate_NK: torch.Tensor
+    """Gate weights of the selected experts (float32; renormalised over the top-k if asked)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Whether ``torch._grouped_mm`` can run the experts on this device in this dtype.
+
+    CUDA: the CUTLASS kernel, sm90+ and bf16 only. CPU: torch's reference kernel (float32, bf16,
+    fp16). Every row stride (the ``dims``: H and I) must be a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ok = dtype == torch.bfloat16 and _cuda_capability(index) >= (9, 0)
+    elif device.type == "cpu":
+        ok = dtype in _GROUPED_CPU_DTYPES
+    else:
+        ok = False
+    return ok and all((d * dtype.itemsize) % 16 == 0 for d in dims)
+
+
+class Router(nn.Module):
+    """Linear top-k router with the controller's (bias, temperature) and an aux-free bias."""
+
+    def __init__(self, hidden_dim: int, num_experts: int, top_k: int,
+                 renormalize: bool = True) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_dim))  # W_r [E, H]
+        # Auxiliary-loss-free balancing: kept in checkpoints; the load accumulator is transient.
+        self.register_buffer("aux_free_bias_E", torch.zeros(num_experts), persistent=True)
+        self.register_buffer("load_E", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x_NH: torch.Tensor, bias_E: torch.Tensor | None = None,
+                temperature_E: torch.Tensor | None = None) -> RouterOutput:
+        # The router runs in float32 even under autocast: bf16 logits flip near-tied top-k
+        # choices and the controller's bias (~0.1) is below bf16 resolution at |l| ~ 10.
+        with torch.autocast(x_NH.device.type, enabled=False):
+            logits_NE = F.linear(x_NH.float(), self.weight.float())
+            if bias_E is not None:
+                logits_NE = logits_NE + bias_E
+            if temperature_E is not None:
+                logits_NE = logits_NE / temperature_E
+            probs_NE = logits_NE.softmax(dim=-1)
+            # Selection sees the aux-free bias; the gates below do not (DeepSeek-V3).
+            scores_NE = probs_NE.detach() + self.aux_free_bias_E
+            expert_idx_NK = scores_NE.topk(self.top_k, dim=-1).indices
+            gate_NK = probs_NE.gather(-1, expert_idx_NK)
+            if self.renormalize:
+                gate_NK = gate_NK / gate_NK.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits_NE, probs_NE, expert_idx_NK, gate_NK)
+
+    @torch.no_grad()
+    def update_aux_free_bias(self, rate: float) -> None:
+        """b_free += rate·sign(mean(load) − load) on the loads since the last call; clears them.
+        No routed tokens since the last call leaves the bias unchanged (sign(0) = 0)."""
+        self.aux_free_bias_E.add_(torch.sign(self.load_E.mean() - self.load_E), alpha=rate)
+        self.load_E.zero_()
+
+
+def _swiglu_grouped(x_MH: torch.Tensor, w_gate_EHI: torch.Tensor, w_up_EHI: torch.Tensor,
+                    w_down_EIH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """All experts in three grouped GEMMs; ``offs_E`` (int32) ends each expert's slice."""
+    h_MI = F.silu(torch._grouped_mm(x_MH, w_gate_EHI, offs=offs_E)) \
+        * torch._grouped_mm(x_MH, w_up_EHI, offs=offs_E)
+    return torch._grouped_mm(h_MI, w_down_EIH, offs=offs_E)
+
+
+def _swiglu_loop(x_MH: torch.Tensor, w_gate_EHI: torch.Tensor, w_up_EHI: torch.Tensor,
+                 w_down_EIH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """One expert at a time on its own contiguous slice. Needs the slice lengths on the host:
+    ``tolist()`` is a device sync on CUDA (the reason the grouped path is preferred)."""
+    outs = []
+    for e, x_CH in enumerate(torch.split(x_MH, counts_E.tolist())):
+        if x_CH.shape[0] == 0:
+            continue
+        h_CI = F.silu(x_CH @ w_gate_EHI[e]) * (x_CH @ w_up_EHI[e])
+        outs.append(h_CI @ w_down_EIH[e])
+    if not outs:  # no tokens at all
+        return x_MH.new_zeros(0, w_down_EIH.shape[-1])
+    return torch.cat(outs, dim=0)
+
+
+class SparseMoE(nn.Module):
+    """Router + E SwiGLU experts with stacked weights ([E, H, I], [E, H, I], [E, I, H])."""
+
+    def __init__(self, hidden_dim: int, intermediate_dim: int, num_experts: int, top_k: int,
+                 renormalize: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"backend={backend!r}: allowed values are {EXPERT_BACKENDS}")
+        self.hidden_dim, self.intermediate_dim = hidden_dim, intermediate_dim
+        self.num_experts, self.top_k, self.backend = num_experts, top_k, backend
+        self.router = Router(hidden_dim, num_experts, top_k, renormalize)
+        self.w_gate_EHI = nn.Parameter(torch.empty(num_experts, hidden_dim, intermediate_dim))
+        self.w_up_EHI = nn.Parameter(torch.empty(num_experts, hidden_dim, intermediate_dim))
+        self.w_down_EIH = nn.Parameter(torch.empty(num_experts, intermediate_dim, hidden_dim))
+
+    def _use_grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if self.backend == "loop":
+            return False
+        ok = grouped_mm_available(device, dtype, self.hidden_dim, self.intermediate_dim)
+        if self.backend == "grouped_mm" and not ok:
+            raise RuntimeError(f"SparseMoE backend='grouped_mm' is not available on {device} in "
+                               f"{dtype} with H={self.hidden_dim}, I={self.intermediate_dim}")
+        return ok
+
+    def forward(self, x_NH: torch.Tensor, controller=None, layer: int = 0,
+                valid_N: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """Route, run each expert on its tokens, combine. ``controller`` (optional) supplies
+        ``layer_fields(layer)`` and, in training mode, receives ``observe(layer, counts_E,
+        weight_sum_E)``; ``valid_N`` (bool, optional) marks the tokens those counts include
+        (padding excluded). Returns the output [N, H] and the router's output."""
+        N, H = x_NH.shape
+        E, K = self.num_experts, self.top_k
+        bias_E = temperature_E = None
+        if controller is not None:
+            bias_E, temperature_E = controller.layer_fields(layer)
+        r = self.router(x_NH, bias_E, temperature_E)
+
+        # Sort the N·K slots by expert: expert e's slots are sorted positions [ends[e-1], ends[e]).
+        expert_M = r.expert_idx_NK.reshape(-1)
+        expert_sorted_M, order_M = torch.sort(expert_M, stable=True)
+        token_M = order_M // K                                   # source token of each slot
+        ends_E = torch.searchsorted(expert_sorted_M, torch.arange(E, device=x_NH.device),
+                                    right=True)                  # on device: no host sync
+
+        compute_dtype = (torch.get_autocast_dtype(x_NH.device.type)
+                         if torch.is_autocast_enabled(x_NH.device.type) else x_NH.dtype)
+        x_MH = x_NH[token_M]
+        if self._use_grouped(x_NH.device, compute_dtype):
+            w = [p.to(compute_dtype) for p in (self.w_gate_EHI, self.w_up_EHI, self.w_down_EIH)]
+            y_MH = _swiglu_grouped(x_MH.to(compute_dtype), *w, ends_E.to(torch.int32))
+        else:
+            counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+            y_MH = _swiglu_loop(x_MH, self.w_gate_EHI, self.w_up_EHI, self.w_down_EIH, counts_E)
+
+        gate_M = r.gate_NK.reshape(-1)[order_M]
+        yw_MH = y_MH * gate_M.unsqueeze(-1)                      # float32 (gates are float32)
+        out_NH = yw_MH.new_zeros(N, H).index_add_(0, token_M, yw_MH)
+
+        if self.training:
+            self._record(r, expert_M, controller, layer, valid_N)
+        return out_NH.to(x_NH.dtype), r
+
+    @torch.no_grad()
+    def _record(self, r: RouterOutput, expert_M: torch.Tensor, controller, layer: int,
+                valid_N: torch.Tensor | None) -> None:
+        """Per-expert slot counts and gate sums, on device: the aux-free load and the
+        controller's observation."""
+        E, K = self.num_experts, self.top_k
+        ones_M = torch.ones_like(expert_M, dtype=torch.float32)
+        if valid_N is not None:
+            ones_M = valid_N.to(torch.float32).repeat_interleave(K)
+        counts_E = torch.zeros(E, device=expert_M.device).index_add_(0, expert_M, ones_M)
+        self.router.load_E.add_(counts_E)
+        if controller is not None:
+            wsum_E = torch.zeros(E, device=expert_M.device).index_add_(
+                0, expert_M, r.gate_NK.detach().reshape(-1).float() * ones_M)
+            controller.observe(layer, counts_E, wsum_E)

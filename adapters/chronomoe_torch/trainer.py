@@ -1,0 +1,798 @@
+"""``ChronoMoETrainer``: one optimizer step (``train_step``) and the loop around it (``train``).
+
+One optimizer step n (``global_step`` n → n + 1) over G = gradient_accumulation_steps micro-batches:
+  1. per micro-batch: forward (bf16 autocast if asked) → ``ChronoMoELoss`` → backward of total/G.
+     The routers add their top-k counts and gate sums to the controller's accumulator and the loss
+     adds per-expert token-loss sums, so the controller sees the *sum* over the G micro-batches;
+  2. ok = every loss, every router logit and the gradient norm are finite (a 0-d bool tensor);
+     ``clip_grad_norm_(max_grad_norm)``;
+  3. ``optimizer.step()``: its step pre-hook ticks the controller once (with κ(n), set by the
+     ``KnobScheduler`` at the end of step n − 1), the ``CoherenceGatedOptimizer`` computes the gate
+     from the new R, fused AdamW updates, the change is scaled by the gate;
+  4. the LR and κ schedulers step, the aux-free biases update, gradients are dropped.
+
+Bad steps are skipped on the device, without a sync. When ``ok`` is false: the controller's
+accumulated observation is poisoned with NaN, so its tick leaves the law state untouched (it
+counts the step in ``skipped_ticks``; its clock, which counts optimizer steps, still advances);
+fused AdamW receives ``found_inf = 1`` (torch's AMP skip: parameters, moments and step counts are
+left bit-for-bit as they were), so the gate's blend is the identity; the aux-free biases are put
+back with ``torch.where``. The step still consumes its batches and advances the step counter and
+the LR/κ schedules. Skips are counted on the device (total, current run, longest run) and read on
+the logging cadence; a run of ``max_consecutive_skips`` skips stops training with
+``NonFiniteTrainingError`` after saving ``last_good`` (the parameters, optimizer and controller
+are those after the last good step), detected at the next log step.
+
+Host syncs: none in ``train_step`` except on log steps, which read every logged value in one
+device-to-host copy (``_to_host``). Batches are validated on the host copy before the transfer
+(shapes, integer dtype, token ids in [0, vocab)): a CPU min/max, no device sync; batches that are
+already on an accelerator are checked with one sync each.
+
+Data order and exact resume: at each epoch start the train loader's sampler generator (and the
+loader's own, which seeds workers) is given a seeded generator if it has none, and its state is
+recorded; a checkpoint stores (epoch, micro-batches consumed, that state). Resuming restores the
+state, re-creates the epoch's iterator and skips the consumed micro-batches, so the batch sequence
+is the one of an uninterrupted run. Loaders that are plain iterables are iterated as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from chronomoe_dyn.landscape import landscape
+
+from . import checkpoint as ckpt
+from .config import TrainingConfig
+from .knob import KnobScheduler
+from .loss import ChronoMoELoss, causal_lm_token_loss
+from .metrics import (MetricsWriter, format_eval_line, format_landscape_line, format_skip_line,
+                      format_step_line)
+from .optim import CoherenceGatedOptimizer
+
+__all__ = ["ChronoMoETrainer", "StepOutput", "NonFiniteTrainingError", "BadBatchError",
+           "resolve_device"]
+
+logger = logging.getLogger("chronomoe_torch")
+
+LANDSCAPE_EVERY_N_LOGS = 10
+_STEP_CKPT = re.compile(r"^step_(\d+)$")
+_LOSS_KEYS = ("total", "lm", "balance", "coherence", "valley", "z")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped: ``max_consecutive_skips`` optimizer steps in a row had a non-finite
+    loss, router logit or gradient. ``checkpoint`` is the ``last_good`` path (or None)."""
+
+    def __init__(self, message: str, step: int, consecutive: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.consecutive, self.checkpoint = step, consecutive, checkpoint
+
+
+class BadBatchError(ValueError):
+    """A batch from the loader has the wrong type, shape, dtype or token ids outside the
+    vocabulary; the message names the split, the batch index and the epoch."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainingConfig.device={device!r}: CUDA is not available")
+    return dev
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's values, as device tensors (read on the host on log steps only)."""
+    losses: torch.Tensor
+    """[6] mean over the micro-batches of (total, lm, balance, coherence, valley, z)."""
+    ok: torch.Tensor
+    """0-d bool: the step was applied (False: skipped, nothing updated)."""
+    grad_norm: torch.Tensor
+    """0-d global gradient norm before clipping."""
+    gate: torch.Tensor
+    """0-d gate applied to the update (0 when skipped, 1 without gating)."""
+    load_LE: torch.Tensor | None
+    """[L, E] top-k slot counts of the step's tokens (log steps only)."""
+    tokens: int
+    """Tokens in the step's micro-batches (B·S summed; host value, no sync)."""
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    tokens: int
+
+
+class ChronoMoETrainer:
+    """Train a ``ChronovisorMixtralForCausalLM`` (or any model with the same output) with the
+    seed's ChronoMoE recipe. See the module docstring for the step, skips, syncs and resume.
+
+    Args:
+        model: returns an output with ``logits`` [B, S, V], ``router_logits``,
+            ``expert_indices``; ``model.controller`` is a ``PxTController`` or None
+            (``enable_chronovisor=False``: plain MoE, no gating).
+        config: the ``TrainingConfig``.
+        train_dataloader: yields dicts with ``input_ids`` [B, S] (optional ``labels``,
+            ``attention_mask``), plain [B, S] tensors, or (input_ids[, labels]) tuples.
+        eval_dataloader: the same kinds of batches, for ``evaluate()``; optional.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainingConfig, train_dataloader: Any,
+                 eval_dataloader: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, TrainingConfig):
+            raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        for name, dl in (("train_dataloader", train_dataloader), ("eval_dataloader", eval_dataloader)):
+            if dl is not None and not hasattr(dl, "__iter__"):
+                raise TypeError(f"{name} must be iterable, got {type(dl).__name__}")
+        if train_dataloader is None:
+            raise TypeError("train_dataloader is required")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
+        self.controller = getattr(model, "controller", None)
+        mcfg = getattr(model, "config", None)
+        self.vocab_size = getattr(mcfg, "vocab_size", None)
+        self.max_seq_length = getattr(mcfg, "max_seq_length", None)
+
+        G = config.gradient_accumulation_steps
+        n = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
+        self.steps_per_epoch = None if n is None else n // G
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the train loader has {n} batches, fewer than "
+                             f"gradient_accumulation_steps={G}: no optimizer step per epoch")
+        self.total_steps = config.total_steps(self.steps_per_epoch)
+        for name in ("kappa_warmup_steps", "lr_warmup_steps"):
+            if getattr(config, name) >= self.total_steps:
+                raise ValueError(f"TrainingConfig.{name}={getattr(config, name)} must be < the step "
+                                 f"budget {self.total_steps} (min of max_steps={config.max_steps} "
+                                 f"and max_epochs·steps_per_epoch={config.max_epochs}·"
+                                 f"{self.steps_per_epoch})")
+
+        self.loss_fn = ChronoMoELoss(config.lambda_balance, config.lambda_coherence,
+                                     config.lambda_valley, config.lambda_z,
+                                     mode=config.balance_mode)
+        self._build_optimizer()
+        self.knob_scheduler = KnobScheduler(
+            config.kappa_schedule, self.controller, initial_kappa=config.initial_kappa,
+            final_kappa=config.final_kappa, warmup_steps=config.kappa_warmup_steps,
+            total_steps=self.total_steps, adaptive_interval=0)
+        self._aux_free = ([b for name, b in self.model.named_buffers()
+                           if name.endswith("aux_free_bias_E")]
+                          if config.balance_mode == "aux_free"
+                          and hasattr(self.model, "update_aux_free_bias") else [])
+
+        # Counters: host ints, and device tensors for what only the device knows (skips).
+        self.global_step = 0
+        self.micro_step = 0
+        self.tokens_seen = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_eval_loss: float | None = None
+        z = lambda: torch.zeros((), dtype=torch.int64, device=self.device)  # noqa: E731
+        self._skips_total, self._skips_run, self._skips_run_max = z(), z(), z()
+        self._skips_logged = 0
+        self._num_logs = 0
+        self._epoch_gen_states: dict[str, torch.Tensor] = {}
+        self._kappa_applied = self.knob_scheduler.get_kappa()
+        self._phase_applied = self.knob_scheduler.get_phase()
+        self._iter = None
+        self.history: dict[str, list] = {k: [] for k in ("step", "loss", "lm_loss", "R", "kappa",
+                                                          "gate", "lr")}
+        self.eval_history: list[dict[str, float]] = []
+        self._metrics: MetricsWriter | None = None
+
+    # ------------------------------------------------------------------ construction
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # Fused AdamW: one kernel per step, and it honours ``found_inf`` (how bad steps are
+        # skipped without a sync, see the module docstring).
+        self.base_optimizer = torch.optim.AdamW([g for g in groups if g["params"]],
+                                                lr=cfg.learning_rate, fused=True)
+        self.gated = cfg.use_coherence_gating and self.controller is not None
+        self.optimizer: torch.optim.Optimizer = (
+            CoherenceGatedOptimizer(self.base_optimizer, self.controller, cfg.min_coherence,
+                                    cfg.gating_strength) if self.gated else self.base_optimizer)
+        self._tick_handle = None
+        if self.controller is not None:
+            self._tick_handle = self.controller.register_on(self.optimizer)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.base_optimizer, lambda step: self._lr_factor(step))
+        self._params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
+
+    def _lr_factor(self, step: int) -> float:
+        """Multiplier of the peak LR at ``step``: linear warm-up, then constant or cosine."""
+        cfg = self.config
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, self.total_steps - cfg.lr_warmup_steps)
+        p = min(1.0, (step - cfg.lr_warmup_steps) / span)
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    # ------------------------------------------------------------------ batches
+    def _prepare(self, batch: Any, index: int, split: str) -> _Batch:
+        """Validate one loader batch on the host and move it to the device."""
+        where = f"{split} batch {index} (epoch {self.epoch})" if split == "train" \
+            else f"{split} batch {index}"
+        if isinstance(batch, torch.Tensor):
+            ids, labels, mask = batch, None, None
+        elif isinstance(batch, Mapping):
+            if "input_ids" not in batch:
+                raise BadBatchError(f"{where}: dict batch has no 'input_ids' (keys: "
+                                    f"{sorted(map(str, batch))})")
+            ids, labels, mask = batch["input_ids"], batch.get("labels"), batch.get("attention_mask")
+        elif isinstance(batch, Sequence) and 1 <= len(batch) <= 2 \
+                and all(isinstance(t, torch.Tensor) for t in batch):
+            ids, labels, mask = batch[0], (batch[1] if len(batch) == 2 else None), None
+        else:
+            raise BadBatchError(f"{where}: expected a dict with 'input_ids', a [B, S] tensor or "
+                                f"an (input_ids[, labels]) tuple, got {type(batch).__name__}")
+        self._check_ids(ids, "input_ids", where, allow_ignore=False)
+        if ids.shape[1] < 2:
+            raise BadBatchError(f"{where}: input_ids has sequence length {ids.shape[1]}; causal "
+                                f"LM training needs at least 2 tokens")
+        if self.max_seq_length is not None and ids.shape[1] > self.max_seq_length:
+            raise BadBatchError(f"{where}: sequence length {ids.shape[1]} exceeds the model's "
+                                f"max_seq_length={self.max_seq_length}")
+        if labels is not None:
+            self._check_ids(labels, "labels", where, allow_ignore=True, shape=ids.shape)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+                raise BadBatchError(f"{where}: attention_mask must be a tensor of shape "
+                                    f"{list(ids.shape)}, got "
+                                    f"{list(getattr(mask, 'shape', [])) or type(mask).__name__}")
+        nb = self.device.type == "cuda"
+        ids = ids.to(self.device, torch.int64, non_blocking=nb)
+        labels = ids if labels is None else labels.to(self.device, torch.int64, non_blocking=nb)
+        mask = None if mask is None else mask.to(self.device, non_blocking=nb)
+        return _Batch(ids, labels, mask, int(ids.numel()))
+
+    def _check_ids(self, t: Any, name: str, where: str, allow_ignore: bool,
+                   shape: torch.Size | None = None) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise BadBatchError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.numel() == 0:
+            raise BadBatchError(f"{where}: {name} must be a non-empty [B, S] tensor, got shape "
+                                f"{list(t.shape)}")
+        if shape is not None and t.shape != shape:
+            raise BadBatchError(f"{where}: {name} shape {list(t.shape)} != input_ids shape "
+                                f"{list(shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise BadBatchError(f"{where}: {name} must hold integer token ids, got {t.dtype}")
+        if self.vocab_size is None:
+            return
+        # On the host copy (the loader's CPU tensor): no device sync.
+        a = t.numpy() if t.device.type == "cpu" else t.detach().cpu().numpy()
+        valid = a if not allow_ignore else a[a != -100]
+        if valid.size and (valid.min() < 0 or valid.max() >= self.vocab_size):
+            bad = int(valid.min()) if valid.min() < 0 else int(valid.max())
+            raise BadBatchError(f"{where}: {name} holds token id {bad}, outside the vocabulary "
+                                f"[0, {self.vocab_size})" + (" (-100 = ignore is allowed)"
+                                                             if allow_ignore else ""))
+
+    # ------------------------------------------------------------------ the step
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def train_step(self, micro_batches: Sequence[Any], *, log: bool = False) -> StepOutput:
+        """One optimizer step over ``micro_batches`` (raw loader batches or prepared ones).
+        ``log`` also gathers the step's per-expert load; nothing here syncs with the host."""
+        batches = [b if isinstance(b, _Batch) else self._prepare(b, self.micro_step + i, "train")
+                   for i, b in enumerate(micro_batches)]
+        if not batches:
+            raise ValueError("train_step: no micro-batches")
+        self.model.train()
+        G = len(batches)
+        dev = self.device
+        ok = torch.ones((), dtype=torch.bool, device=dev)
+        sums = torch.zeros(len(_LOSS_KEYS), device=dev)
+        load_LE = None
+        for b in batches:
+            with self._autocast():
+                out = self.model(b.input_ids, attention_mask=b.attention_mask)
+            # The loss runs outside autocast: its reductions stay float32 (it upcasts logits).
+            lo = self.loss_fn(out, b.labels, self.controller, attention_mask=b.attention_mask)
+            parts = torch.stack([lo.total, lo.lm, lo.balance, lo.coherence, lo.valley, lo.z])
+            finite_logits = torch.stack([r.isfinite().all() for r in out.router_logits]).all()
+            ok = ok & parts.isfinite().all() & finite_logits
+            (lo.total / G).backward()
+            sums += parts.detach().float()
+            if log:
+                load_LE = self._add_load(load_LE, out)
+        grad_norm = self._clip_gradients()
+        ok = ok & grad_norm.isfinite()
+        gate = self._optimizer_step(ok)
+        self.global_step += 1
+        self.micro_step += G
+        tokens = sum(b.tokens for b in batches)
+        self.tokens_seen += tokens
+        return StepOutput(sums / G, ok, grad_norm, gate, load_LE, tokens)
+
+    @staticmethod
+    def _add_load(acc: torch.Tensor | None, out: Any) -> torch.Tensor:
+        """Add one micro-batch's top-k slot counts per (layer, expert) to ``acc`` [L, E]."""
+        idx_LM = torch.stack([e.reshape(-1) for e in out.expert_indices])
+        L, E = idx_LM.shape[0], out.router_logits[0].shape[-1]
+        acc = torch.zeros(L, E, device=idx_LM.device) if acc is None else acc
+        return acc.scatter_add_(1, idx_LM, torch.ones_like(idx_LM, dtype=acc.dtype))
+
+    def _clip_gradients(self) -> torch.Tensor:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        if self.config.max_grad_norm is None:
+            return torch.nn.utils.get_total_norm(grads, foreach=True)
+        return torch.nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm,
+                                              foreach=True)
+
+    def _optimizer_step(self, ok: torch.Tensor) -> torch.Tensor:
+        """The update, skipped on the device when ``ok`` is False; returns the applied gate."""
+        if self.controller is not None:
+            # NaN makes the tick a skipped one (law state untouched; see PxTController.tick).
+            self.controller.observation_buffer().masked_fill_(~ok, math.nan)
+        aux_before = [b.clone() for b in self._aux_free]
+        self._kappa_applied = self.knob_scheduler.get_kappa()   # κ(n), used by this tick
+        self._phase_applied = self.knob_scheduler.get_phase()
+        opt = self.base_optimizer
+        opt.grad_scale, opt.found_inf = None, (~ok).to(torch.float32)
+        try:
+            self.optimizer.step()           # pre-hook: controller tick; then gate, AdamW, blend
+        finally:
+            del opt.grad_scale, opt.found_inf
+        if self._aux_free:
+            self.model.update_aux_free_bias()
+            for b, old in zip(self._aux_free, aux_before):
+                torch.where(ok, b, old, out=b)
+        self.lr_scheduler.step()
+        self.knob_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = (~ok).to(torch.int64)
+        self._skips_total += bad
+        self._skips_run.mul_(bad).add_(bad)   # consecutive skips, reset by a good step
+        torch.maximum(self._skips_run_max, self._skips_run, out=self._skips_run_max)
+        gate = self.optimizer.last_gate_value if self.gated else torch.ones((), device=ok.device)
+        return gate.to(ok.device, torch.float32) * ok
+
+    # ------------------------------------------------------------------ data
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The train loader's shuffling generators, created (seeded) where missing."""
+        dl = self.train_dataloader
+        if not isinstance(dl, DataLoader):
+            return {}
+        gens: dict[str, torch.Generator] = {}
+        samplers = [dl.sampler, getattr(dl.batch_sampler, "sampler", None)]
+        for i, s in enumerate(samplers):
+            if isinstance(s, RandomSampler):
+                if s.generator is None:
+                    s.generator = torch.Generator().manual_seed(self.config.seed)
+                gens[f"sampler{i}"] = s.generator
+        if dl.generator is None:
+            dl.generator = torch.Generator().manual_seed(self.config.seed + 1)
+        gens["loader"] = dl.generator
+        return gens
+
+    def _open_epoch(self, restore: dict[str, torch.Tensor] | None = None) -> None:
+        gens = self._generators()
+        sampler = getattr(self.train_dataloader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if restore is not None:
+            for k, g in gens.items():
+                if k in restore:
+                    g.set_state(restore[k].cpu())
+        self._epoch_gen_states = {k: g.get_state() for k, g in gens.items()}
+        self._iter = iter(self.train_dataloader)
+        for i in range(self.batch_in_epoch):        # resume inside an epoch
+            if next(self._iter, None) is None:
+                raise ValueError(f"resume: the train loader has only {i} batches in epoch "
+                                 f"{self.epoch}, the checkpoint consumed {self.batch_in_epoch}")
+
+    def _next_micro_batches(self) -> list[_Batch] | None:
+        """The next G prepared micro-batches; a partial group at an epoch's end is dropped.
+        None when ``max_epochs`` epochs are done."""
+        G = self.config.gradient_accumulation_steps
+        while self.epoch < self.config.max_epochs:
+            if self._iter is None:
+                self._open_epoch()
+            group = []
+            while len(group) < G:
+                raw = next(self._iter, None)
+                if raw is None:
+                    break
+                group.append(self._prepare(raw, self.batch_in_epoch, "train"))
+                self.batch_in_epoch += 1
+            if len(group) == G:
+                return group
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._iter = None
+        return None
+
+    # ------------------------------------------------------------------ logging
+    def _to_host(self, tensors: list[torch.Tensor]) -> list[float]:
+        """The one device-to-host copy of a log step."""
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        return flat.cpu().tolist()
+
+    def _log_step(self, out: StepOutput) -> tuple[dict[str, Any], int]:
+        """Read the step's values (one host copy), log the seed's lines, append the metrics
+        record and the history point. Returns the record and the longest skip run since the
+        previous log."""
+        c = self.controller
+        parts = [out.losses, out.grad_norm, out.gate, self._skips_total, self._skips_run,
+                 self._skips_run_max]
+        if out.load_LE is not None:
+            parts.append(out.load_LE)
+        if c is not None:
+            parts += [c.R, c.dR, c.Tbar_global_E, c.Tbar_local_LE]
+        vals = iter(self._to_host(parts))
+        take = lambda n: [next(vals) for _ in range(n)]  # noqa: E731
+        losses = take(len(_LOSS_KEYS))
+        grad_norm, gate, skips_total, run, run_max = take(5)
+        rec: dict[str, Any] = {"step": self.global_step, "split": "train", "loss": losses[0]}
+        rec.update({f"loss_{k}": v for k, v in zip(_LOSS_KEYS[1:], losses[1:])})
+        rec.update(lr=self.base_optimizer.param_groups[0]["lr"], kappa=self._kappa_applied,
+                   phase=self._phase_applied, gate=gate, grad_norm=grad_norm,
+                   skipped_steps=int(skips_total), tokens=self.tokens_seen)
+        if out.load_LE is not None:
+            L, E = out.load_LE.shape
+            rec["load_LE"] = np.asarray(take(L * E)).reshape(L, E)
+        ls = None
+        if c is not None:
+            L, E = c.num_layers, c.num_experts
+            R, dR = take(2)
+            tg = np.asarray(take(E))
+            tl = np.asarray(take(L * E)).reshape(L, E)
+            ls = landscape(tg, c.config.landscape_threshold_std,
+                           c.config.landscape_formed_variance)
+            rec.update(R=R, dR=dR, tbar_variance=ls.variance,
+                       tbar_variance_local=float(tl.var(axis=1).mean()),
+                       valleys=list(ls.valleys), ridges=list(ls.ridges),
+                       tbar_global_E=tg, tbar_local_LE=tl)
+            if self.knob_scheduler.is_adaptive:   # host values: no extra sync
+                self.knob_scheduler.observe(R, ls.variance, ls.formed)
+        self._num_logs += 1
+        logger.info(format_step_line(self.global_step, rec["loss"], rec["kappa"], rec["phase"],
+                                     rec.get("R"), gate))
+        if ls is not None and self._num_logs % LANDSCAPE_EVERY_N_LOGS == 0:
+            logger.info(format_landscape_line(ls.variance, ls.valleys, ls.ridges))
+        new = int(skips_total) - self._skips_logged
+        if new:
+            logger.warning(format_skip_line(self.global_step, new, int(run), int(skips_total)))
+            self._skips_logged = int(skips_total)
+        for k, v in (("step", self.global_step), ("loss", rec["loss"]),
+                     ("lm_loss", rec["loss_lm"]), ("R", rec.get("R")), ("kappa", rec["kappa"]),
+                     ("gate", gate), ("lr", rec["lr"])):
+            self.history[k].append(v)
+        if self._metrics is not None:
+            self._metrics.write(rec)
+        return rec, int(run_max)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted mean LM loss (nats/token) and perplexity over the eval loader
+        (``eval_max_batches`` at most). One host sync at the end."""
+        if self.eval_dataloader is None:
+            raise ValueError("evaluate: no eval_dataloader was given")
+        was_training = self.model.training
+        self.model.eval()
+        tot = torch.zeros((), dtype=torch.float64, device=self.device)
+        cnt = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = 0
+        try:
+            for i, raw in enumerate(self.eval_dataloader):
+                if self.config.eval_max_batches is not None and i >= self.config.eval_max_batches:
+                    break
+                b = self._prepare(raw, i, "eval")
+                with self._autocast():
+                    out = self.model(b.input_ids, attention_mask=b.attention_mask)
+                tok, valid = causal_lm_token_loss(out.logits, b.labels, b.attention_mask)
+                tot += tok.sum(dtype=torch.float64)
+                cnt += valid.sum(dtype=torch.float64)
+                n += 1
+        finally:
+            self.model.train(was_training)
+        if n == 0:
+            raise ValueError("evaluate: the eval loader yielded no batches")
+        total, count = torch.stack([tot, cnt]).cpu().tolist()
+        loss = total / max(count, 1.0)
+        ppl = math.exp(min(loss, 700.0))
+        return {"eval_loss": loss, "eval_perplexity": ppl, "eval_tokens": int(count)}
+
+    def _run_eval(self) -> dict[str, float]:
+        r = self.evaluate()
+        self.eval_history.append({"step": self.global_step, "loss": r["eval_loss"],
+                                  "perplexity": r["eval_perplexity"]})
+        logger.info(format_eval_line(self.global_step, r["eval_loss"], r["eval_perplexity"]))
+        if self._metrics is not None:
+            self._metrics.write({"step": self.global_step, "split": "eval",
+                                 "loss": r["eval_loss"], "perplexity": r["eval_perplexity"]})
+        improved = math.isfinite(r["eval_loss"]) and (self.best_eval_loss is None
+                                                      or r["eval_loss"] < self.best_eval_loss)
+        if improved:
+            self.best_eval_loss = r["eval_loss"]
+            if self.config.save_best:
+                self.save_checkpoint("best")
+        return r
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, Any]:
+        """Train until the step budget (``max_steps``, ``max_epochs``) is spent; returns the
+        results dict (see ``results``). Continues from the current step after
+        ``load_checkpoint``."""
+        cfg = self.config
+        start_step, start_tokens, t0 = self.global_step, self.tokens_seen, time.perf_counter()
+        stop_reason = ("max_steps" if cfg.max_steps is not None
+                       and self.total_steps == cfg.max_steps else "max_epochs")
+        self._metrics = MetricsWriter(cfg.run_dir, cfg.tensorboard)
+        self._metrics.write_json("config.json", self._configs())
+        last_out = None
+        with self._log_output(), self._metrics, \
+                tqdm(total=self.total_steps, initial=self.global_step, disable=not cfg.progress_bar,
+                     unit="step", dynamic_ncols=True, leave=False) as bar:
+            while self.global_step < self.total_steps:
+                group = self._next_micro_batches()
+                if group is None:
+                    stop_reason = "max_epochs"
+                    break
+                n = self.global_step + 1
+                log = n % cfg.log_every_n_steps == 0 or n == self.total_steps
+                last_out = self.train_step(group, log=log)
+                bar.update(1)
+                if log:
+                    rec, run_max = self._log_step(last_out)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+                    if run_max >= cfg.max_consecutive_skips:
+                        self._stop_on_skips(run_max)
+                    self._skips_run_max.copy_(self._skips_run)
+                if self.eval_dataloader is not None and cfg.eval_every_n_steps \
+                        and n % cfg.eval_every_n_steps == 0:
+                    self._run_eval()
+                if cfg.save_every_n_steps and n % cfg.save_every_n_steps == 0:
+                    self.save_checkpoint(f"step_{n}")
+                    self._prune()
+            if self.eval_dataloader is not None and self.global_step > start_step and \
+                    (not self.eval_history or self.eval_history[-1]["step"] != self.global_step):
+                self._run_eval()
+            if cfg.save_final and self.global_step > start_step:
+                self.save_checkpoint("final")
+        elapsed = time.perf_counter() - t0
+        return self.results(steps_run=self.global_step - start_step,
+                            tokens=self.tokens_seen - start_tokens, elapsed_s=elapsed,
+                            stop_reason=stop_reason)
+
+    def _stop_on_skips(self, run: int) -> None:
+        path = self.save_checkpoint("last_good")
+        msg = (f"stopped at step {self.global_step}: {run} consecutive optimizer steps had a "
+               f"non-finite loss, router logit or gradient (max_consecutive_skips="
+               f"{self.config.max_consecutive_skips}); every skipped step left the parameters, "
+               f"optimizer and controller untouched; the last good state is saved in {path}")
+        logger.error(msg)
+        raise NonFiniteTrainingError(msg, self.global_step, run, path)
+
+    @contextlib.contextmanager
+    def _log_output(self):
+        """Print log lines above the tqdm bar: through the user's handlers when logging is
+        configured (console handlers redirected through tqdm.write), else a handler of ours."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        handler = None
+        old_level = logger.level
+        if not logger.hasHandlers():
+            handler = _TqdmHandler()
+            logger.addHandler(handler)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+        try:
+            if handler is None and self.config.progress_bar:
+                with logging_redirect_tqdm(loggers=[logging.getLogger(), logger]):
+                    yield
+            else:
+                yield
+        finally:
+            if handler is not None:
+                logger.removeHandler(handler)
+                logger.setLevel(old_level)
+
+    def results(self, steps_run: int = 0, tokens: int = 0, elapsed_s: float = 0.0,
+                stop_reason: str | None = None) -> dict[str, Any]:
+        """The results dict of ``train()``:
+
+        ``final_loss`` / ``final_lm_loss`` (last logged total / LM loss), ``best_eval_loss``,
+        ``final_eval_loss``, ``final_eval_perplexity`` (None without eval), ``global_step``,
+        ``steps_run``, ``total_steps``, ``epoch``, ``skipped_steps``, ``tokens``,
+        ``elapsed_s``, ``tokens_per_s``, ``stop_reason`` (max_steps | max_epochs),
+        histories per log step ``step_history``, ``loss_history``, ``lm_loss_history``,
+        ``coherence_history`` (R; None entries without a controller), ``kappa_history``,
+        ``gate_history``, ``lr_history``; ``eval_history`` (list of {step, loss, perplexity});
+        ``landscape`` (global T̄: variance, valleys, ridges, formed, mean local variance) and
+        ``valley_health`` (None without a controller); ``checkpoint_dir``; ``run_dir``."""
+        h = self.history
+        skipped = int(self._skips_total.cpu())
+        res: dict[str, Any] = {
+            "final_loss": h["loss"][-1] if h["loss"] else None,
+            "final_lm_loss": h["lm_loss"][-1] if h["lm_loss"] else None,
+            "best_eval_loss": self.best_eval_loss,
+            "final_eval_loss": self.eval_history[-1]["loss"] if self.eval_history else None,
+            "final_eval_perplexity": (self.eval_history[-1]["perplexity"]
+                                      if self.eval_history else None),
+            "global_step": self.global_step, "steps_run": steps_run,
+            "total_steps": self.total_steps, "epoch": self.epoch, "skipped_steps": skipped,
+            "tokens": tokens, "elapsed_s": elapsed_s,
+            "tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else None,
+            "stop_reason": stop_reason,
+            "step_history": list(h["step"]), "loss_history": list(h["loss"]),
+            "lm_loss_history": list(h["lm_loss"]), "coherence_history": list(h["R"]),
+            "kappa_history": list(h["kappa"]), "gate_history": list(h["gate"]),
+            "lr_history": list(h["lr"]), "eval_history": list(self.eval_history),
+            "landscape": None, "valley_health": None,
+            "checkpoint_dir": self.config.checkpoint_dir, "run_dir": self.config.run_dir,
+        }
+        if self.controller is not None:
+            d = self.controller.get_structural_temperature_diagnostics()
+            res["landscape"] = {"variance": d["variance"], "valleys": d["valleys"],
+                                "ridges": d["ridges"], "formed": d["formed"],
+                                "variance_local_mean": d["local_variance_mean"]}
+            res["valley_health"] = self.controller.get_valley_health_diagnostics()
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def _configs(self) -> dict[str, Any]:
+        mcfg = getattr(self.model, "config", None)
+        return {"training": self.config.to_dict(),
+                "model": mcfg.to_dict() if hasattr(mcfg, "to_dict") else None,
+                "controller": (self.controller.config.to_dict()
+                               if self.controller is not None else None),
+                "total_steps": self.total_steps}
+
+    def _controller_prefix(self) -> str | None:
+        for name, m in self.model.named_modules():
+            if m is self.controller and self.controller is not None:
+                return name + "."
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's checkpoint tree (docs/CONTRACTS.md, "trainer")."""
+        model_sd = self.model.state_dict()
+        prefix = self._controller_prefix()
+        if prefix is not None and not self.config.save_chronovisor_state:
+            model_sd = type(model_sd)((k, v) for k, v in model_sd.items()
+                                      if not k.startswith(prefix))
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "knob_scheduler": self.knob_scheduler.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "rng": ckpt.capture_rng_state(),
+            "data": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                     "generator_states": dict(self._epoch_gen_states),
+                     "generators_now": {k: g.get_state() for k, g in self._generators().items()},
+                     "epoch_open": self._iter is not None},
+            "counters": {"global_step": self.global_step, "micro_step": self.micro_step,
+                         "tokens_seen": self.tokens_seen,
+                         "skipped_steps": self._skips_total.clone(),
+                         "consecutive_skips": self._skips_run.clone(),
+                         "consecutive_skips_max": self._skips_run_max.clone(),
+                         "skips_logged": self._skips_logged, "num_logs": self._num_logs,
+                         "best_eval_loss": self.best_eval_loss},
+            "history": {k: list(v) for k, v in self.history.items()},
+            "eval_history": [dict(e) for e in self.eval_history],
+            "configs": self._configs(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a tree from ``state_dict()``; the data iterator resumes on the next step."""
+        self._check_compatible(state.get("configs") or {})
+        prefix = self._controller_prefix()
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        allowed = [k for k in missing if prefix is not None and k.startswith(prefix)]
+        if unexpected or len(allowed) != len(missing):
+            raise ckpt.CheckpointMismatchError(
+                f"checkpoint model state does not fit this model: missing "
+                f"{sorted(set(missing) - set(allowed))[:8]}, unexpected {sorted(unexpected)[:8]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.knob_scheduler.load_state_dict(state["knob_scheduler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        ckpt.restore_rng_state(state["rng"])
+        d, c = state["data"], state["counters"]
+        self.epoch, self.batch_in_epoch = int(d["epoch"]), int(d["batch_in_epoch"])
+        self._iter = None
+        if d["epoch_open"]:
+            self._open_epoch(restore=d["generator_states"])
+        else:
+            for k, g in self._generators().items():
+                if k in d["generators_now"]:
+                    g.set_state(d["generators_now"][k].cpu())
+        self.global_step, self.micro_step = int(c["global_step"]), int(c["micro_step"])
+        self.tokens_seen = int(c["tokens_seen"])
+        for buf, key in ((self._skips_total, "skipped_steps"), (self._skips_run, "consecutive_skips"),
+                         (self._skips_run_max, "consecutive_skips_max")):
+            buf.copy_(c[key].to(buf.device))
+        self._skips_logged, self._num_logs = int(c["skips_logged"]), int(c["num_logs"])
+        self.best_eval_loss = c["best_eval_loss"]
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.eval_history = [dict(e) for e in state["eval_history"]]
+
+    def _check_compatible(self, configs: dict[str, Any]) -> None:
+        saved, mine = configs.get("model"), self._configs()["model"]
+        if not saved or not mine:
+            return
+        keys = ("vocab_size", "hidden_dim", "num_layers", "num_experts", "top_k")
+        a = {k: saved.get(k) for k in keys}
+        b = {k: mine.get(k) for k in keys}
+        if a != b:
+            raise ckpt.CheckpointMismatchError(f"checkpoint is from a model with {a}, this model "
+                                               f"has {b}")
+
+    def _checkpoint_path(self, name: str | Path) -> Path:
+        p = Path(name)
+        if p.is_absolute() or len(p.parts) > 1:
+            return p
+        return Path(self.config.checkpoint_dir) / p
+
+    def save_checkpoint(self, name: str | Path) -> Path:
+        """Save the trainer's state as ``<checkpoint_dir>/<name>`` (or a path); returns it."""
+        path = ckpt.save_state(self._checkpoint_path(name), self.state_dict(), kind="trainer")
+        logger.info(f"Step {self.global_step} | saved checkpoint {path}")
+        return path
+
+    def load_checkpoint(self, name: str | Path) -> None:
+        """Load ``<checkpoint_dir>/<name>`` (or a path) saved by ``save_checkpoint``;
+        ``train()`` then continues from its step."""
+        path = self._checkpoint_path(name)
+        self.load_state_dict(ckpt.load_state(path, kind="trainer", map_location=self.device))
+        logger.info(f"Step {self.global_step} | loaded checkpoint {path}")
+
+    def _prune(self) -> None:
+        keep = self.config.keep_last_n_checkpoints
+        d = Path(self.config.checkpoint_dir)
+        if keep is None or not d.is_dir():
+            return
+        names = [p.name for p in ckpt.list_checkpoints(d)]
+        protect = tuple(n for n in names if not _STEP_CKPT.match(n))
+        ckpt.prune_checkpoints(d, keep, protect=protect)
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes records with ``tqdm.write`` so they appear above the progress bar."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)

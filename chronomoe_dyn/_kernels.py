@@ -1,0 +1,632 @@
+"""Private Numba kernels of the simulator: arrays and scalars in, results written into ``out``
+buffers. The public API (``kuramoto.py``, ``simulate.py``) validates, allocates and dispatches.
+
+Shape legend: B systems, N oscillators, T recorded ticks (``_BT`` records) or tokens per tick
+(``_T`` scratch), L layers, E experts, D domains, K top-k slots, X events.
+
+Three groups:
+* the counter RNG of ``rng.py`` (lowbias32 hash on uint64 masked to 32 bits; same bits);
+* the mean-field Kuramoto integrator (``kuramoto_batch``): per step one pass per system that
+  advances θ with K·R·sin(ψ − θ) = K·(S·cos θ − C·sin θ) (S, C the means of sin θ, cos θ, so
+  sin/cos are computed once per oscillator per step) and accumulates the next S, C. sin/cos come
+  from a branch-free polynomial (``_sincos``) that LLVM vectorises (llvmlite ships no SVML);
+* the controller simulator (``simulate_batch``): per system, per tick the environment routes
+  (``env.py``), then ``_controller_step`` (``law.step`` in the same order of operations, with
+  the hull-clipped EMAs and the same phase noise), then the router learns. Systems run in
+  ``prange``; each system is sequential, so results do not depend on the number of threads.
+
+Compiled lazily on first call, cached on disk (``cache=True``). Numba keys the cache on this
+file: the stream ids imported from ``env`` and ``schedule.adaptive_offset_update`` are baked
+into the cached machine code, so clear ``__pycache__/*.nbi|*.nbc`` after changing those.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+
+import numpy as np
+from numba import njit, prange
+
+from .env import STREAM_DOMAIN, STREAM_LOSS, STREAM_TOKEN
+from .rng import GOLDEN32, MASK32, STREAM_PHASE
+from .schedule import adaptive_offset_update
+
+# --------------------------------------------------------------------------------------------
+# Counter RNG (rng.py): every operand stays uint64 (numba turns uint64 ∘ int64 into float64).
+_M32 = np.uint64(MASK32)
+_GOLD = np.uint64(GOLDEN32)
+_C1 = np.uint64(0x7FEB352D)
+_C2 = np.uint64(0x846CA68B)
+_SH15 = np.uint64(15)
+_SH16 = np.uint64(16)
+_U1 = np.uint64(1)
+_U2 = np.uint64(2)
+_INV32 = 1.0 / 4294967296.0
+TWO_PI = 2.0 * math.pi
+
+
+@njit(cache=True, inline="always")
+def _mix32(x):
+    x = x & _M32
+    x = x ^ (x >> _SH16)
+    x = (x * _C1) & _M32
+    x = x ^ (x >> _SH15)
+    x = (x * _C2) & _M32
+    return x ^ (x >> _SH16)
+
+
+@njit(cache=True, inline="always")
+def _hash_base(seed, stream, tick):
+    """The per-(seed, stream, tick) part of ``rng.hash_key`` (h1); hash = mix32(h1 ^ index)."""
+    s = (np.uint64(seed) ^ ((np.uint64(stream) * _GOLD) & _M32)) & _M32
+    h0 = _mix32(s)
+    return _mix32((h0 + (np.uint64(tick) & _M32)) & _M32)
+
+
+@njit(cache=True, inline="always")
+def _uniform_at(h1, index):
+    """``rng.uniform`` for the index under the base h1: (h + 0.5)/2**32, in (0, 1)."""
+    h = _mix32(h1 ^ (np.uint64(index) & _M32))
+    # via int64 (exact: h < 2**32): signed conversion vectorises, unsigned does not
+    return (np.float64(np.int64(h)) + 0.5) * _INV32
+
+
+@njit(cache=True, inline="always")
+def _normal_at(h1, index):
+    """``rng.normal``: Box–Muller over the uniforms of indices 2i and 2i+1."""
+    i2 = np.uint64(index) * _U2
+    u1 = _uniform_at(h1, i2)
+    u2 = _uniform_at(h1, i2 + _U1)
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+
+@njit(cache=True)
+def hash_into(seed, stream, tick, index_N, out_N):
+    """out[i] = rng.hash_key(seed, stream, tick, index[i]) (for tests)."""
+    h1 = _hash_base(seed, stream, tick)
+    for i in range(index_N.shape[0]):
+        out_N[i] = _mix32(h1 ^ (np.uint64(index_N[i]) & _M32))
+
+
+@njit(cache=True)
+def uniform_into(seed, stream, tick, index_N, out_N):
+    h1 = _hash_base(seed, stream, tick)
+    for i in range(index_N.shape[0]):
+        out_N[i] = _uniform_at(h1, index_N[i])
+
+
+@njit(cache=True)
+def normal_into(seed, stream, tick, index_N, out_N):
+    h1 = _hash_base(seed, stream, tick)
+    for i in range(index_N.shape[0]):
+        out_N[i] = _normal_at(h1, index_N[i])
+
+
+# --------------------------------------------------------------------------------------------
+# sin and cos together, branch-free so that loops over oscillators vectorise.
+# x = k·π/2 + r with |r| <= π/4 (Cody–Waite: π/2 split in a 33-bit head, so k·head is exact
+# for the |k| < 2**20 we meet, and a tail); then Taylor polynomials of sin r (to r^17) and
+# cos r (to r^18), whose truncation error on |r| <= π/4 is below 1e-19; the quadrant k mod 4
+# swaps and signs them. Accuracy: a few ulp of np.sin/np.cos (tested).
+_PIO2_HI = float(np.frombuffer(np.array([math.pi / 2]).view(np.uint64)
+                               & np.uint64(0xFFFFFFFFF8000000), dtype=np.float64)[0])
+_PIO2_LO = float((math.pi / 2 - _PIO2_HI) + 6.123233995736766e-17)  # π/2 − fl(π/2) ≈ 6.12e-17
+_TWO_OVER_PI = 2.0 / math.pi
+_S3, _S5, _S7, _S9 = -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0
+_S11, _S13, _S15, _S17 = (-1.0 / 39916800.0, 1.0 / 6227020800.0, -1.0 / 1307674368000.0,
+                          1.0 / 355687428096000.0)
+_C2_, _C4, _C6, _C8 = -0.5, 1.0 / 24.0, -1.0 / 720.0, 1.0 / 40320.0
+_C10, _C12, _C14, _C16, _C18 = (-1.0 / 3628800.0, 1.0 / 479001600.0, -1.0 / 87178291200.0,
+                                1.0 / 20922789888000.0, -1.0 / 6402373705728000.0)
+
+
+@njit(cache=True, inline="always")
+def _sincos(x):
+    k = math.floor(x * _TWO_OVER_PI + 0.5)
+    r = (x - k * _PIO2_HI) - k * _PIO2_LO
+    z = r * r
+    s = r + r * z * (_S3 + z * (_S5 + z * (_S7 + z * (_S9 + z * (_S11 + z * (_S13 + z * (
+        _S15 + z * _S17)))))))
+    c = 1.0 + z * (_C2_ + z * (_C4 + z * (_C6 + z * (_C8 + z * (_C10 + z * (_C12 + z * (
+        _C14 + z * (_C16 + z * _C18))))))))
+    q = np.int64(k) & 3
+    odd = (q & 1) == 1
+    sin_sign = 1.0 - 2.0 * ((q >> 1) & 1)
+    cos_sign = 1.0 - 2.0 * (((q + 1) >> 1) & 1)
+    sn = c if odd else s
+    cs = s if odd else c
+    return sin_sign * sn, cos_sign * cs
+
+
+@njit(cache=True)
+def sincos_into(x_N, sin_N, cos_N):
+    """Elementwise ``_sincos`` (for tests)."""
+    for i in range(x_N.shape[0]):
+        sin_N[i], cos_N[i] = _sincos(x_N[i])
+
+
+# --------------------------------------------------------------------------------------------
+# Mean-field Kuramoto.
+
+@njit(cache=True, fastmath=True)
+def _kuramoto_one(theta_N, omega_N, coupling, dt, steps, noise, seed, index0, record_every,
+                  R_T, psi_T):
+    """Integrate one system for ``steps`` Euler steps in place; record R, ψ every
+    ``record_every`` steps (index 0 = the initial state). Noise of step t (1-based) is
+    rng.normal(seed, STREAM_PHASE, t, index0 + i)."""
+    N = theta_N.shape[0]
+    sin_N = np.empty(N)
+    cos_N = np.empty(N)
+    S = 0.0
+    C = 0.0
+    for i in range(N):
+        sn, cs = _sincos(theta_N[i])
+        sin_N[i] = sn
+        cos_N[i] = cs
+        S += sn
+        C += cs
+    S /= N
+    C /= N
+    R_T[0] = min(math.sqrt(S * S + C * C), 1.0)
+    psi_T[0] = math.atan2(S, C)
+    amp = noise * math.sqrt(dt)
+    KS = coupling * S
+    KC = coupling * C
+    for t in range(1, steps + 1):
+        S1 = 0.0
+        C1 = 0.0
+        if noise > 0.0:
+            h1 = _hash_base(seed, STREAM_PHASE, t)
+            for i in range(N):
+                th = theta_N[i] + dt * (omega_N[i] + (KS * cos_N[i] - KC * sin_N[i])) \
+                    + amp * _normal_at(h1, index0 + i)
+                th -= TWO_PI * math.floor(th * (1.0 / TWO_PI))
+                sn, cs = _sincos(th)
+                theta_N[i] = th
+                sin_N[i] = sn
+                cos_N[i] = cs
+                S1 += sn
+                C1 += cs
+        else:
+            for i in range(N):
+                th = theta_N[i] + dt * (omega_N[i] + (KS * cos_N[i] - KC * sin_N[i]))
+                # wrap to [0, 2π): keeps the polynomial's argument small; floor vectorises
+                th -= TWO_PI * math.floor(th * (1.0 / TWO_PI))
+                sn, cs = _sincos(th)
+                theta_N[i] = th
+                sin_N[i] = sn
+                cos_N[i] = cs
+                S1 += sn
+                C1 += cs
+        S = S1 / N
+        C = C1 / N
+        KS = coupling * S
+        KC = coupling * C
+        if t % record_every == 0:
+            r = t // record_every
+            R_T[r] = min(math.sqrt(S * S + C * C), 1.0)
+            psi_T[r] = math.atan2(S, C)
+
+
+@njit(cache=True, parallel=True)
+def kuramoto_batch(theta_BN, omega_BN, coupling, dt, steps, noise, seed, record_every,
+                   R_BT, psi_BT):
+    """Independent systems in parallel; system b's noise indices are b·N + i."""
+    B, N = theta_BN.shape
+    for b in prange(B):
+        _kuramoto_one(theta_BN[b], omega_BN[b], coupling, dt, steps, noise, seed, b * N,
+                      record_every, R_BT[b], psi_BT[b])
+
+
+# --------------------------------------------------------------------------------------------
+# The controller (law.step), the environment (env.py) and the batch driver.
+
+CtrlParams = namedtuple("CtrlParams", [
+    "micro_period", "macro_period", "usage_decay", "reliability_sharpness", "coupling", "omega0",
+    "drift_gain", "phase_noise", "dt", "eta_g", "eta_l", "T_base", "beta_R", "beta_drift",
+    "beta_reliability", "T_min", "T_max", "lens_rate", "lens_max", "beta_pressure",
+    "beta_temperature", "beta_lens", "kappa_smoothing", "pressure_scale", "temperature_scale",
+    "threshold_std", "formed_variance"])
+"""ControllerConfig as a numba-friendly tuple (ints for the periods, floats for the rest)."""
+
+EnvParams = namedtuple("EnvParams", [
+    "tokens", "top_k", "loss_floor", "loss_range", "loss_noise", "token_noise",
+    "router_sharpness", "router_memory"])
+
+AdaptParams = namedtuple("AdaptParams", [
+    "enabled", "R_low", "R_high", "variance_high", "rate", "decay", "max_offset"])
+
+BatchState = namedtuple("BatchState", [
+    "tick_B", "seed_B", "theta_BLE", "omega_BLE", "usage_BLE", "rel_BLE", "delta_BLE",
+    "pressure_BLE", "lens_BLE", "T_fast_BLE", "Tbar_local_BLE", "Tbar_global_BE", "T_eff_BLE",
+    "scal_B4", "offset_B", "quality_BLED", "est_BLDE", "nobs_BLDE", "cum_BD"])
+"""Everything carried between chunks. scal_B4 = (R, ψ, ΔR, κ) of each controller."""
+
+Events = namedtuple("Events", ["tick_X", "kind_X", "layer_X", "index_X", "value_X", "cum_XD"])
+"""kind 0 = collapse (index = expert, layer −1 = all, value = quality), 1 = domain shift
+(index = row of cum_XD)."""
+
+Records = namedtuple("Records", [
+    "R_BT", "dR_BT", "kappa_BT", "loss_BT", "Tbar_global_BTE", "var_local_BTL",
+    "Tbar_local_BTLE", "T_fast_BTLE", "usage_BTLE", "rel_BTLE"])
+"""Outputs every ``record_every`` ticks; the _BTLE ones have T = 0 when layers are not kept."""
+
+_adaptive_update = njit(cache=True)(adaptive_offset_update)
+
+
+@njit(cache=True, inline="always")
+def _ema(old, new, rate):
+    """(1 − rate)·old + rate·new clipped to the hull of old and new (law._ema)."""
+    out = (1.0 - rate) * old + rate * new
+    return min(max(out, min(old, new)), max(old, new))
+
+
+@njit(cache=True, inline="always")
+def _sigmoid(x):
+    z = math.exp(-abs(x))
+    return 1.0 / (1.0 + z) if x >= 0 else z / (1.0 + z)
+
+
+@njit(cache=True, inline="always")
+def _clip(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+@njit(cache=True)
+def _smoothed_kappa(cp, k_old, k_in):
+    kap = (1.0 - cp.kappa_smoothing) * k_old + cp.kappa_smoothing * k_in
+    return _clip(kap, min(k_old, k_in), max(k_old, k_in))
+
+
+@njit(cache=True)
+def controller_step(cp, seed, tick, theta_LE, omega_LE, usage_LE, rel_LE, delta_LE,
+                    pressure_LE, lens_LE, T_fast_LE, Tbar_local_LE, Tbar_global_E, T_eff_LE,
+                    scal_4, counts_LE, loss_LE, has_loss, kappa_in, d_E):
+    """law.step in place on one system's arrays; returns the new tick. ``d_E`` is scratch.
+    Follows law.step line by line (same operand order) so the two agree to rounding of the
+    transcendental functions and of NumPy's pairwise sums."""
+    L, E = theta_LE.shape
+    tick = tick + 1
+    micro = tick % cp.micro_period == 0
+    macro = tick % cp.macro_period == 0
+    kap = _smoothed_kappa(cp, scal_4[3], kappa_in)
+
+    # 2. usage; δ is measured against u before the update
+    rate_u = 1.0 - cp.usage_decay
+    for l in range(L):
+        tot = 0.0
+        for e in range(E):
+            tot += counts_LE[l, e]
+        if tot > 0:
+            for e in range(E):
+                f = counts_LE[l, e] / tot
+                delta_LE[l, e] = E * (f - usage_LE[l, e])
+                usage_LE[l, e] = _ema(usage_LE[l, e], f, rate_u)
+        else:
+            for e in range(E):
+                delta_LE[l, e] = 0.0
+
+    # 3. reliability: experts without tokens keep theirs
+    for l in range(L):
+        if has_loss:
+            tot_c = 0.0
+            tot_l = 0.0
+            for e in range(E):
+                tot_c += counts_LE[l, e]
+                tot_l += loss_LE[l, e]
+            mbar = tot_l / tot_c if tot_c > 0 else 0.0
+            for e in range(E):
+                if counts_LE[l, e] > 0:
+                    m = loss_LE[l, e] / counts_LE[l, e]
+                    rel = (mbar - m) / mbar if mbar > 0 else 0.0
+                    target = _clip(_sigmoid(cp.reliability_sharpness * rel), 0.0, 1.0)
+                    rel_LE[l, e] = _ema(rel_LE[l, e], target, rate_u)
+        else:
+            umax = usage_LE[l, 0]
+            for e in range(1, E):
+                umax = max(umax, usage_LE[l, e])
+            for e in range(E):
+                if counts_LE[l, e] > 0:
+                    target = usage_LE[l, e] / umax if umax > 0 else 0.0
+                    rel_LE[l, e] = _ema(rel_LE[l, e], target, rate_u)
+
+    # 4. Kuramoto: drive from the mean field before the update
+    R0 = scal_4[0]
+    psi0 = scal_4[1]
+    KR = cp.coupling * R0
+    amp = cp.phase_noise * math.sqrt(cp.dt)
+    h1 = _hash_base(seed, STREAM_PHASE, tick)
+    cs = 0.0
+    ss = 0.0
+    for l in range(L):
+        for e in range(E):
+            th = theta_LE[l, e]
+            drive = cp.omega0 + omega_LE[l, e] + cp.drift_gain * delta_LE[l, e] \
+                + KR * math.sin(psi0 - th)
+            th = th + cp.dt * drive
+            if cp.phase_noise > 0.0:
+                th = th + amp * _normal_at(h1, l * E + e)
+            th = th % TWO_PI               # Python/NumPy float mod: result in [0, 2π]
+            if th >= TWO_PI:               # ... which can round up to exactly 2π
+                th = 0.0
+            theta_LE[l, e] = th
+            cs += math.cos(th)
+            ss += math.sin(th)
+    n = L * E
+    c = cs / n
+    s = ss / n
+    R = min(1.0, math.hypot(c, s))
+    psi = math.atan2(s, c)
+    dR = R - R0
+
+    # 5. micro tick: temperatures (T̄_global from the T_fast of the last micro tick)
+    if micro:
+        for e in range(E):
+            acc = T_fast_LE[0, e]
+            for l in range(1, L):
+                acc += T_fast_LE[l, e]
+            Tbar_global_E[e] = _ema(Tbar_global_E[e], acc / L, cp.eta_g)
+        inv_E = 1.0 / E
+        fR = cp.T_base * (1.0 + cp.beta_R * (1.0 - R))
+        for l in range(L):
+            usum = 0.0
+            for e in range(E):
+                usum += usage_LE[l, e]
+            dmax = 0.0
+            for e in range(E):
+                share = usage_LE[l, e] / usum
+                pressure_LE[l, e] = _clip(2.0 * (inv_E - share), -1.0, 1.0)
+                d_E[e] = abs(share - inv_E)
+                dmax = max(dmax, d_E[e])
+            for e in range(E):
+                d_hat = d_E[e] / dmax if dmax > 0 else 0.0
+                tf = fR * (1.0 + cp.beta_drift * d_hat) \
+                    * (1.0 + cp.beta_reliability * (1.0 - rel_LE[l, e]))
+                tf = _clip(tf, cp.T_min, cp.T_max)
+                T_fast_LE[l, e] = tf
+                Tbar_local_LE[l, e] = _ema(Tbar_local_LE[l, e], tf, cp.eta_l)
+                T_eff_LE[l, e] = tf * Tbar_global_E[e] * Tbar_local_LE[l, e]
+
+    # 6. macro tick: lens
+    if macro:
+        rate = cp.lens_rate * math.exp(cp.beta_lens * kap) * _sigmoid(5.0 * dR)
+        for l in range(L):
+            for e in range(E):
+                lens_LE[l, e] = _clip(lens_LE[l, e] + rate * pressure_LE[l, e], -cp.lens_max,
+                                      cp.lens_max)
+
+    scal_4[0] = R
+    scal_4[1] = psi
+    scal_4[2] = dR
+    scal_4[3] = kap
+    return tick
+
+
+@njit(cache=True)
+def routing_fields_into(cp, kappa, pressure_LE, lens_LE, T_eff_LE, bias_LE, temp_LE):
+    """law.routing_fields: bias = scale_p·e^{β_p κ}(P + lens), T = clip(T_eff·scale_T·e^{β_T κ})."""
+    L, E = pressure_LE.shape
+    f_p = math.exp(cp.beta_pressure * kappa)
+    f_t = math.exp(cp.beta_temperature * kappa)
+    a = cp.pressure_scale * f_p
+    for l in range(L):
+        for e in range(E):
+            bias_LE[l, e] = a * (pressure_LE[l, e] + lens_LE[l, e])
+            temp_LE[l, e] = _clip(T_eff_LE[l, e] * cp.temperature_scale * f_t, 0.1, 10.0)
+
+
+@njit(cache=True)
+def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, counts_LE,
+              loss_LE, sumx_LDE, cnt_LDE, dom_T, base_LDE, invT_LE, s_T, b_T, top_KT,
+              sel_KT, g_KT, x_KT, tot_T, tl_T):
+    """env.route in loops: fills counts/loss [L, E] and the router's sums/counts [L, D, E];
+    returns the mean token loss. The rest are scratch. The gate-weight sums are not formed:
+    the control law reads counts and losses only (env.route still passes them to step).
+
+    The inner loops run over tokens (structure of arrays) so that hashing, scoring and the
+    branch-free top-k insertion vectorise; only the accumulation is a sequential per-token loop,
+    in env.route's bincount order (token, then slot)."""
+    L, E, D = quality_LED.shape
+    T = ep.tokens
+    K = ep.top_k
+    loss_LE[:] = 0.0
+    sumx_LDE[:] = 0.0
+    cnt_LDE[:] = 0.0
+    # the token-independent part of the scores, once per tick (env.route has the same formula)
+    for l in range(L):
+        for e in range(E):
+            invT_LE[l, e] = 1.0 / temp_LE[l, e]
+        for d in range(D):
+            for e in range(E):
+                base_LDE[l, d, e] = (-ep.router_sharpness * est_LDE[l, d, e] + bias_LE[l, e]) \
+                    / temp_LE[l, e]
+    h_dom = _hash_base(seed, STREAM_DOMAIN, tick)
+    for t in range(T):
+        u = _uniform_at(h_dom, t)
+        d = 0
+        while d < D - 1 and u >= cum_D[d]:   # cum_D[D-1] == 1 > u
+            d += 1
+        dom_T[t] = d
+    h_tok = _hash_base(seed, STREAM_TOKEN, tick)
+    h_loss = _hash_base(seed, STREAM_LOSS, tick)
+    total = 0.0
+    for l in range(L):
+        for j in range(K):
+            for t in range(T):
+                top_KT[j, t] = -np.inf
+                sel_KT[j, t] = -1
+        for e in range(E):
+            inv = invT_LE[l, e]
+            for t in range(T):                     # vectorises (no gather in it)
+                u = _uniform_at(h_tok, (l * T + t) * E + e)
+                s_T[t] = ep.token_noise * (2.0 * u - 1.0) * inv
+                b_T[t] = e
+            # + the domain's base score, as env.route adds them. One masked pass per domain
+            # instead of a gather (LLVM does not vectorise gathers on this target).
+            for d in range(D):
+                bd = base_LDE[l, d, e]
+                for t in range(T):
+                    s_T[t] = bd + s_T[t] if dom_T[t] == d else s_T[t]
+            # insert expert e into each token's descending top-k list with selects (random
+            # scores would mispredict branches); strict '>' keeps ties in index order
+            for j in range(K):
+                for t in range(T):
+                    s = s_T[t]
+                    sj = top_KT[j, t]
+                    b = b_T[t]
+                    bj = sel_KT[j, t]
+                    gt = s > sj
+                    top_KT[j, t] = s if gt else sj
+                    sel_KT[j, t] = b if gt else bj
+                    s_T[t] = sj if gt else s
+                    b_T[t] = bj if gt else b
+        for j in range(K):
+            for t in range(T):                     # vectorises: the noise term alone
+                u = _uniform_at(h_loss, (l * T + t) * K + j)
+                x_KT[j, t] = ep.loss_noise * (2.0 * u - 1.0)
+            for t in range(T):                     # + the quality gather, in env.route's order
+                x_KT[j, t] = ep.loss_floor + ep.loss_range \
+                    * (1.0 - quality_LED[l, sel_KT[j, t], dom_T[t]]) + x_KT[j, t]
+        # gate weights = softmax over the selected scores, token loss = Σ_j g_j x_j: passes
+        # over tokens (vectorisable), each token's sums in slot order as in env.route
+        for t in range(T):
+            tot_T[t] = 1.0                         # exp(0) == 1 exactly, as in NumPy
+            tl_T[t] = 0.0
+            g_KT[0, t] = 1.0
+        for j in range(1, K):
+            for t in range(T):
+                g_KT[j, t] = math.exp(top_KT[j, t] - top_KT[0, t])
+            for t in range(T):
+                tot_T[t] += g_KT[j, t]
+        for j in range(K):
+            for t in range(T):
+                g_KT[j, t] = g_KT[j, t] / tot_T[t]
+                tl_T[t] += g_KT[j, t] * x_KT[j, t]
+        for t in range(T):                         # bincount order: token, then slot
+            d = dom_T[t]
+            for j in range(K):
+                e = sel_KT[j, t]
+                loss_LE[l, e] += tl_T[t]
+                sumx_LDE[l, d, e] += x_KT[j, t]
+                cnt_LDE[l, d, e] += 1.0
+            total += tl_T[t]
+        for e in range(E):                         # integer sums: exact in any order
+            c = 0.0
+            for d in range(D):
+                c += cnt_LDE[l, d, e]
+            counts_LE[l, e] = c
+    return total / (L * T)
+
+
+@njit(cache=True)
+def env_learn(ep, est_LDE, nobs_LDE, sumx_LDE, cnt_LDE):
+    """env.learn: running mean with the count capped at router_memory."""
+    L, D, E = est_LDE.shape
+    for l in range(L):
+        for d in range(D):
+            for e in range(E):
+                c = cnt_LDE[l, d, e]
+                if c > 0:
+                    n_new = min(nobs_LDE[l, d, e] + c, ep.router_memory)
+                    w = min(c / n_new, 1.0)
+                    est_LDE[l, d, e] = est_LDE[l, d, e] + w * (sumx_LDE[l, d, e] / c
+                                                               - est_LDE[l, d, e])
+                    nobs_LDE[l, d, e] = n_new
+
+
+@njit(cache=True, inline="always")
+def _variance(x_E):
+    """np.var of a vector (two passes; sequential sums)."""
+    n = x_E.shape[0]
+    m = 0.0
+    for i in range(n):
+        m += x_E[i]
+    m /= n
+    v = 0.0
+    for i in range(n):
+        v += (x_E[i] - m) * (x_E[i] - m)
+    return v / n
+
+
+@njit(cache=True)
+def _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, ev, rec):
+    """Ticks t_start+1 .. t_stop of system b (events, κ, route, step, learn, adapt, record)."""
+    L, E, D = st.quality_BLED.shape[1:]
+    T, K = ep.tokens, ep.top_k
+    seed = st.seed_B[b]
+    counts_LE = np.zeros((L, E))
+    loss_LE = np.zeros((L, E))
+    bias_LE = np.zeros((L, E))
+    temp_LE = np.ones((L, E))
+    sumx_LDE = np.zeros((L, D, E))
+    cnt_LDE = np.zeros((L, D, E))
+    dom_T = np.zeros(T, dtype=np.int64)
+    base_LDE = np.zeros((L, D, E))
+    invT_LE = np.zeros((L, E))
+    s_T = np.zeros(T)
+    b_T = np.zeros(T, dtype=np.int64)
+    top_KT = np.zeros((K, T))
+    sel_KT = np.zeros((K, T), dtype=np.int64)
+    g_KT = np.zeros((K, T))
+    x_KT = np.zeros((K, T))
+    tot_T = np.zeros(T)
+    tl_T = np.zeros(T)
+    d_E = np.zeros(E)
+    quality_LED = st.quality_BLED[b]
+    cum_D = st.cum_BD[b]
+    scal_4 = st.scal_B4[b]
+    keep_layers = rec.Tbar_local_BTLE.shape[1] > 0
+    for t in range(t_start + 1, t_stop + 1):
+        for x in range(ev.tick_X.shape[0]):
+            if ev.tick_X[x] == t:
+                if ev.kind_X[x] == 0:
+                    for l in range(L):
+                        if ev.layer_X[x] < 0 or ev.layer_X[x] == l:
+                            for d in range(D):
+                                quality_LED[l, ev.index_X[x], d] = ev.value_X[x]
+                else:
+                    cum_D[:] = ev.cum_XD[ev.index_X[x]]
+        if ap.enabled:
+            k_in = _clip(kappa_T[t - 1] + (1.0 - p_T[t - 1]) * st.offset_B[b], -1.0, 1.0)
+        else:
+            k_in = kappa_T[t - 1]
+        # route with the κ this tick's step will put in effect (smoothing included)
+        routing_fields_into(cp, _smoothed_kappa(cp, scal_4[3], k_in), st.pressure_BLE[b],
+                            st.lens_BLE[b], st.T_eff_BLE[b], bias_LE, temp_LE)
+        mean_loss = env_route(ep, seed, t, quality_LED, st.est_BLDE[b], cum_D, bias_LE, temp_LE,
+                              counts_LE, loss_LE, sumx_LDE, cnt_LDE, dom_T, base_LDE,
+                              invT_LE, s_T, b_T, top_KT, sel_KT, g_KT, x_KT, tot_T, tl_T)
+        st.tick_B[b] = controller_step(
+            cp, seed, st.tick_B[b], st.theta_BLE[b], st.omega_BLE[b], st.usage_BLE[b],
+            st.rel_BLE[b], st.delta_BLE[b], st.pressure_BLE[b], st.lens_BLE[b],
+            st.T_fast_BLE[b], st.Tbar_local_BLE[b], st.Tbar_global_BE[b], st.T_eff_BLE[b],
+            scal_4, counts_LE, loss_LE, True, k_in, d_E)
+        env_learn(ep, st.est_BLDE[b], st.nobs_BLDE[b], sumx_LDE, cnt_LDE)
+        if ap.enabled and st.tick_B[b] % cp.macro_period == 0:
+            var_g = _variance(st.Tbar_global_BE[b])
+            st.offset_B[b] = _adaptive_update(
+                st.offset_B[b], scal_4[0], var_g, var_g > cp.formed_variance, ap.R_low,
+                ap.R_high, ap.variance_high, ap.rate, ap.decay, ap.max_offset)
+        if t % record_every == 0:
+            r = t // record_every - 1
+            rec.R_BT[b, r] = scal_4[0]
+            rec.dR_BT[b, r] = scal_4[2]
+            rec.kappa_BT[b, r] = scal_4[3]
+            rec.loss_BT[b, r] = mean_loss
+            rec.Tbar_global_BTE[b, r] = st.Tbar_global_BE[b]
+            for l in range(L):
+                rec.var_local_BTL[b, r, l] = _variance(st.Tbar_local_BLE[b, l])
+            if keep_layers:
+                rec.Tbar_local_BTLE[b, r] = st.Tbar_local_BLE[b]
+                rec.T_fast_BTLE[b, r] = st.T_fast_BLE[b]
+                rec.usage_BTLE[b, r] = st.usage_BLE[b]
+                rec.rel_BTLE[b, r] = st.rel_BLE[b]
+
+
+@njit(cache=True, parallel=True)
+def simulate_batch(t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, ev, rec):
+    """Advance every system from tick t_start to t_stop (state in place, records into rec)."""
+    B = st.theta_BLE.shape[0]
+    for b in prange(B):
+        _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, ev, rec)

@@ -1,0 +1,235 @@
+"""Study `kuramoto`: does the simulated stationary R(K) follow the analytic curve?
+
+Question. For N mean-field Kuramoto oscillators with Lorentzian natural frequencies of half-width
+γ, the N → ∞ stationary order parameter is R = sqrt(1 − 2γ/K) above K_c = 2γ and 0 below
+(Kuramoto 1975). How close does ``simulate_kuramoto`` come at finite N, where does it deviate
+(near K_c: critical slowing down and finite-N fluctuations; below K_c: R ~ N^(-1/2))? And, for
+the controller itself (Gaussian frequency disorder of std σ, K = ``ControllerConfig.coupling``,
+N = L·E oscillators), which R does perfectly stable routing reach, against the Gaussian
+self-consistency R = K·R·∫cos²θ g(K R sin θ) dθ?
+
+Method. ω are deterministic quantiles of the distribution (no sampling noise in ω; the
+``seeds`` systems of a cell differ in their initial phases only). Euler steps of ``dt`` over
+``time`` time units; R is averaged over the second half (``discard``). One batched
+``simulate_kuramoto`` call per (N, K).
+
+Run:  chronomoe-dyn study kuramoto [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
+      python studies/kuramoto.py
+Outputs (studies/out/kuramoto/): R_vs_K.png, R_time.png, summary.json, config.json.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..plot import new_figure, save_figure
+from .common import finish, out_dir_for, progress_bar, resolve_config
+
+NAME = "kuramoto"
+
+CONFIG = {
+    "lorentzian": {
+        "gamma": 0.5,                   # half-width γ; K_c = 2γ = 1
+        "N": [1000, 10000],
+        "K": [0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0],
+        "seeds": 2,                     # systems per cell (different initial phases)
+        "dt": 0.05,
+        "time": 200.0,                  # time units per run (4000 steps at dt 0.05)
+    },
+    "gaussian": {                       # the controller's own phase dynamics
+        "sigma": 0.05,                  # = ControllerConfig.omega_disorder_std
+        "N": [32, 1000],                # 32 = L·E of the default environment (4 × 8)
+        "K": [0.0, 0.05, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5],
+        "seeds": 8,
+        "dt": 0.5,                      # = ControllerConfig.dt
+        "time": 2000.0,
+    },
+    "discard": 0.5,                     # fraction of each run dropped before averaging R
+    "far_from_critical": 1.5,           # K/K_c above which the analytic curve is the target
+}
+
+QUICK = {
+    "lorentzian.N": [200, 1000],
+    "lorentzian.K": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
+    "lorentzian.time": 60.0,
+    "gaussian.N": [32],
+    "gaussian.K": [0.0, 0.1, 0.25, 0.5],
+    "gaussian.time": 400.0,
+}
+
+
+def lorentzian_R(K: np.ndarray, gamma: float) -> np.ndarray:
+    """N → ∞ stationary R for Lorentzian ω: sqrt(1 − 2γ/K) for K > 2γ, else 0."""
+    K = np.asarray(K, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.sqrt(np.clip(1.0 - 2.0 * gamma / K, 0.0, None))
+    return np.where(K > 2.0 * gamma, r, 0.0)
+
+
+def gaussian_R(K: float, sigma: float, n_theta: int = 2001) -> float:
+    """N → ∞ stationary R for Gaussian ω of std σ: the largest root r of
+    1 = K ∫_{-π/2}^{π/2} cos²θ g(K r sin θ) dθ (0 below K_c = 2/(π g(0)) = σ·sqrt(8/π))."""
+    if K <= 0:
+        return 0.0
+    th = np.linspace(-np.pi / 2, np.pi / 2, n_theta)
+    c2 = np.cos(th) ** 2
+
+    def f(r: float) -> float:
+        x = K * r * np.sin(th)
+        g = np.exp(-0.5 * (x / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        return float(K * np.trapezoid(c2 * g, th)) - 1.0
+
+    if f(1e-9) <= 0.0:              # below K_c: only the incoherent state
+        return 0.0
+    lo, hi = 1e-9, 1.0
+    if f(hi) > 0:
+        return 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def gaussian_quantiles(n: int, sigma: float) -> np.ndarray:
+    """[n] deterministic Gaussian sample: the quantiles at (i + 1/2)/n."""
+    from scipy.special import ndtri
+    return sigma * ndtri((np.arange(n) + 0.5) / n)
+
+
+def _scan(name: str, omega_N: np.ndarray, Ks: list[float], seeds: int, dt: float, tspan: float,
+          discard: float, seed: int, bar) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Stationary R (mean, std over systems) for each K, and R(t) of system 0 per K."""
+    from ..kuramoto import simulate_kuramoto
+    steps = max(1, int(round(tspan / dt)))
+    every = max(1, steps // 400)
+    om_BN = np.tile(omega_N, (seeds, 1))
+    mean, std, traces = [], [], {}
+    for K in Ks:
+        res = simulate_kuramoto(om_BN, coupling=float(K), dt=dt, steps=steps, seed=seed,
+                                record_every=every)
+        r_B = np.asarray(res.stationary_R(discard), dtype=np.float64)
+        mean.append(float(r_B.mean()))
+        std.append(float(r_B.std()))
+        traces[float(K)] = (res.ticks * dt, res.R[0])
+        bar.update(1)
+        bar.set_postfix_str(f"{name} N={omega_N.size} K={K:g}")
+    return np.array(mean), np.array(std), traces
+
+
+def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True,
+         overrides: dict | None = None) -> dict:
+    """Run the study; write figures, summary.json and config.json; return the summary."""
+    t0 = time.perf_counter()
+    cfg = resolve_config(CONFIG, QUICK, quick, overrides)
+    cfg["seed"], cfg["quick"] = seed, quick
+    out = out_dir_for(NAME, out_dir)
+    lz, ga = cfg["lorentzian"], cfg["gaussian"]
+    gamma, sigma = float(lz["gamma"]), float(ga["sigma"])
+    Kc_l = 2.0 * gamma
+    Kc_g = sigma * math.sqrt(8.0 / math.pi)
+    n_runs = len(lz["N"]) * len(lz["K"]) + len(ga["N"]) * len(ga["K"])
+    results: dict = {"lorentzian": {}, "gaussian": {}}
+    traces_l: dict = {}
+    with progress_bar(n_runs, NAME, progress, unit="run") as bar:
+        for N in lz["N"]:
+            from ..kuramoto import lorentzian_quantiles
+            m, s, tr = _scan("lorentzian", lorentzian_quantiles(int(N), gamma), lz["K"],
+                             int(lz["seeds"]), float(lz["dt"]), float(lz["time"]),
+                             cfg["discard"], seed, bar)
+            results["lorentzian"][int(N)] = (m, s)
+            traces_l[int(N)] = tr
+        for N in ga["N"]:
+            m, s, _ = _scan("gaussian", gaussian_quantiles(int(N), sigma), ga["K"],
+                            int(ga["seeds"]), float(ga["dt"]), float(ga["time"]),
+                            cfg["discard"], seed, bar)
+            results["gaussian"][int(N)] = (m, s)
+
+    # ---- numbers ------------------------------------------------------------------------
+    K_l = np.asarray(lz["K"], dtype=np.float64)
+    theory_l = lorentzian_R(K_l, gamma)
+    far = K_l >= cfg["far_from_critical"] * Kc_l
+    sub = K_l < Kc_l
+    summary: dict = {"K_c_lorentzian": Kc_l, "K_c_gaussian": Kc_g, "lorentzian": {},
+                     "gaussian": {}}
+    headline = []
+    for N, (m, s) in results["lorentzian"].items():
+        err = m - theory_l
+        entry = {
+            "K": K_l, "R_sim": m, "R_sim_std": s, "R_theory": theory_l,
+            "max_abs_error_far": float(np.max(np.abs(err[far]))) if far.any() else None,
+            "max_abs_error_all": float(np.max(np.abs(err))),
+            "error_at_Kc": float(err[np.argmin(np.abs(K_l - Kc_l))]),
+            "subcritical_R_sqrtN": float(np.mean(m[sub]) * math.sqrt(N)) if sub.any() else None,
+        }
+        summary["lorentzian"][str(N)] = entry
+        headline.append(f"Lorentzian N={N}: max |R_sim − R_theory| = "
+                        f"{entry['max_abs_error_far']:.3f} for K ≥ {cfg['far_from_critical']}·K_c, "
+                        f"{entry['max_abs_error_all']:.3f} over all K; "
+                        f"R·sqrt(N) below K_c = {entry['subcritical_R_sqrtN']:.2f}"
+                        if far.any() and sub.any() else f"Lorentzian N={N}: done")
+    K_g = np.asarray(ga["K"], dtype=np.float64)
+    theory_g = np.array([gaussian_R(float(k), sigma) for k in K_g])
+    from ..config import ControllerConfig
+    dflt = ControllerConfig()
+    R_default_theory = gaussian_R(dflt.coupling, dflt.omega_disorder_std)
+    for N, (m, s) in results["gaussian"].items():
+        summary["gaussian"][str(N)] = {"K": K_g, "R_sim": m, "R_sim_std": s,
+                                       "R_theory": theory_g,
+                                       "max_abs_error": float(np.max(np.abs(m - theory_g)))}
+    summary["controller_default"] = {
+        "coupling": dflt.coupling, "omega_disorder_std": dflt.omega_disorder_std,
+        "R_theory_N_inf": R_default_theory,
+    }
+    if np.any(np.isclose(K_g, dflt.coupling)) and sigma == dflt.omega_disorder_std:
+        i = int(np.argmin(np.abs(K_g - dflt.coupling)))
+        for N, (m, s) in results["gaussian"].items():
+            summary["controller_default"][f"R_sim_N{N}"] = float(m[i])
+        n0 = min(results["gaussian"])
+        headline.append(f"controller default (Gaussian σ={sigma}, K={dflt.coupling}): R_∞ = "
+                        f"{R_default_theory:.3f}, simulated at N={n0}: "
+                        f"{results['gaussian'][n0][0][i]:.3f} (stable routing, no drive)")
+    summary["headline"] = headline
+
+    # ---- figures --------------------------------------------------------------------------
+    figs = []
+    fig, axes = new_figure(1, 2, width=5.2, height=3.8)
+    ax = axes[0, 0]
+    Kf = np.linspace(0.0, max(K_l.max(), 1e-9), 400)
+    ax.plot(Kf / Kc_l, lorentzian_R(Kf, gamma), "k-", lw=1.5, label="sqrt(1 − 2γ/K)")
+    for N, (m, s) in results["lorentzian"].items():
+        ax.errorbar(K_l / Kc_l, m, yerr=s, fmt="o", ms=4, capsize=2, label=f"simulated N={N}")
+    ax.axvline(1.0, color="0.6", lw=0.8, ls="--")
+    ax.set_xlabel("K / K_c  (K_c = 2γ)")
+    ax.set_ylabel("stationary R")
+    ax.set_title(f"Lorentzian ω, γ = {gamma:g}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    Kg = np.linspace(0.0, max(K_g.max(), 1e-9), 200)
+    ax.plot(Kg, [gaussian_R(float(k), sigma) for k in Kg], "k-", lw=1.5,
+            label="self-consistency, N = ∞")
+    for N, (m, s) in results["gaussian"].items():
+        ax.errorbar(K_g, m, yerr=s, fmt="o", ms=4, capsize=2, label=f"simulated N={N}")
+    ax.axvline(Kc_g, color="0.6", lw=0.8, ls="--")
+    ax.axvline(dflt.coupling, color="tab:red", lw=0.8, ls=":", label="controller default K")
+    ax.set_xlabel("K")
+    ax.set_ylabel("stationary R")
+    ax.set_title(f"Gaussian ω, σ = {sigma:g} (the controller's disorder)", fontsize=10)
+    ax.legend(fontsize=8)
+    figs.append(save_figure(fig, out / "R_vs_K.png"))
+
+    N_big = max(traces_l)
+    fig, axes = new_figure(1, 1, width=7.0, height=3.2)
+    ax = axes[0, 0]
+    for K, (t, R) in traces_l[N_big].items():
+        ax.plot(t, R, lw=1, label=f"K/K_c = {K / Kc_l:.2f}")
+    ax.axvline(cfg["discard"] * float(lz["time"]), color="0.5", lw=0.8, ls="--")
+    ax.set_xlabel("time")
+    ax.set_ylabel("R")
+    ax.set_title(f"R(t), Lorentzian, N = {N_big} (averaging window right of the dashed line)",
+                 fontsize=10)
+    ax.legend(fontsize=6, ncol=3)
+    figs.append(save_figure(fig, out / "R_time.png"))
+    return finish(out, NAME, cfg, summary, figs, t0)

@@ -1,0 +1,179 @@
+"""chronomoe_dyn.plot: the run-metrics JSONL schema, its reader and the run figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chronomoe_dyn.plot import (MetricsFormatError, load_run, plot_run, read_metrics_jsonl,
+                                series_from_trajectory, validate_metrics_record,
+                                write_metrics_record)
+
+L, E = 3, 4
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(path: Path, steps: int = 30) -> None:
+    rng = np.random.default_rng(0)
+    for s in range(steps):
+        tb = 1.0 + 0.05 * (s / steps) * np.sin(np.arange(E)[None, :] + np.arange(L)[:, None])
+        write_metrics_record(path, {
+            "step": s * 10, "loss": 5.0 - 0.05 * s, "loss_lm": 5.0 - 0.05 * s,
+            "loss_balance": 1.02, "loss_coherence": 0.1, "loss_valley": 0.0,
+            "R": 0.2 + 0.02 * s, "dR": 0.02, "kappa": 0.5 - 0.025 * s, "gate": 0.6,
+            "tbar_variance": 1e-4 * s, "valleys": [0], "ridges": [2, 3], "phase": "cosine_anneal",
+            "load_LE": rng.dirichlet(np.ones(E), size=L), "tbar_local_LE": tb,
+            "tbar_global_E": tb.mean(axis=0)})
+    write_metrics_record(path, {"step": 100, "split": "eval", "loss": 4.0})
+
+
+def _assert_pngs(paths, names):
+    got = {p.name for p in paths}
+    assert set(names) <= got, got
+    for p in paths:
+        data = p.read_bytes()
+        assert data[:8] == PNG_MAGIC
+        assert len(data) > 5_000, (p, len(data))  # an empty canvas is ~2 kB
+
+
+def test_jsonl_run_renders_every_figure(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run / "metrics.jsonl")
+    paths = plot_run(run)
+    assert all(p.parent == run / "plots" for p in paths)
+    _assert_pngs(paths, ["curves.png", "landscape.png", "tbar_snapshots.png", "tbar_time.png",
+                         "load.png", "loss.png"])
+
+
+def test_reader_values_and_derived_maxvio(tmp_path):
+    f = tmp_path / "m.jsonl"
+    _write_run(f, steps=5)
+    s = read_metrics_jsonl(f)
+    assert s.step_T.tolist() == [0, 10, 20, 30, 40]
+    np.testing.assert_allclose(s.scalars["R"], [0.2, 0.22, 0.24, 0.26, 0.28])
+    assert s.scalars["valleys"].tolist() == [1] * 5 and s.scalars["ridges"].tolist() == [2] * 5
+    assert s.load_TLE.shape == (5, L, E) and s.tbar_local_TLE.shape == (5, L, E)
+    np.testing.assert_allclose(s.load_TLE.sum(-1), 1.0)
+    mv = (s.load_TLE.max(-1) - 1 / E) * E
+    np.testing.assert_allclose(s.scalars["maxvio"], mv.mean(-1))
+    assert s.eval_step.tolist() == [100] and s.eval_loss.tolist() == [4.0]
+
+
+def test_repeated_step_later_line_wins_and_sorted(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    lines = [{"step": 5, "R": 0.1}, {"step": 1, "R": 0.2}, {"step": 5, "R": 0.9}]
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    s = read_metrics_jsonl(f)
+    assert s.step_T.tolist() == [1, 5]
+    assert s.scalars["R"].tolist() == [0.2, 0.9]
+
+
+def test_null_and_nonfinite_are_missing(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    write_metrics_record(f, {"step": 0, "R": float("nan"), "kappa": 0.5})
+    write_metrics_record(f, {"step": 1, "R": 0.5, "kappa": None})
+    assert "NaN" not in f.read_text()  # strict JSON on disk
+    s = read_metrics_jsonl(f)
+    assert np.isnan(s.scalars["R"][0]) and s.scalars["R"][1] == 0.5
+    assert np.isnan(s.scalars["kappa"][1])
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"step": 1, "R": 0.4', "not valid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"R": 0.4}', "'step'"),
+    ('{"step": -3}', "'step'"),
+    ('{"step": 2, "R": "high"}', "'R'"),
+    ('{"step": 2, "load_LE": [[1, 2], [3]]}', "'load_LE'"),
+    ('{"step": 2, "valleys": [1.5]}', "'valleys'"),
+    ('{"step": 2, "split": "test"}', "'split'"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, field):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 0, "R": 0.3}\n\n' + line + "\n")
+    with pytest.raises(MetricsFormatError) as ei:
+        read_metrics_jsonl(f)
+    msg = str(ei.value)
+    assert str(f) in msg and "line 3" in msg and field in msg
+
+
+def test_shape_change_within_file_is_an_error(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    write_metrics_record(f, {"step": 0, "tbar_global_E": [1.0, 1.0]})
+    write_metrics_record(f, {"step": 1, "tbar_global_E": [1.0, 1.0, 1.0]})
+    with pytest.raises(MetricsFormatError, match=r"line 2: field 'tbar_global_E' has shape \[3\]"):
+        read_metrics_jsonl(f)
+
+
+def test_writer_rejects_bad_record(tmp_path):
+    with pytest.raises(MetricsFormatError, match="'gate'"):
+        write_metrics_record(tmp_path / "m.jsonl", {"step": 0, "gate": "open"})
+    assert not (tmp_path / "m.jsonl").exists()
+    with pytest.raises(MetricsFormatError, match="'step'"):
+        validate_metrics_record({"R": 0.5})
+
+
+def test_empty_and_missing_runs(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("\n")
+    with pytest.raises(MetricsFormatError, match="no training records"):
+        plot_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run not found"):
+        plot_run(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        plot_run(empty)
+    (empty / "a.jsonl").write_text('{"step": 0, "R": 0.1}\n')
+    (empty / "b.jsonl").write_text('{"step": 0, "R": 0.1}\n')
+    with pytest.raises(ValueError, match="several"):
+        plot_run(empty)
+
+
+def _tiny_trajectory(B: int = 2, T: int = 12) -> dict:
+    """The arrays of a simulator Trajectory (CONTRACTS.md), synthetic."""
+    rng = np.random.default_rng(1)
+    usage = rng.dirichlet(np.ones(E), size=(B, T, L))
+    tl = 1.0 + 0.1 * rng.standard_normal((B, T, L, E))
+    tg = tl.mean(axis=2)
+    var_g = tg.var(axis=-1)
+    mean, std = tg.mean(-1, keepdims=True), tg.std(-1, keepdims=True)
+    return {
+        "tick_T": np.arange(T) * 10, "R_BT": rng.uniform(0, 1, (B, T)),
+        "dR_BT": rng.normal(0, 0.01, (B, T)), "kappa_BT": np.tile(np.linspace(0.5, -0.3, T), (B, 1)),
+        "gate_BT": rng.uniform(0.5, 1, (B, T)), "Tbar_global_BTE": tg, "Tbar_local_BTLE": tl,
+        "usage_BTLE": usage, "variance_global_BT": var_g, "variance_local_BTL": tl.var(-1),
+        "valley_global_BTE": tg < mean - 0.5 * std, "ridge_global_BTE": tg > mean + 0.5 * std,
+        "loss_BT": rng.uniform(1, 2, (B, T)),
+    }
+
+
+def test_trajectory_npz_and_object(tmp_path):
+    traj = _tiny_trajectory()
+    s = series_from_trajectory(traj, system=1)
+    np.testing.assert_array_equal(s.scalars["R"], traj["R_BT"][1])
+    assert "R" in s.bands  # a batch gets a spread band
+    np.testing.assert_array_equal(s.scalars["valleys"], traj["valley_global_BTE"][1].sum(-1))
+    paths = plot_run(traj, out_dir=tmp_path / "obj")
+    _assert_pngs(paths, ["curves.png", "landscape.png", "tbar_snapshots.png", "load.png"])
+    run = tmp_path / "simrun"
+    run.mkdir()
+    np.savez(run / "trajectory.npz", **traj)
+    paths = plot_run(run, out_dir=tmp_path / "npz")
+    _assert_pngs(paths, ["curves.png", "tbar_time.png", "loss.png"])
+    with pytest.raises(ValueError, match="system=5"):
+        load_run(run, system=5)
+    with pytest.raises(ValueError, match="out_dir is required"):
+        plot_run(traj)
+
+
+def test_real_simulator_trajectory_plots(tmp_path):
+    pytest.importorskip("numba")
+    from chronomoe_dyn import simulate
+    traj = simulate(num_systems=2, ticks=200, record_every=10, seed=3)
+    traj.to_npz(tmp_path / "trajectory.npz")
+    paths = plot_run(tmp_path)
+    _assert_pngs(paths, ["curves.png", "landscape.png", "tbar_snapshots.png", "load.png"])

@@ -1,0 +1,453 @@
+"""attach(): the P×T controller on transformers MoE models and on a hand-written MoE, through
+torch hooks only. One tiny random model per supported architecture (built from a config)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import _attach_models as M  # noqa: E402
+from chronomoe_dyn import ControllerConfig  # noqa: E402
+from chronomoe_torch.attach import AttachError, attach, find_routers  # noqa: E402
+from chronomoe_torch.checkpoint import load_state, save_state  # noqa: E402
+from chronomoe_torch.controller import PxTController  # noqa: E402
+
+
+def _n_routers(model) -> int:
+    return len(M.hf_routers(model))
+
+
+def _big_bias(L: int, experts=(M.E - 1,), value: float = 30.0) -> torch.Tensor:
+    b = torch.zeros(L, M.E)
+    b[:, list(experts)] = value
+    return b
+
+
+def _state(handle) -> dict:
+    return {k: v.clone() for k, v in handle.controller.state_dict().items()}
+
+
+def _assert_states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing: identity fields reproduce the router; large bias changes the selection
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_identity_fields_reproduce_the_model_bit_for_bit(arch):
+    model = M.make_hf(arch)
+    x = M.tokens()
+    ref = model(x, output_router_logits=True)
+    handle = attach(model, controller=M.FixedFields(_n_routers(model), M.E))
+    out = model(x, output_router_logits=True)
+    assert torch.equal(out.logits, ref.logits)
+    for a, b in zip(out.router_logits, ref.router_logits):
+        assert torch.equal(a, b)
+    handle.detach()
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_large_bias_changes_the_selected_experts(arch):
+    model = M.make_hf(arch)
+    L = _n_routers(model)
+    x = M.tokens()
+    ref = model(x, output_router_logits=True)
+    raw_sel = [r.topk(M.K, dim=-1).indices for r in ref.router_logits]
+    # Unattached, some tokens route away from the last expert.
+    assert any(not (s == M.E - 1).any(-1).all() for s in raw_sel)
+
+    handle = attach(model, controller=M.FixedFields(L, M.E, bias_LE=_big_bias(L)),
+                    record_routing=True)
+    out = model(x, output_router_logits=True)
+    rec = handle.routing_output()
+    for i in range(L):
+        # The experts got a top-k that always holds the biased expert.
+        assert (rec.expert_indices[i] == M.E - 1).any(-1).all()
+        # The model's output changed because the experts consumed the new routing.
+    assert not torch.allclose(out.logits, ref.logits)
+    # The observation counts the modified selection: every token sends a slot to expert E-1.
+    N = x.numel()
+    counts_LE = handle.observation_buffer[0]
+    assert torch.equal(counts_LE[:, M.E - 1], torch.full((L,), float(N)))
+    assert torch.equal(counts_LE.sum(-1), torch.full((L,), float(N * M.K)))
+    handle.detach()
+
+
+def _capture_raw(model):
+    """Record each router's own output with a hook that runs before everything else (ours
+    included): the raw logits of *this* forward, whose deeper layers depend on our routing."""
+    raw, handles = {}, []
+    for i, r in enumerate(M.hf_routers(model)):
+        def hook(mod, args, out, i=i):
+            raw[i] = out[0].detach().clone()
+        handles.append(r.register_forward_hook(hook, prepend=True))
+    return raw, handles
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+@pytest.mark.parametrize("capture_first", [False, True])
+def test_recorded_router_logits_are_the_modified_ones(arch, capture_first):
+    """transformers records router logits with its own forward hook (installed lazily on the
+    first output_router_logits=True call); ours runs first either way."""
+    model = M.make_hf(arch)
+    L = _n_routers(model)
+    x = M.tokens()
+    clone = copy.deepcopy(model)
+    if capture_first:
+        model(x, output_router_logits=True)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(L, M.E, generator=g)
+    temp = torch.rand(L, M.E, generator=g) + 0.5
+    handle = attach(model, controller=M.FixedFields(L, M.E, bias, temp), record_routing=True)
+    raw, hooks = _capture_raw(model)
+    out = model(x, output_router_logits=True)
+    rec = handle.routing_output()
+    for i in range(L):
+        want = (raw[i] + bias[i]) / temp[i]
+        assert torch.equal(out.router_logits[i], want)
+        assert torch.equal(rec.router_logits[i], want)
+    # transformers' aux loss is computed from the modified logits.
+    assert not torch.equal(out.aux_loss, clone(x, output_router_logits=True).aux_loss)
+    for h in hooks:
+        h.remove()
+    handle.detach()
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_real_controller_fields_are_applied(arch):
+    """After some ticks with a strong pressure the controller's own (bias, T) shape routing:
+    the recorded logits are (raw + b)/T with its fields, and some selections differ."""
+    model = M.make_hf(arch)
+    cfg = ControllerConfig(pressure_scale=20.0, micro_period=1)
+    handle = attach(model, cfg, record_routing=True)
+    for s in range(3):
+        model(M.tokens(seed=s))
+        handle.tick()
+    raw, hooks = _capture_raw(model)
+    out = model(M.tokens(seed=9), output_router_logits=True)
+    changed = False
+    for i in range(handle.num_layers):
+        b, t = handle.controller.layer_fields(i)
+        assert not torch.equal(t, torch.ones_like(t))
+        assert torch.equal(out.router_logits[i], (raw[i] + b) / t)
+        changed |= not torch.equal(raw[i].topk(M.K, -1).indices.sort(-1).values,
+                                   out.router_logits[i].topk(M.K, -1).indices.sort(-1).values)
+    assert changed
+    for h in hooks:
+        h.remove()
+    handle.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_gradient_reaches_router_weight_through_the_modified_logits(arch):
+    """With b = 0 and power-of-two temperatures, (W x)/T is exactly (W/T) x: an unattached clone
+    with rows of W divided by T is the same function, and dL/dW = (dL/dW') / T exactly."""
+    model = M.make_hf(arch)
+    L = _n_routers(model)
+    temp = torch.tensor([1.0, 2.0, 4.0, 0.5]).repeat(L, 1)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, r in enumerate(M.hf_routers(clone)):
+            r.weight.div_(temp[i][:, None])
+    handle = attach(model, controller=M.FixedFields(L, M.E, temperature_LE=temp))
+    x = M.tokens()
+    out_a = model(x, labels=x, output_router_logits=True)
+    out_b = clone(x, labels=x, output_router_logits=True)
+    assert torch.equal(out_a.logits, out_b.logits)
+    out_a.loss.backward()
+    out_b.loss.backward()
+    for i, (ra, rb) in enumerate(zip(M.hf_routers(model), M.hf_routers(clone))):
+        assert ra.weight.grad is not None and ra.weight.grad.abs().sum() > 0
+        torch.testing.assert_close(ra.weight.grad, rb.weight.grad / temp[i][:, None],
+                                   rtol=1e-6, atol=0.0)
+    handle.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Detach
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_detach_restores_the_model_exactly(arch):
+    model = M.make_hf(arch)
+    L = _n_routers(model)
+    x = M.tokens()
+    ref = model(x, output_router_logits=True)       # also installs transformers' capture hooks
+    hooks_before = M.all_hooks(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    handle = attach(model, controller=M.FixedFields(L, M.E, bias_LE=_big_bias(L)),
+                    optimizer=opt)
+    assert M.all_hooks(model) != hooks_before
+    assert not torch.equal(model(x, output_router_logits=True).logits, ref.logits)
+    handle.detach()
+    assert M.all_hooks(model) == hooks_before
+    assert not opt._optimizer_step_pre_hooks
+    out = model(x, output_router_logits=True)
+    assert torch.equal(out.logits, ref.logits)
+    for a, b in zip(out.router_logits, ref.router_logits):
+        assert torch.equal(a, b)
+    assert not handle.attached
+    handle.detach()                                  # idempotent
+    # A detached model can be attached again.
+    attach(model).detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Ticks
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_one_tick_per_optimizer_step_under_gradient_accumulation(arch):
+    """4 micro-batches per step, 3 steps: 3 ticks, and the controller equals one fed the whole
+    batch per step (lr = 0 keeps the routers fixed so both see the same routing)."""
+    accum, steps, B = 4, 3, 2
+    model = M.make_hf(arch)
+    full = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt_full = torch.optim.SGD(full.parameters(), lr=0.0)
+    h = attach(model, optimizer=opt)
+    h_full = attach(full, optimizer=opt_full)
+    for step in range(steps):
+        batch = M.tokens(B * accum, seed=step)
+        for mb in batch.split(B):
+            (model(mb, labels=mb).loss / accum).backward()
+            assert h.controller.num_ticks == step
+        opt.step()
+        opt.zero_grad()
+        full(batch, labels=batch).loss.backward()
+        opt_full.step()
+        opt_full.zero_grad()
+    assert h.ticks == steps and h.controller.num_ticks == steps
+    assert int(h.controller.tick_counter) == steps
+    a, b = h.controller.state_dict(), h_full.controller.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    h.detach()
+    h_full.detach()
+
+
+def test_without_optimizer_the_user_ticks():
+    model = M.make_hf("mixtral")
+    h = attach(model)
+    for _ in range(3):
+        model(M.tokens())
+    assert h.controller.num_ticks == 0
+    assert h.observation_buffer[0].sum() == 3 * M.tokens().numel() * M.K * h.num_layers
+    h.tick()
+    assert h.controller.num_ticks == 1 and h.ticks == 1
+    assert h.observation_buffer.abs().sum() == 0
+    h.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Observation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_observation_counts_and_weights_match_the_routing(arch):
+    model = M.make_hf(arch)
+    L = _n_routers(model)
+    handle = attach(model, controller=M.FixedFields(L, M.E), record_routing=True)
+    x = M.tokens()
+    model(x)
+    rec = handle.routing_output()
+    acc = handle.observation_buffer
+    for i in range(L):
+        idx = rec.expert_indices[i].reshape(-1)
+        w = rec.gate_weights[i].reshape(-1).float()
+        assert torch.equal(acc[0, i], torch.bincount(idx, minlength=M.E).float())
+        torch.testing.assert_close(acc[1, i], torch.zeros(M.E).index_add_(0, idx, w))
+    handle.detach()
+
+
+def test_padding_is_not_observed():
+    model = M.make_hf("mixtral")
+    handle = attach(model, controller=M.FixedFields(2, M.E))
+    x = M.tokens(B=2, S=8)
+    mask = torch.ones_like(x)
+    mask[0, 5:] = 0
+    mask[1, 7:] = 0
+    model(x, attention_mask=mask)
+    assert torch.equal(handle.observation_buffer[0].sum(-1),
+                       torch.full((2,), float(mask.sum() * M.K)))
+    handle.detach()
+
+
+def test_eval_mode_is_not_observed_but_is_routed():
+    model = M.make_hf("mixtral")
+    handle = attach(model, controller=M.FixedFields(2, M.E, bias_LE=_big_bias(2)),
+                    record_routing=True)
+    model.eval()
+    with torch.no_grad():
+        model(M.tokens())
+    assert handle.observation_buffer.abs().sum() == 0
+    assert (handle.routing_output().expert_indices[0] == M.E - 1).any(-1).all()
+    handle.detach()
+
+
+def test_activation_checkpointing_does_not_observe_twice():
+    model = M.make_hf("mixtral")
+    model.activation_checkpointing_enable()
+    handle = attach(model, controller=M.FixedFields(2, M.E))
+    x = M.tokens()
+    model(x, labels=x).loss.backward()
+    assert torch.equal(handle.observation_buffer[0].sum(-1),
+                       torch.full((2,), float(x.numel() * M.K)))
+    assert M.hf_routers(model)[0].weight.grad.abs().sum() > 0
+    handle.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# State
+# ------------------------------------------------------------------------------------------------
+def _train_ticks(model, handle, seeds):
+    for s in seeds:
+        x = M.tokens(seed=s)
+        model(x, labels=x)
+        handle.tick()
+
+
+def test_state_dict_round_trip_through_checkpoint_io(tmp_path):
+    cfg = ControllerConfig(micro_period=1, macro_period=2)
+    a = M.make_hf("qwen2_moe")
+    b = M.make_hf("qwen2_moe")
+    ha, hb = attach(a, cfg, seed=5), attach(b, cfg, seed=5)
+    _train_ticks(a, ha, range(6))
+    ha.save(tmp_path / "ctl")
+    hb.load(tmp_path / "ctl")
+    _assert_states_equal(_state(ha), _state(hb))
+    assert hb.ticks == 6 and hb.controller.num_ticks == 6
+    # Both go on identically.
+    _train_ticks(a, ha, range(6, 9))
+    _train_ticks(b, hb, range(6, 9))
+    _assert_states_equal(_state(ha), _state(hb))
+    # The plain tree works with save_state/load_state too.
+    save_state(tmp_path / "tree", ha.state_dict(), kind="attach")
+    hb.load_state_dict(load_state(tmp_path / "tree"))
+    _assert_states_equal(_state(ha), _state(hb))
+
+
+def test_load_state_dict_refuses_another_model(tmp_path):
+    ha = attach(M.make_hf("mixtral"))
+    hq = attach(M.make_hf("qwen2_moe"))        # 2 routers, different module paths
+    with pytest.raises(AttachError, match="routers"):
+        hq.load_state_dict(ha.state_dict())
+    hm = attach(M.make_hf("mixtral", num_local_experts=8), num_experts=8)
+    with pytest.raises(AttachError, match=r"\(2, 4\).*\(2, 8\)"):
+        hm.load_state_dict(ha.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors leave the model untouched
+# ------------------------------------------------------------------------------------------------
+def test_no_recognised_router():
+    import transformers as tf
+    dense = tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2))
+    for model in (dense, torch.nn.Sequential(torch.nn.Linear(4, 4))):
+        before = M.all_hooks(model)
+        with pytest.raises(AttachError, match="no supported router") as ei:
+            attach(model)
+        assert "MixtralTopKRouter" in str(ei.value) and "routers=" in str(ei.value)
+        assert M.all_hooks(model) == before
+
+
+def test_expert_count_mismatch():
+    model = M.make_hf("mixtral")
+    before = M.all_hooks(model)
+    with pytest.raises(AttachError, match=r"expected 8 experts.*'model.layers.0.mlp.gate': 4"):
+        attach(model, num_experts=8)
+    assert M.all_hooks(model) == before
+    with pytest.raises(AttachError, match=r"\(layers, experts\)=\(2, 8\).*\(2, 4\)"):
+        attach(model, controller=PxTController(2, 8))
+    assert M.all_hooks(model) == before
+    hand = M.HandLM()
+    hand.blocks[1].router = torch.nn.Linear(16, 3, bias=False)
+    before = M.all_hooks(hand)
+    with pytest.raises(AttachError, match=r"expected 4 experts.*'blocks.1.router': 3"):
+        attach(hand, routers=hand.routers(), top_k=M.K)
+    assert M.all_hooks(hand) == before
+
+
+def test_attaching_twice():
+    model = M.make_hf("olmoe")
+    first = attach(model)
+    hooks = M.all_hooks(model)
+    with pytest.raises(AttachError, match="already attached"):
+        attach(model)
+    with pytest.raises(AttachError, match="already attached"):
+        attach(model, routers=M.hf_routers(model)[:1])
+    assert M.all_hooks(model) == hooks
+    model(M.tokens())
+    assert first.observation_buffer[0].sum() > 0
+    first.detach()
+    attach(model).detach()
+
+
+def test_optimizer_without_step_hooks_is_refused():
+    class Wrapper:                        # a wrapper that skipped torch.optim.Optimizer.__init__
+        def step(self):
+            pass
+
+    model = M.make_hf("mixtral")
+    before = M.all_hooks(model)
+    with pytest.raises(AttachError, match="step-hook"):
+        attach(model, optimizer=Wrapper())
+    assert M.all_hooks(model) == before
+    attach(model).detach()                # nothing was left registered
+
+
+def test_routers_must_belong_to_the_model():
+    model = M.make_hf("mixtral")
+    with pytest.raises(AttachError, match="not a submodule"):
+        attach(model, routers=[torch.nn.Linear(4, 4)])
+
+
+def test_find_routers_names_layers_in_order():
+    names = [n for n, _ in find_routers(M.make_hf("qwen2_moe"))]
+    assert names == ["model.layers.0.mlp.gate", "model.layers.2.mlp.gate"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The generic path: a hand-written MoE
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tuple_router", [False, True])
+def test_generic_router_routing_observation_gradient_and_detach(tuple_router):
+    model = M.HandLM(tuple_router=tuple_router)
+    x = M.tokens()
+    ref = model(x)
+    ref_idx = [b.last_idx_NK.clone() for b in model.blocks]
+    before = M.all_hooks(model)
+    handle = attach(model, routers=model.routers(),
+                    controller=M.FixedFields(2, M.E, bias_LE=_big_bias(2, experts=(1,))),
+                    top_k=None if tuple_router else M.K)
+    out = model(x)
+    assert not torch.equal(out, ref)
+    for i, blk in enumerate(model.blocks):
+        assert not torch.equal(blk.last_idx_NK, ref_idx[i])
+        assert (blk.last_idx_NK == 1).any(-1).all()
+        # Observed = what the block actually selected.
+        assert torch.equal(handle.observation_buffer[0, i],
+                           torch.bincount(blk.last_idx_NK.reshape(-1), minlength=M.E).float())
+    M.lm_loss(out, x).backward()
+    for r in model.routers():
+        w = r.proj.weight if tuple_router else r.weight
+        assert w.grad is not None and w.grad.abs().sum() > 0
+    handle.detach()
+    assert M.all_hooks(model) == before
+    assert torch.equal(model(x), ref)
+
+
+def test_generic_logits_router_needs_top_k():
+    model = M.HandLM()
+    with pytest.raises(AttachError, match="top-k.*top_k="):
+        attach(model, routers=model.routers())
+    assert attach(model, routers=model.routers(), top_k=M.K).num_layers == 2

@@ -1,0 +1,496 @@
+"""ChronoMoETrainer: the step, the loop, logging, metrics, skips of bad steps, bad batches,
+no-sync steps, data order and in-process resume. Tiny models, a dozen steps each."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, Dataset
+
+from chronomoe_dyn.plot import read_metrics_jsonl
+from chronomoe_torch import checkpoint as ckpt
+from chronomoe_torch.config import TrainingConfig
+from chronomoe_torch.loss import causal_lm_token_loss
+from chronomoe_torch.model import ChronovisorMixtralForCausalLM, MixtralConfig
+from chronomoe_torch.trainer import BadBatchError, ChronoMoETrainer, NonFiniteTrainingError
+
+V, S = 64, 17
+STEP_RE = re.compile(r"^Step (\d+) \| Loss: (-?\d+\.\d{4}|nan) \| κ: (-?\d\.\d{2}) \(([a-z_]+)\) "
+                     r"\| R: (\d\.\d{2}|n/a) \| Gate: (\d\.\d{2})$")
+LANDSCAPE_RE = re.compile(r"^  Landscape: var=\d+\.\d{4}, valleys=\[(\d+(, \d+)*)?\], "
+                          r"ridges=\[(\d+(, \d+)*)?\]$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Progressions(Dataset):
+    """Arithmetic progressions mod V (random start, stride 1–3): learnable in a few steps."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, V, (n, 1), generator=g)
+        stride = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = (start + stride * torch.arange(S)) % V
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i]}
+
+
+def tiny_model(chronovisor: bool = True, **kw) -> ChronovisorMixtralForCausalLM:
+    return ChronovisorMixtralForCausalLM(MixtralConfig(
+        vocab_size=V, hidden_dim=32, num_layers=2, num_experts=4, num_heads=4, num_kv_heads=2,
+        top_k=2, max_seq_length=32, enable_chronovisor=chronovisor, **kw))
+
+
+def tiny_config(tmp_path, **kw) -> TrainingConfig:
+    base = dict(learning_rate=3e-3, max_steps=12, kappa_warmup_steps=2, log_every_n_steps=1,
+                eval_every_n_steps=0, save_every_n_steps=0, progress_bar=False,
+                run_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "ckpt"),
+                save_final=False, save_best=False)
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def loader(n: int = 64, batch_size: int = 4, shuffle: bool = True, seed: int = 0) -> DataLoader:
+    return DataLoader(Progressions(n, seed), batch_size=batch_size, shuffle=shuffle)
+
+
+def params_of(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def law_state(controller) -> dict[str, torch.Tensor]:
+    """Controller buffers that a skipped tick must leave untouched (the clock, its skip count
+    and the history rings legitimately move; κ is constant in these tests)."""
+    moving = {"tick_counter", "skipped_ticks", "coherence_history", "meta_knob_history"}
+    return {k: v.clone() for k, v in controller.state_dict().items() if k not in moving}
+
+
+def opt_state(trainer) -> list[torch.Tensor]:
+    return [v.clone() for st in trainer.base_optimizer.state.values() for v in st.values()]
+
+
+def equal_lists(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------
+# the loop, results, log lines, metrics
+# ----------------------------------------------------------------------------------------
+def test_train_returns_results_and_learns(tmp_path):
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=30, log_every_n_steps=5),
+                          loader(), loader(16, shuffle=False, seed=1))
+    before = tr.evaluate()["eval_loss"]
+    res = tr.train()
+    assert res["global_step"] == res["steps_run"] == res["total_steps"] == 30
+    assert res["stop_reason"] == "max_steps"
+    assert res["step_history"] == [5, 10, 15, 20, 25, 30]
+    for k in ("loss_history", "lm_loss_history", "coherence_history", "kappa_history",
+              "gate_history", "lr_history"):
+        assert len(res[k]) == 6, k
+    assert res["final_loss"] == res["loss_history"][-1]
+    assert res["final_eval_loss"] < before - 0.3          # it learns the progressions
+    assert res["best_eval_loss"] == res["final_eval_loss"]
+    assert math.isclose(res["final_eval_perplexity"], math.exp(res["final_eval_loss"]))
+    assert res["skipped_steps"] == 0 and res["tokens"] == 30 * 4 * S
+    assert all(0.0 <= r <= 1.0 for r in res["coherence_history"])
+    assert all(0.5 <= g <= 1.0 for g in res["gate_history"])   # strength 0.5: gate in [0.5, 1]
+    assert res["kappa_history"][0] > res["kappa_history"][-1]   # κ anneals 0.5 → -0.3
+    assert res["kappa_history"][-1] == pytest.approx(-0.3, abs=0.01)
+    assert set(res["landscape"]) >= {"variance", "valleys", "ridges", "formed"}
+    assert res["valley_health"]["layer"] is None
+    assert tr.controller.num_ticks == 30                   # one tick per optimizer step
+
+
+def test_log_lines_have_the_seed_format(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=20), loader())
+    tr.train()
+    lines = [r.getMessage() for r in caplog.records if r.name == "chronomoe_torch"]
+    step_lines = [ln for ln in lines if ln.startswith("Step ")]
+    assert len(step_lines) == 20
+    for i, ln in enumerate(step_lines, start=1):
+        m = STEP_RE.match(ln)
+        assert m, ln
+        assert int(m.group(1)) == i
+    assert STEP_RE.match(step_lines[0]).group(4) == "warmup_explore"
+    assert STEP_RE.match(step_lines[5]).group(4) == "cosine_anneal"
+    land = [i for i, ln in enumerate(lines) if ln.startswith("  Landscape:")]
+    assert len(land) == 2                                   # every 10th log line
+    for i in land:
+        assert LANDSCAPE_RE.match(lines[i]), lines[i]
+    assert [int(STEP_RE.match(lines[i - 1]).group(1)) for i in land] == [10, 20]
+
+
+def test_metrics_jsonl_follows_the_schema(tmp_path):
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=6, log_every_n_steps=2,
+                                                    eval_every_n_steps=3),
+                          loader(), loader(8, shuffle=False))
+    tr.train()
+    path = tmp_path / "run" / "metrics.jsonl"
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    train = [r for r in recs if r["split"] == "train"]
+    evals = [r for r in recs if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in train:
+        for k in ("loss", "loss_lm", "loss_balance", "loss_coherence", "loss_valley", "loss_z",
+                  "lr", "R", "dR", "kappa", "phase", "gate", "tbar_variance", "valleys",
+                  "ridges", "load_LE", "tbar_local_LE", "tbar_global_E"):
+            assert k in r, k
+        load = torch.tensor(r["load_LE"])
+        assert load.shape == (2, 4) and torch.all(load.sum(1) == 4 * S * 2)  # B·S·K slots
+    series = read_metrics_jsonl(path)                        # the plot reader accepts it
+    assert list(series.step_T) == [2, 4, 6]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["training"]["max_steps"] == 6 and cfg["model"]["num_experts"] == 4
+
+
+def test_plain_moe_baseline_without_controller(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    cfg = tiny_config(tmp_path, balance_mode="switch", lambda_balance=0.0, max_steps=4)
+    tr = ChronoMoETrainer(tiny_model(chronovisor=False), cfg, loader())
+    assert tr.controller is None and not tr.gated
+    out = tr.train_step([next(iter(tr.train_dataloader))])
+    assert torch.equal(out.losses[0], out.losses[1])        # total == LM with λ = 0
+    res = tr.train()
+    assert res["landscape"] is None and res["valley_health"] is None
+    assert res["gate_history"] == [1.0] * 3 and res["coherence_history"] == [None] * 3
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Step 2 "))
+    assert STEP_RE.match(line) and "| R: n/a | Gate: 1.00" in line
+
+
+# ----------------------------------------------------------------------------------------
+# gradient accumulation
+# ----------------------------------------------------------------------------------------
+def test_accumulation_equals_one_big_batch(tmp_path):
+    """G micro-batches of B give the step of one batch of G·B: the same gradient reaches the
+    optimizer, and the controller ticks once over the summed observation (LM loss only, so the
+    loss is linear in the batch split)."""
+    ids = Progressions(8).ids
+    kw = dict(balance_mode="switch", lambda_balance=0.0, max_steps=4)
+    a = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, gradient_accumulation_steps=2, **kw),
+                         [ids[:4], ids[4:]])
+    b = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, **kw), [ids])
+    grads = {}
+    for name, t in (("a", a), ("b", b)):
+        t.base_optimizer.register_step_pre_hook(
+            lambda opt, *_, name=name: grads.__setitem__(
+                name, [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    a.train_step([ids[:4], ids[4:]])
+    b.train_step([ids])
+    assert a.controller.num_ticks == b.controller.num_ticks == 1
+    assert a.micro_step == 2 and b.micro_step == 1
+    for ga, gb in zip(grads["a"], grads["b"]):
+        torch.testing.assert_close(ga, gb)
+    sa, sb = a.controller.state_dict(), b.controller.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+
+
+def test_accumulation_steps_and_epochs(tmp_path):
+    # 10 batches, G = 3: 3 optimizer steps per epoch (the 10th batch is dropped), 2 epochs.
+    cfg = tiny_config(tmp_path, gradient_accumulation_steps=3, max_steps=None, max_epochs=2,
+                      kappa_warmup_steps=1)
+    tr = ChronoMoETrainer(tiny_model(), cfg, loader(40))
+    assert tr.steps_per_epoch == 3 and tr.total_steps == 6
+    res = tr.train()
+    assert res["global_step"] == 6 and tr.micro_step == 18 and res["stop_reason"] == "max_epochs"
+    assert tr.controller.num_ticks == 6
+
+
+# ----------------------------------------------------------------------------------------
+# bad steps: skipped on the device, counted, logged; too many in a row stop training
+# ----------------------------------------------------------------------------------------
+class Fault:
+    """Switchable fault injection: NaN router logits, an infinite LM logit, or a NaN gradient."""
+
+    def __init__(self, model, kind: str) -> None:
+        self.on = False
+        if kind == "router":
+            self.h = model.layers[0].moe.router.register_forward_hook(
+                lambda m, a, out: out._replace(logits_NE=out.logits_NE * math.nan)
+                if self.on else None)
+        elif kind == "loss":
+            def hook(m, a, out):
+                if self.on:
+                    out.logits = out.logits.index_fill(-1, torch.tensor([3]), math.inf)
+                return out
+            self.h = model.register_forward_hook(hook)
+        elif kind == "grad":
+            self.h = model.layers[1].moe.w_up_EHI.register_hook(
+                lambda g: g * math.nan if self.on else g)
+
+
+@pytest.mark.parametrize("kind", ["router", "loss", "grad"])
+def test_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, caplog, kind):
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    model = tiny_model()
+    tr = ChronoMoETrainer(model, tiny_config(tmp_path, kappa_schedule="constant",
+                                             kappa_warmup_steps=0, max_steps=8), loader())
+    fault = Fault(model, kind)
+    batches = tr._next_micro_batches(), tr._next_micro_batches(), tr._next_micro_batches()
+    tr.train_step(batches[0])
+    p0, o0, c0 = params_of(model), opt_state(tr), law_state(tr.controller)
+    fault.on = True
+    out = tr.train_step(batches[1])
+    fault.on = False
+    assert not bool(out.ok) and float(out.gate) == 0.0
+    assert equal_lists(params_of(model), p0)                 # parameters untouched
+    assert equal_lists(opt_state(tr), o0)                    # AdamW moments and step count too
+    c1 = law_state(tr.controller)
+    assert all(torch.equal(c0[k], c1[k]) for k in c0)        # controller law state untouched
+    assert int(tr.controller.skipped_ticks) == 1 and tr.controller.num_ticks == 2
+    assert int(tr._skips_total) == 1 and int(tr._skips_run) == 1
+    out = tr.train_step(batches[2])                          # the next good step applies
+    assert bool(out.ok) and not equal_lists(params_of(model), p0)
+    assert int(tr._skips_run) == 0 and int(tr._skips_total) == 1
+    res = tr.train()                                          # the loop reports the skip
+    assert res["skipped_steps"] == 1 and res["global_step"] == 8
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("skipped 1 step(s)" in w and "1 in total" in w for w in warn), warn
+
+
+def test_consecutive_skips_stop_with_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+    cfg = tiny_config(tmp_path, max_steps=20, max_consecutive_skips=3, log_every_n_steps=2)
+    tr = ChronoMoETrainer(model, cfg, loader(shuffle=False))
+    fault = Fault(model, "router")
+    snap = {}   # parameters after each step (post-hook: global_step is incremented later)
+    h = tr.optimizer.register_step_post_hook(
+        lambda *a: snap.__setitem__(tr.global_step + 1, params_of(model)))
+    orig = tr.train_step
+
+    def step(group, log=False):  # fault from the 5th step on (global_step 4 → 5)
+        fault.on = tr.global_step >= 4
+        return orig(group, log=log)
+
+    tr.train_step = step
+    with pytest.raises(NonFiniteTrainingError, match="consecutive optimizer steps") as ei:
+        tr.train()
+    h.remove()
+    # steps 5, 6 skipped: run 2 < 3 at the log of step 6; 7, 8: run 4 ≥ 3 at the log of step 8
+    assert ei.value.step == 8 and ei.value.consecutive == 4
+    assert ei.value.checkpoint == tmp_path / "ckpt" / "last_good"
+    good = params_of(model)
+    assert not equal_lists(snap[4], snap[3])                 # step 4 applied, 5–8 did not
+    assert all(equal_lists(snap[s], snap[4]) for s in (5, 6, 7, 8))
+    assert equal_lists(good, snap[4])
+    fresh = tiny_model()
+    tr2 = ChronoMoETrainer(fresh, cfg, loader(shuffle=False))
+    tr2.load_checkpoint("last_good")
+    assert equal_lists(params_of(fresh), good)
+    assert int(tr2._skips_total) == 4 and tr2.global_step == 8
+
+
+# ----------------------------------------------------------------------------------------
+# bad batches
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, match", [
+    ({"input_ids": torch.full((4, S), V)}, f"token id {V}, outside the vocabulary \\[0, {V}\\)"),
+    ({"input_ids": torch.full((4, S), -1)}, "token id -1, outside"),
+    ({"input_ids": torch.zeros(4, S, 2, dtype=torch.long)}, r"\[B, S\] tensor, got shape \[4, 17, 2\]"),
+    ({"input_ids": torch.zeros(4, S)}, "integer token ids, got torch.float32"),
+    ({"input_ids": torch.zeros(4, S, dtype=torch.long), "labels": torch.zeros(4, S - 1, dtype=torch.long)},
+     r"labels shape \[4, 16\] != input_ids shape \[4, 17\]"),
+    ({"input_ids": torch.zeros(4, 40, dtype=torch.long)}, "exceeds the model's max_seq_length=32"),
+    ({"ids": torch.zeros(4, S, dtype=torch.long)}, "no 'input_ids'"),
+    ("text", "expected a dict with 'input_ids'"),
+])
+def test_bad_batch_names_the_batch(tmp_path, bad, match):
+    good = [{"input_ids": Progressions(4).ids} for _ in range(3)]
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path), good + [bad] + good)
+    with pytest.raises(BadBatchError, match=match) as ei:
+        tr.train()
+    assert "train batch 3 (epoch 0)" in str(ei.value)
+    assert tr.global_step == 3
+
+
+def test_labels_may_use_ignore_index(tmp_path):
+    ids = Progressions(4).ids
+    labels = ids.clone()
+    labels[:, :5] = -100
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=3),
+                          [{"input_ids": ids, "labels": labels}] * 3)
+    assert tr.train()["global_step"] == 3
+
+
+def test_bad_eval_batch_names_it(tmp_path):
+    ev = [{"input_ids": Progressions(4).ids}, {"input_ids": torch.full((4, S), 999)}]
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path), loader(), ev)
+    with pytest.raises(BadBatchError, match="eval batch 1: input_ids holds token id 999"):
+        tr.evaluate()
+
+
+# ----------------------------------------------------------------------------------------
+# no host sync in a step; one read per log step
+# ----------------------------------------------------------------------------------------
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
+            "_unique2", "unique_dim", "unique_consecutive", "allclose"}
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNC_OPS:
+            self.syncs.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chronovisor, mode, accum", [(True, "chronomoe", 2), (False, "switch", 1),
+                                                      (True, "aux_free", 1)])
+def test_train_step_does_not_sync(tmp_path, chronovisor, mode, accum):
+    tr = ChronoMoETrainer(tiny_model(chronovisor),
+                          tiny_config(tmp_path, balance_mode=mode, gradient_accumulation_steps=accum,
+                                      lambda_z=1e-3), loader())
+    reads = []
+    to_host = tr._to_host
+    tr._to_host = lambda t: reads.append(1) or to_host(t)
+    groups = [tr._next_micro_batches() for _ in range(3)]   # validated on the host, up front
+    tr.train_step(groups[0])                                 # lazy optimizer state created
+    with SyncCounter() as sc:
+        out = tr.train_step(groups[1])
+    assert sc.syncs == [] and reads == []
+    tr._log_step(tr.train_step(groups[2], log=True))
+    assert reads == [1]                                      # one host read per log step
+    assert bool(out.ok)
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation, balance modes, precision
+# ----------------------------------------------------------------------------------------
+def test_evaluate_is_the_token_weighted_lm_loss(tmp_path):
+    model = tiny_model()
+    ev = loader(12, batch_size=5, shuffle=False, seed=3)    # batches of 5, 5, 2
+    tr = ChronoMoETrainer(model, tiny_config(tmp_path), loader(), ev)
+    r = tr.evaluate()
+    assert model.training                                   # restored after evaluation
+    assert not model.controller.observation_buffer().any()  # evaluation observes nothing
+    model.eval()
+    tot = cnt = 0.0
+    with torch.no_grad():
+        for b in ev:
+            tok, valid = causal_lm_token_loss(model(b["input_ids"]).logits, b["input_ids"])
+            tot += float(tok.sum())
+            cnt += float(valid.sum())
+    assert r["eval_tokens"] == cnt == 12 * (S - 1)
+    assert r["eval_loss"] == pytest.approx(tot / cnt, rel=1e-6)
+    assert r["eval_perplexity"] == pytest.approx(math.exp(tot / cnt), rel=1e-6)
+
+
+def test_aux_free_mode_moves_biases_and_skips_restore_them(tmp_path):
+    model = tiny_model(aux_free_bias_rate=0.01)
+    tr = ChronoMoETrainer(model, tiny_config(tmp_path, balance_mode="aux_free",
+                                             kappa_schedule="constant", kappa_warmup_steps=0),
+                          loader())
+    biases = lambda: [l.moe.router.aux_free_bias_E.clone() for l in model.layers]  # noqa: E731
+    b0 = biases()
+    tr.train_step(tr._next_micro_batches())
+    b1 = biases()
+    assert not equal_lists(b0, b1)
+    fault = Fault(model, "router")
+    fault.on = True
+    tr.train_step(tr._next_micro_batches())
+    assert equal_lists(biases(), b1)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, bf16=True, max_steps=3), loader())
+    res = tr.train()
+    assert res["skipped_steps"] == 0 and all(math.isfinite(x) for x in res["loss_history"])
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+
+
+def test_cosine_lr_schedule_with_warmup(tmp_path):
+    cfg = tiny_config(tmp_path, lr_schedule="cosine", lr_warmup_steps=2, max_steps=10,
+                      min_lr_ratio=0.1)
+    tr = ChronoMoETrainer(tiny_model(), cfg, loader())
+    lr = cfg.learning_rate
+    assert [tr._lr_factor(s) for s in (0, 1)] == [0.5, 1.0]
+    assert tr._lr_factor(2) == pytest.approx(1.0) and tr._lr_factor(10) == pytest.approx(0.1)
+    res = tr.train()
+    assert res["lr_history"][0] == pytest.approx(lr * 1.0)   # logged after step 1: factor(1)
+    assert res["lr_history"][-1] == pytest.approx(lr * 0.1)
+
+
+# ----------------------------------------------------------------------------------------
+# data order and resume
+# ----------------------------------------------------------------------------------------
+def test_data_order_is_a_function_of_the_seed(tmp_path):
+    def order(seed):
+        tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, seed=seed), loader())
+        return [tr._next_micro_batches()[0].input_ids for _ in range(20)]  # crosses an epoch
+    a, b, c = order(0), order(0), order(1)
+    assert equal_lists(a, b) and not equal_lists(a, c)
+    assert not equal_lists(a[16:20], a[0:4])                 # each epoch is reshuffled
+
+
+def test_resume_in_process_is_exact(tmp_path):
+    """10 steps straight (saving at step 6) == a fresh trainer that loads step_6 and trains the
+    last 4: identical parameters, controller, optimizer state and loss history. (Fresh-process
+    and SIGKILL variants live in the checkpoint tests.)"""
+    cfg = tiny_config(tmp_path, max_steps=10, save_every_n_steps=6, gradient_accumulation_steps=2)
+    a = ChronoMoETrainer(tiny_model(), cfg, loader(24))
+    ra = a.train()
+    c = ChronoMoETrainer(tiny_model(init_seed=5), cfg, loader(24))
+    c.load_checkpoint("step_6")
+    assert c.global_step == 6 and (c.epoch, c.batch_in_epoch) == (1, 6)   # 3 steps per epoch
+    rc = c.train()
+    assert rc["steps_run"] == 4 and rc["global_step"] == 10
+    assert equal_lists(params_of(a.model), params_of(c.model))
+    assert ckpt.trees_equal(a.model.controller.state_dict(), c.model.controller.state_dict())
+    assert ckpt.trees_equal(a.optimizer.state_dict(), c.optimizer.state_dict())
+    assert ra["loss_history"] == rc["loss_history"] and len(rc["loss_history"]) == 10
+
+
+def test_keep_last_n_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=10, save_every_n_steps=2, keep_last_n_checkpoints=2,
+                      save_final=True, save_best=True, eval_every_n_steps=5)
+    tr = ChronoMoETrainer(tiny_model(), cfg, loader(), loader(8, shuffle=False))
+    tr.train()
+    names = sorted(p.name for p in ckpt.list_checkpoints(tmp_path / "ckpt"))
+    assert names == ["best", "final", "step_10", "step_8"]
+
+
+def test_save_chronovisor_state_false_drops_the_landscape(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=6, save_chronovisor_state=False)
+    tr = ChronoMoETrainer(tiny_model(), cfg, loader())
+    tr.train()
+    path = tr.save_checkpoint("no_geo")
+    tree = ckpt.load_state(path)
+    assert not any(k.startswith("controller.") for k in tree["model"])
+    fresh = tiny_model()
+    tr2 = ChronoMoETrainer(fresh, cfg, loader())
+    tr2.load_checkpoint("no_geo")                            # loads; the landscape starts flat
+    assert int(fresh.controller.tick_counter) == 0
+    assert torch.equal(fresh.embed_tokens.weight, tr.model.embed_tokens.weight)
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path), loader())
+    tr.save_checkpoint("a")
+    other = ChronovisorMixtralForCausalLM(MixtralConfig(
+        vocab_size=V, hidden_dim=32, num_layers=2, num_experts=8, num_heads=4, num_kv_heads=2,
+        max_seq_length=32))
+    tr2 = ChronoMoETrainer(other, tiny_config(tmp_path), loader())
+    with pytest.raises(ckpt.CheckpointMismatchError, match="'num_experts': 4.*'num_experts': 8"):
+        tr2.load_checkpoint("a")
