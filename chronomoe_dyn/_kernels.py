@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
+from decimal import Decimal, localcontext
 
 import numpy as np
 from numba import njit, prange
@@ -109,9 +110,21 @@ def normal_into(seed, stream, tick, index_N, out_N):
 # for the |k| < 2**20 we meet, and a tail); then Taylor polynomials of sin r (to r^17) and
 # cos r (to r^18), whose truncation error on |r| <= π/4 is below 1e-19; the quadrant k mod 4
 # swaps and signs them. Accuracy: a few ulp of np.sin/np.cos (tested).
-_PIO2_HI = float(np.frombuffer(np.array([math.pi / 2]).view(np.uint64)
-                               & np.uint64(0xFFFFFFFFF8000000), dtype=np.float64)[0])
-_PIO2_LO = float((math.pi / 2 - _PIO2_HI) + 6.123233995736766e-17)  # π/2 − fl(π/2) ≈ 6.12e-17
+_PI_50 = Decimal("3.14159265358979323846264338327950288419716939937510")
+
+
+def _head(x: float) -> float:
+    """x with the low 27 bits of its mantissa cleared: k·head is exact for |k| < 2**26."""
+    bits = np.array([x]).view(np.uint64) & np.uint64(0xFFFFFFFFF8000000)
+    return float(bits.view(np.float64)[0])
+
+
+with localcontext() as _ctx:
+    _ctx.prec = 50
+    _PIO2_HI = _head(math.pi / 2)
+    _PIO2_LO = float(_PI_50 / 2 - Decimal(_PIO2_HI))
+    _LN2_HI = _head(math.log(2.0))
+    _LN2_LO = float(Decimal(2).ln() - Decimal(_LN2_HI))
 _TWO_OVER_PI = 2.0 / math.pi
 _S3, _S5, _S7, _S9 = -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0
 _S11, _S13, _S15, _S17 = (-1.0 / 39916800.0, 1.0 / 6227020800.0, -1.0 / 1307674368000.0,
@@ -137,6 +150,38 @@ def _sincos(x):
     sn = c if odd else s
     cs = s if odd else c
     return sin_sign * sn, cos_sign * cs
+
+
+_INV_LN2 = 1.0 / math.log(2.0)
+_EXP_MIN = -708.0
+"""Below this exp() would leave the normal range; such gate weights are < 1e-307 (≈ 0)."""
+
+
+@njit(cache=True, inline="always")
+def _exp_nonpos_into(x_N, out_N, bits_N):
+    """out = exp(x) for x <= 0, vectorisable: x = k·ln2 + r with |r| <= ln2/2 (Cody–Waite),
+    Taylor polynomial of e^r to r^13 (truncation < 1e-17), times 2^k built from its bits.
+    Within a few ulp of np.exp on [−708, 0]; x < −708 gives exp(−708) (tested)."""
+    n = x_N.shape[0]
+    for i in range(n):
+        x = max(x_N[i], _EXP_MIN)
+        k = math.floor(x * _INV_LN2 + 0.5)
+        r = (x - k * _LN2_HI) - k * _LN2_LO
+        p = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
+            1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880 + r * (
+                1.0 / 3628800 + r * (1.0 / 39916800 + r * (1.0 / 479001600
+                                                             + r / 6227020800.0))))))))))))
+        out_N[i] = p
+        bits_N[i] = (np.int64(k) + 1023) << 52     # IEEE bits of 2^k (normal: k >= -1021)
+    pow2_N = bits_N.view(np.float64)
+    for i in range(n):
+        out_N[i] = out_N[i] * pow2_N[i]
+
+
+@njit(cache=True)
+def exp_nonpos_into(x_N, out_N, bits_N):
+    """``_exp_nonpos_into`` (for tests)."""
+    _exp_nonpos_into(x_N, out_N, bits_N)
 
 
 @njit(cache=True)
@@ -419,7 +464,7 @@ def routing_fields_into(cp, kappa, pressure_LE, lens_LE, T_eff_LE, bias_LE, temp
 @njit(cache=True)
 def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, counts_LE,
               loss_LE, sumx_LDE, cnt_LDE, dom_T, base_LDE, invT_LE, s_T, b_T, top_KT,
-              sel_KT, g_KT, x_KT, tot_T, tl_T):
+              sel_KT, g_KT, x_KT, tot_T, tl_T, bits_T):
     """env.route in loops: fills counts/loss [L, E] and the router's sums/counts [L, D, E];
     returns the mean token loss. The rest are scratch. The gate-weight sums are not formed:
     the control law reads counts and losses only (env.route still passes them to step).
@@ -496,7 +541,8 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
             g_KT[0, t] = 1.0
         for j in range(1, K):
             for t in range(T):
-                g_KT[j, t] = math.exp(top_KT[j, t] - top_KT[0, t])
+                g_KT[j, t] = top_KT[j, t] - top_KT[0, t]      # <= 0
+            _exp_nonpos_into(g_KT[j], g_KT[j], bits_T)
             for t in range(T):
                 tot_T[t] += g_KT[j, t]
         for j in range(K):
@@ -572,6 +618,7 @@ def _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, 
     x_KT = np.zeros((K, T))
     tot_T = np.zeros(T)
     tl_T = np.zeros(T)
+    bits_T = np.zeros(T, dtype=np.int64)
     d_E = np.zeros(E)
     quality_LED = st.quality_BLED[b]
     cum_D = st.cum_BD[b]
@@ -596,7 +643,8 @@ def _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, 
                             st.lens_BLE[b], st.T_eff_BLE[b], bias_LE, temp_LE)
         mean_loss = env_route(ep, seed, t, quality_LED, st.est_BLDE[b], cum_D, bias_LE, temp_LE,
                               counts_LE, loss_LE, sumx_LDE, cnt_LDE, dom_T, base_LDE,
-                              invT_LE, s_T, b_T, top_KT, sel_KT, g_KT, x_KT, tot_T, tl_T)
+                              invT_LE, s_T, b_T, top_KT, sel_KT, g_KT, x_KT, tot_T, tl_T,
+                              bits_T)
         st.tick_B[b] = controller_step(
             cp, seed, st.tick_B[b], st.theta_BLE[b], st.omega_BLE[b], st.usage_BLE[b],
             st.rel_BLE[b], st.delta_BLE[b], st.pressure_BLE[b], st.lens_BLE[b],

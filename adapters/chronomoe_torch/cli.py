@@ -94,15 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     steps = args.steps
     try:
-        ds_kw = dict(seq_len=args.seq_len, eval_fraction=args.eval_fraction)
-        train_ds = ByteDataset(args.data, split="train", **ds_kw)
-        eval_ds = ByteDataset(args.data, split="eval", **ds_kw)
         model_cfg = MixtralConfig(
             vocab_size=BYTE_VOCAB_SIZE, hidden_dim=args.hidden_dim, num_layers=args.layers,
             num_experts=args.experts, enable_chronovisor=not args.no_chronovisor,
             num_heads=args.heads, num_kv_heads=args.kv_heads, top_k=args.top_k,
-            max_seq_length=train_ds.window_length, init_seed=args.seed,
-            controller_seed=args.seed)
+            max_seq_length=args.seq_len + 1, init_seed=args.seed, controller_seed=args.seed)
         train_cfg = TrainingConfig(
             learning_rate=args.lr, max_steps=steps, batch_size=args.batch_size,
             gradient_accumulation_steps=args.grad_accum,
@@ -117,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device, bf16=args.bf16, seed=args.seed,
             progress_bar=not args.no_progress, tensorboard=args.tensorboard,
             save_best=False)
+        # Configs first (cheap), then the corpus (reads every file).
+        ds_kw = dict(seq_len=args.seq_len, eval_fraction=args.eval_fraction)
+        train_ds = ByteDataset(args.data, split="train", **ds_kw)
+        eval_ds = ByteDataset(args.data, split="eval", **ds_kw)
     except (ValueError, FileNotFoundError) as e:
         print(f"chronomoe-train: error: {e}", file=sys.stderr)
         return 2

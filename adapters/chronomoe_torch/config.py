@@ -7,8 +7,10 @@ with ``replace(...)``. A bad value raises ``ValueError`` naming the field, the v
 allowed.
 
 Step budget: training stops at ``max_steps`` optimizer steps or after ``max_epochs`` passes over
-the train loader, whichever comes first (``max_steps=None``: epochs only). The κ schedule runs
-from step 0 to that resolved total (``kappa_warmup_steps`` must be below it).
+the train loader, whichever comes first (``max_steps=None``: epochs only). The κ and LR
+schedules span ``max_steps`` when it is given (so a run that the epochs end early stops part-way
+through them), else the epochs' steps; ``kappa_warmup_steps`` and ``lr_warmup_steps`` must be
+below that length.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def unhealthy_valley_mask(tbar_LE: torch.Tensor, reliability_LE: torch.Tensor,
     layer has none) whose reliability is below the threshold. On device, no sync; matches
     ``chronomoe_dyn.landscape.valley_health`` layer by layer."""
     mean_L1 = tbar_LE.mean(dim=-1, keepdim=True)
-    std_L1 = tbar_LE.var(dim=-1, unbiased=True, keepdim=True).sqrt()
+    std_L1 = tbar_LE.var(dim=-1, unbiased=False, keepdim=True).sqrt()
     valley_LE = tbar_LE < mean_L1 - threshold_std * std_L1
     return valley_LE & (reliability_LE < unhealthy_reliability)
 

@@ -258,7 +258,7 @@ def _attention_mask(attention_mask_BS: torch.Tensor, S: int) -> torch.Tensor:
     idx = torch.arange(S, device=attention_mask_BS.device)
     causal_SS = idx[None, :] <= idx[:, None]
     keep_BSS = causal_SS & attention_mask_BS.bool()[:, None, :]
-    keep_BSS = keep_BSS & torch.eye(S, dtype=torch.bool, device=attention_mask_BS.device)
+    keep_BSS = keep_BSS | torch.eye(S, dtype=torch.bool, device=attention_mask_BS.device)
     return keep_BSS[:, None]
 
 

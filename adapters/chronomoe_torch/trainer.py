@@ -163,12 +163,15 @@ class ChronoMoETrainer:
             raise ValueError(f"the train loader has {n} batches, fewer than "
                              f"gradient_accumulation_steps={G}: no optimizer step per epoch")
         self.total_steps = config.total_steps(self.steps_per_epoch)
+        # The κ and LR schedules span max_steps when it is given (epochs may end the run
+        # earlier), else the epochs' steps.
+        self.schedule_steps = config.max_steps if config.max_steps is not None \
+            else self.total_steps
         for name in ("kappa_warmup_steps", "lr_warmup_steps"):
-            if getattr(config, name) >= self.total_steps:
-                raise ValueError(f"TrainingConfig.{name}={getattr(config, name)} must be < the step "
-                                 f"budget {self.total_steps} (min of max_steps={config.max_steps} "
-                                 f"and max_epochs·steps_per_epoch={config.max_epochs}·"
-                                 f"{self.steps_per_epoch})")
+            if getattr(config, name) >= self.schedule_steps:
+                raise ValueError(f"TrainingConfig.{name}={getattr(config, name)} must be < the "
+                                 f"schedule length {self.schedule_steps} (max_epochs·"
+                                 f"steps_per_epoch = {config.max_epochs}·{self.steps_per_epoch})")
 
         self.loss_fn = ChronoMoELoss(config.lambda_balance, config.lambda_coherence,
                                      config.lambda_valley, config.lambda_z,
@@ -177,7 +180,7 @@ class ChronoMoETrainer:
         self.knob_scheduler = KnobScheduler(
             config.kappa_schedule, self.controller, initial_kappa=config.initial_kappa,
             final_kappa=config.final_kappa, warmup_steps=config.kappa_warmup_steps,
-            total_steps=self.total_steps, adaptive_interval=0)
+            total_steps=self.schedule_steps, adaptive_interval=0)
         self._aux_free = ([b for name, b in self.model.named_buffers()
                            if name.endswith("aux_free_bias_E")]
                           if config.balance_mode == "aux_free"
@@ -234,7 +237,7 @@ class ChronoMoETrainer:
             return (step + 1) / cfg.lr_warmup_steps
         if cfg.lr_schedule == "constant":
             return 1.0
-        span = max(1, self.total_steps - cfg.lr_warmup_steps)
+        span = max(1, self.schedule_steps - cfg.lr_warmup_steps)
         p = min(1.0, (step - cfg.lr_warmup_steps) / span)
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
@@ -672,7 +675,7 @@ class ChronoMoETrainer:
                 "model": mcfg.to_dict() if hasattr(mcfg, "to_dict") else None,
                 "controller": (self.controller.config.to_dict()
                                if self.controller is not None else None),
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "schedule_steps": self.schedule_steps}
 
     def _controller_prefix(self) -> str | None:
         for name, m in self.model.named_modules():

@@ -56,7 +56,11 @@ def test_kuramoto_gaussian_self_consistency_known_values():
     sigma = 0.05
     Kc = sigma * math.sqrt(8 / math.pi)
     assert gaussian_R(0.95 * Kc, sigma) == 0.0
-    assert 0.0 < gaussian_R(1.05 * Kc, sigma) < 0.3
+    # near K_c: R ≈ sqrt(16 (K − K_c) / (π K_c⁴ |g''(0)|)), g''(0) = −1/(σ³ sqrt(2π))
+    K = 1.01 * Kc
+    g2 = 1.0 / (sigma ** 3 * math.sqrt(2 * math.pi))
+    assert gaussian_R(K, sigma) == pytest.approx(math.sqrt(16 * (K - Kc) / (math.pi * Kc ** 4 * g2)),
+                                                 rel=0.05)
     assert gaussian_R(10.0, sigma) > 0.99
     np.testing.assert_allclose(lorentzian_R([0.5, 1.0, 2.0, 4.0], 0.5),
                                [0.0, 0.0, math.sqrt(0.5), math.sqrt(0.75)])

@@ -176,6 +176,24 @@ def test_plain_moe_baseline_without_controller(tmp_path, caplog):
     assert STEP_RE.match(line) and "| R: n/a | Gate: 1.00" in line
 
 
+def test_epochs_can_end_the_run_before_max_steps(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=1000, max_epochs=1, log_every_n_steps=4)
+    tr = ChronoMoETrainer(tiny_model(), cfg, loader())       # 16 batches per epoch
+    assert (tr.total_steps, tr.schedule_steps) == (16, 1000)
+    res = tr.train()
+    assert res["global_step"] == 16 and res["stop_reason"] == "max_epochs"
+    assert res["kappa_history"][-1] > 0.49                   # κ spans max_steps: barely moved
+
+
+def test_warmup_must_fit_the_epoch_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=None, max_epochs=1, kappa_warmup_steps=16)
+    with pytest.raises(ValueError, match="kappa_warmup_steps=16 must be < the schedule length 16"):
+        ChronoMoETrainer(tiny_model(), cfg, loader())
+    with pytest.raises(ValueError, match="fewer than gradient_accumulation_steps=3"):
+        ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, gradient_accumulation_steps=3),
+                         [Progressions(4).ids] * 2)
+
+
 # ----------------------------------------------------------------------------------------
 # gradient accumulation
 # ----------------------------------------------------------------------------------------

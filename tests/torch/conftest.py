@@ -1,0 +1,7 @@
+"""Shared settings for the torch tests: tiny models, one intra-op thread (the tensors are small;
+OpenMP spinning on a shared 2-core machine costs more than it saves)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
