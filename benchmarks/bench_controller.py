@@ -6,10 +6,13 @@ Question: does a controller tick at L = 32, E = 64 stay under 1 ms on CPU (the p
 Run:  python benchmarks/bench_controller.py [--device cpu|cuda] [--ticks 2000] [--threads N]
 
 Tick times are per tick over a run that cycles through plain, micro (every 5th) and macro (every
-20th) ticks; median and mean are reported for each kind (on a shared machine the median is the
-number to trust). On CUDA the ticks are queued without syncs, so the time per tick is the wall
-time of the whole run divided by the ticks, with one synchronize at the end.
-The optimizer figures time ``step()`` alone and a full forward/backward/step on a small MLP.
+20th) ticks; medians are reported for each kind, both as wall time and as the CPU time of the
+calling thread (``time.thread_time``). On a machine shared with other jobs the wall time mostly
+measures waiting for a core; the thread CPU time is the work the tick really does (torch runs
+these [L, E]-sized ops on the calling thread). On CUDA the ticks are queued without syncs, so the
+figure that matters is the wall time of the whole run divided by the ticks (one synchronize at
+the end). The optimizer figures time ``step()`` alone and a full forward/backward/step on a small
+MLP, likewise in wall and thread CPU time.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def bench_tick(dtype: torch.dtype, device: torch.device, ticks: int, noise: floa
     for i in range(40):                                   # warm-up (allocator, kernels)
         ctrl.observe_all(counts[i % 8], counts[i % 8], loss[i % 8])
         ctrl.tick()
-    by_kind: dict[str, list[float]] = {"plain": [], "micro": [], "macro": []}
+    wall: dict[str, list[float]] = {"plain": [], "micro": [], "macro": []}
+    cpu: dict[str, list[float]] = {"plain": [], "micro": [], "macro": []}
     _sync(device)
     t_all = time.perf_counter()
     for i in range(ticks):
@@ -50,16 +54,16 @@ def bench_tick(dtype: torch.dtype, device: torch.device, ticks: int, noise: floa
         t = ctrl.num_ticks + 1
         kind = "macro" if t % cfg.macro_period == 0 else \
             "micro" if t % cfg.micro_period == 0 else "plain"
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         ctrl.tick()
-        by_kind[kind].append(time.perf_counter() - t0)
+        wall[kind].append(time.perf_counter() - t0)
+        cpu[kind].append(time.thread_time() - c0)
     _sync(device)
-    wall = (time.perf_counter() - t_all) / ticks
-    out = {"wall_per_tick_ms": 1e3 * wall}
-    every = [x for v in by_kind.values() for x in v]
-    out["all"] = (1e3 * statistics.median(every), 1e3 * statistics.fmean(every))
-    for k, v in by_kind.items():
-        out[k] = (1e3 * statistics.median(v), 1e3 * statistics.fmean(v))
+    out: dict = {"run_wall_per_tick_ms": 1e3 * (time.perf_counter() - t_all) / ticks}
+    for name, d in (("wall", wall), ("cpu", cpu)):
+        every = [x for v in d.values() for x in v]
+        out[name] = {"all": 1e3 * statistics.median(every),
+                     **{k: 1e3 * statistics.median(v) for k, v in d.items()}}
     return out
 
 
@@ -83,20 +87,22 @@ def bench_optimizer(device: torch.device, steps: int) -> dict:
         if name != "plain":
             opt = CoherenceGatedOptimizer(opt, lambda: R,
                                           gating_strength=1.0 if name.endswith("1") else 0.5)
-        step_t, full_t = [], []
+        times: dict[str, list[float]] = {"step": [], "full": [], "step_cpu": [], "full_cpu": []}
         for i in range(steps + 10):
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             opt.zero_grad(set_to_none=True)
             nn.functional.mse_loss(model(x), y).backward()
             _sync(device)
-            t1 = time.perf_counter()
+            c1, t1 = time.thread_time(), time.perf_counter()
             opt.step()
             _sync(device)
-            t2 = time.perf_counter()
+            c2, t2 = time.thread_time(), time.perf_counter()
             if i >= 10:
-                step_t.append(t2 - t1)
-                full_t.append(t2 - t0)
-        results[name] = (1e3 * statistics.median(step_t), 1e3 * statistics.median(full_t))
+                times["step"].append(t2 - t1)
+                times["full"].append(t2 - t0)
+                times["step_cpu"].append(c2 - c1)
+                times["full_cpu"].append(c2 - c0)
+        results[name] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     results["params"] = sum(p.numel() for p in _mlp(0, device).parameters())
     results["tensors"] = len(list(_mlp(0, device).parameters()))
     return results
@@ -107,28 +113,31 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ticks", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1, so thread CPU time is all the work)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    print(f"\nController tick, L={L}, E={E} (ms per tick: median / mean)")
+    print(f"\nController tick, L={L}, E={E}: median ms per tick, thread CPU time [wall time]")
     for dtype in (torch.float32, torch.float64):
         for noise in (0.0, 0.1):
             r = bench_tick(dtype, device, args.ticks, noise)
             label = f"{str(dtype).replace('torch.', ''):8s} phase_noise={noise}"
-            kinds = "  ".join(f"{k} {r[k][0]:.3f}/{r[k][1]:.3f}" for k in
-                              ("all", "plain", "micro", "macro"))
-            print(f"  {label}: {kinds}  | wall/tick {r['wall_per_tick_ms']:.3f}")
+            kinds = "  ".join(f"{k} {r['cpu'][k]:.3f} [{r['wall'][k]:.3f}]"
+                              for k in ("all", "plain", "micro", "macro"))
+            print(f"  {label}: {kinds}  | run wall/tick {r['run_wall_per_tick_ms']:.3f}")
     r = bench_optimizer(device, args.steps)
-    print(f"\nAdamW on an MLP ({r['params']:,} parameters in {r['tensors']} tensors), "
-          f"median ms: step() / forward+backward+step")
-    base_s, base_f = r["plain"]
+    print(f"\nAdamW on an MLP ({r['params']:,} parameters in {r['tensors']} tensors): median ms, "
+          f"thread CPU time [wall time]")
+    base = r["plain"]
     for name in ("plain", "gated", "gated_strength1"):
-        s, f = r[name]
-        print(f"  {name:16s} {s:7.3f} / {f:7.3f}   (step x{s / base_s:.2f}, "
-              f"full step x{f / base_f:.3f})")
+        m = r[name]
+        print(f"  {name:16s} step() {m['step_cpu']:7.3f} [{m['step']:7.3f}]   "
+              f"fwd+bwd+step {m['full_cpu']:7.3f} [{m['full']:7.3f}]   "
+              f"overhead: step +{m['step_cpu'] - base['step_cpu']:.3f} ms "
+              f"(x{m['step_cpu'] / base['step_cpu']:.2f}), "
+              f"full x{m['full_cpu'] / base['full_cpu']:.3f}")
 
 
 if __name__ == "__main__":

@@ -300,20 +300,20 @@ Records = namedtuple("Records", [
 _adaptive_update = njit(cache=True)(adaptive_offset_update)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _ema(old, new, rate):
     """(1 − rate)·old + rate·new clipped to the hull of old and new (law._ema)."""
     out = (1.0 - rate) * old + rate * new
     return min(max(out, min(old, new)), max(old, new))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _sigmoid(x):
     z = math.exp(-abs(x))
     return 1.0 / (1.0 + z) if x >= 0 else z / (1.0 + z)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _clip(x, lo, hi):
     return min(max(x, lo), hi)
 
@@ -581,7 +581,7 @@ def env_learn(ep, est_LDE, nobs_LDE, sumx_LDE, cnt_LDE):
                     nobs_LDE[l, d, e] = n_new
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _variance(x_E):
     """np.var of a vector (two passes; sequential sums)."""
     n = x_E.shape[0]

@@ -345,17 +345,12 @@ def series_from_trajectory(traj: Any, system: int = 0, source: str = "trajectory
 
 
 def _load_npz(path: Path, system: int) -> RunSeries:
+    """The arrays of a saved trajectory. Only arrays are read (no unpickling): a file from
+    ``Trajectory.to_npz`` and a plain ``np.savez`` of the same array names both work."""
     try:
-        from .simulate import Trajectory  # numba-backed module; only needed for .npz runs
-    except ImportError:  # simulator missing: read the raw arrays
-        Trajectory = None
-    try:
-        if Trajectory is not None and hasattr(Trajectory, "from_npz"):
-            traj = Trajectory.from_npz(path)
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                traj = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError, EOFError) as e:
+        with np.load(path, allow_pickle=False) as z:
+            traj = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: cannot read simulator trajectory ({e})") from None
     return series_from_trajectory(traj, system=system, source=str(path))
 

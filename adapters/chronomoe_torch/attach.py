@@ -17,9 +17,10 @@ runs after ours, records l' for its load-balancing loss. For the Hugging Face ro
 is the router's own (same ops in the same order), so identity fields (b = 0, T = 1) reproduce the
 unattached model bit for bit.
 
-Observation: in training mode each hook hands the controller, on device and without a host
-sync, the layer's top-k slot counts and gate-weight sums (``controller.observe``); the loss adds
-per-expert token-loss sums (``controller.observe_loss``). Padding is excluded when the model was
+Observation: in training mode each hook adds, on device and without a host sync, the layer's
+top-k slot counts and gate-weight sums to the handle's [L, 2, E] buffer (one ``index_add_``),
+handed to the controller once per tick (``observe_all``); the loss adds per-expert token-loss
+sums (``controller.observe_loss``). Padding is excluded when the model was
 called with a 2-D ``attention_mask`` (read by a forward pre-hook on the model). A forward re-run
 inside backward (activation checkpointing) is not observed twice.
 
@@ -232,6 +233,9 @@ class AttachHandle:
         self._valid_N: torch.Tensor | None = None
         self._records: list[tuple | None] = [None] * self.num_layers
         device = controller.layer_fields(0)[0].device
+        # Routing counts and gate sums since the last tick, per layer: [L, 2, E] (the hooks
+        # accumulate here, one index_add_ each; ``flush`` hands them to the controller).
+        self._obs_L2E = torch.zeros(self.num_layers, 2, self.num_experts, device=device)
         # Per-expert slot counts summed over the ticks since the last ``pop_load`` (metrics).
         self.load_LE = torch.zeros(self.num_layers, self.num_experts, device=device)
 
@@ -269,16 +273,16 @@ class AttachHandle:
 
     @torch.no_grad()
     def _observe_routing(self, layer: int, idx: torch.Tensor, gate: torch.Tensor) -> None:
-        """Slot counts and gate sums per expert: one index_add_ of [M, 2] rows (M = N·K)."""
+        """Slot counts and gate sums per expert into ``_obs_L2E[layer]``: one index_add_ of
+        [2, M] columns (M = N·K). Handed to the controller once per tick (``observe_all``)."""
         idx_M = idx.reshape(-1)
         K = idx.shape[-1]
-        vals_M2 = torch.stack([torch.ones_like(idx_M, dtype=torch.float32),
-                               gate.detach().reshape(-1).float()], dim=-1)
+        vals_2M = torch.stack([torch.ones_like(idx_M, dtype=self._obs_L2E.dtype),
+                               gate.detach().reshape(-1).to(self._obs_L2E.dtype)])
         valid = self._valid_N
         if valid is not None and valid.numel() * K == idx_M.numel():
-            vals_M2 = vals_M2 * valid.to(vals_M2.device, torch.float32).repeat_interleave(K)[:, None]
-        obs_E2 = vals_M2.new_zeros(self.num_experts, 2).index_add_(0, idx_M, vals_M2)
-        self.controller.observe(layer, obs_E2[:, 0], obs_E2[:, 1])
+            vals_2M = vals_2M * valid.to(vals_2M.device, vals_2M.dtype).repeat_interleave(K)
+        self._obs_L2E[layer].index_add_(1, idx_M, vals_2M)
 
     def routing_output(self, logits: torch.Tensor | None = None) -> "RoutingRecord":
         """The routing of the last forward (needs ``record_routing=True``), shaped like our
@@ -303,13 +307,23 @@ class AttachHandle:
 
     @property
     def observation_buffer(self) -> torch.Tensor:
-        """The controller's pending observation [3, L, E] (counts, gate sums, loss sums)."""
+        """The pending observation [3, L, E] (counts, gate sums, loss sums), as the controller
+        will tick on it."""
+        self.flush()
         return self.controller.observation_buffer()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Hand the routing observed since the last flush to the controller (``observe_all``)."""
+        counts_LE, wsum_LE = self._obs_L2E.unbind(1)
+        self.controller.observe_all(counts_LE, wsum_LE)
+        self._obs_L2E.zero_()
 
     @torch.no_grad()
     def tick(self) -> None:
         """One controller step on the observation gathered since the last tick, summed over the
         data-parallel ranks first. No host sync."""
+        self.flush()
         acc_3LE = self.controller.observation_buffer()
         if self._is_distributed():
             _dist.all_reduce_observation(acc_3LE, self.process_group)
@@ -386,6 +400,7 @@ class AttachHandle:
                 del _ATTACHED[plan.module]
         self._records = [None] * self.num_layers
         self._valid_N = None
+        self._obs_L2E.zero_()
         self.controller.clear_observations()
         self.attached = False
 
@@ -424,6 +439,7 @@ class AttachHandle:
             raise AttachError(f"attach state routers {routers} differ from this attachment's "
                               f"{self.router_names}")
         self.controller.load_state_dict(state["controller"])
+        self._obs_L2E.zero_()
         self.controller.clear_observations()
         self.ticks = int(state.get("ticks", 0))
 

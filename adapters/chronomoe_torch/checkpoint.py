@@ -585,35 +585,46 @@ def _resolve(path: Path) -> Path:
             raise CheckpointCorruptError(f"checkpoint pointer {path} holds {target!r}, not a "
                                          f"checkpoint name")
         path = path.parent / target
-    if not path.exists():
+    for _ in range(500):
+        if path.exists():
+            return path
         recover_checkpoints(path.parent)
+        # A live writer between the two renames of the rename-aside protocol: wait for it.
+        prefix = f".{path.name}.old-"
+        if path.exists() or not path.parent.is_dir() or not any(
+                n.startswith(prefix) for n in os.listdir(path.parent)):
+            break
+        time.sleep(0.01)
     if not path.exists():
         raise CheckpointNotFoundError(f"no checkpoint at {path}")
     return path
 
 
-def read_manifest(path: str | os.PathLike, *, _expect_version: int = FORMAT_VERSION) -> dict:
-    """The validated manifest of the checkpoint directory ``path``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointCorruptError(
-            f"{path} is not a checkpoint directory (checkpoints are directories written by "
-            f"save_state, holding {MANIFEST_FILE}, {META_FILE} and {TENSORS_FILE}); nothing was "
-            f"read from it, and files such as pickles or .pt files are never loaded")
+def _not_a_dir(path: Path) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{path} is not a checkpoint directory (checkpoints are directories written by "
+        f"save_state, holding {MANIFEST_FILE}, {META_FILE} and {TENSORS_FILE}); nothing was "
+        f"read from it, and files such as pickles or .pt files are never loaded")
+
+
+def _parse_manifest(data: bytes | None, path: Path, expect_version: int) -> dict:
     mfile = path / MANIFEST_FILE
-    if not mfile.is_file():
+    if data is None:
         raise CheckpointCorruptError(f"checkpoint file {mfile} is missing: {path} is not a "
                                      f"complete checkpoint")
-    _, manifest = _read_json(mfile)
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"checkpoint file {mfile} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointVersionError(f"checkpoint file {mfile}: format {got!r}, expected "
                                      f"{FORMAT_NAME!r}")
     version = manifest.get("format_version")
-    if version != _expect_version:
+    if version != expect_version:
         raise CheckpointVersionError(
             f"checkpoint {path} has format version {version!r} ({mfile}); this chronomoe_torch "
-            f"reads format version {_expect_version}")
+            f"reads format version {expect_version}")
     files = manifest.get("files")
     if not isinstance(files, dict) or sorted(files) != sorted(_FILES) or not all(
             isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
@@ -623,30 +634,106 @@ def read_manifest(path: str | os.PathLike, *, _expect_version: int = FORMAT_VERS
     return manifest
 
 
-def _read_checked(path: Path, name: str, entry: dict) -> bytes:
-    file = path / name
+def _read_dir(path: Path, expect_version: int) -> tuple[dict, dict[str, bytes], tuple | None]:
+    """(manifest, {file: bytes}, identity of the directory read). Every file is read through one
+    handle on the directory (where the OS allows), so all of them come from the same checkpoint
+    even if another process swaps a new one in under the same name meanwhile. Sizes are checked
+    against the manifest before a file is read, checksums after."""
+    if not path.is_dir():
+        raise _not_a_dir(path)
+    use_fd = hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if use_fd else None
     try:
-        data = file.read_bytes()
+        ident = None
+        if dfd is not None:
+            st = os.fstat(dfd)
+            ident = (st.st_dev, st.st_ino)
+
+        def read(name: str, limit: int | None, want: int | None = None) -> bytes | None:
+            file = path / name
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dfd) if dfd is not None \
+                    else os.open(file, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if want is not None and size != want:
+                    raise CheckpointCorruptError(
+                        f"checkpoint file {file} has {size} bytes, the manifest says {want} "
+                        f"(truncated or altered)")
+                if limit is not None and size > limit:
+                    raise CheckpointCorruptError(f"checkpoint file {file}: {size} bytes, more "
+                                                 f"than any checkpoint JSON file can be")
+                return f.read()
+
+        manifest = _parse_manifest(read(MANIFEST_FILE, _MAX_JSON_BYTES), path, expect_version)
+        out = {}
+        for name in _FILES:
+            entry = manifest["files"][name]
+            data = read(name, None, entry["size"])
+            if data is None:
+                raise CheckpointCorruptError(f"checkpoint file {path / name} is missing")
+            if len(data) != entry["size"]:
+                raise CheckpointCorruptError(
+                    f"checkpoint file {path / name} has {len(data)} bytes, the manifest says "
+                    f"{entry['size']} (truncated or altered)")
+            digest = _sha256(data)
+            if digest != entry["sha256"]:
+                raise CheckpointCorruptError(
+                    f"checkpoint file {path / name} fails its checksum: sha256 {digest}, the "
+                    f"manifest says {entry['sha256']} (altered)")
+            out[name] = data
+        return manifest, out, ident
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _read_consistent(path: Path, expect_version: int) -> tuple[Path, dict, dict[str, bytes]]:
+    """``_read_dir`` with retries: a checkpoint replaced under the same name while it was being
+    read (a concurrent ``save_state``) is read again rather than reported as corrupt."""
+    for attempt in range(3):
+        p = _resolve(path)
+        before = _identity(p)
+        try:
+            manifest, files, _ = _read_dir(p, expect_version)
+            return p, manifest, files
+        except (CheckpointCorruptError, OSError):
+            if attempt == 2 or _identity(p) == before:  # not replaced meanwhile: a real fault
+                raise
+    raise AssertionError("unreachable")
+
+
+def read_manifest(path: str | os.PathLike, *, _expect_version: int = FORMAT_VERSION) -> dict:
+    """The validated manifest of the checkpoint directory ``path`` (files are not hashed)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise _not_a_dir(path)
+    mfile = path / MANIFEST_FILE
+    try:
+        size = mfile.stat().st_size
+        if size > _MAX_JSON_BYTES:
+            raise CheckpointCorruptError(f"checkpoint file {mfile}: {size} bytes, more than "
+                                         f"any checkpoint JSON file can be")
+        data = mfile.read_bytes()
     except FileNotFoundError:
-        raise CheckpointCorruptError(f"checkpoint file {file} is missing") from None
-    if len(data) != entry["size"]:
-        raise CheckpointCorruptError(f"checkpoint file {file} has {len(data)} bytes, the "
-                                     f"manifest says {entry['size']} (truncated or altered)")
-    digest = _sha256(data)
-    if digest != entry["sha256"]:
-        raise CheckpointCorruptError(f"checkpoint file {file} fails its checksum: sha256 "
-                                     f"{digest}, the manifest says {entry['sha256']} (altered)")
-    return data
+        data = None
+    return _parse_manifest(data, path, _expect_version)
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:
     """Check manifest, sizes and checksums of a checkpoint without decoding it; returns the
     manifest or raises ``CheckpointError`` naming the file."""
-    path = _resolve(Path(path))
-    manifest = read_manifest(path)
-    for name in _FILES:
-        _read_checked(path, name, manifest["files"][name])
-    return manifest
+    return _read_consistent(Path(path), FORMAT_VERSION)[1]
 
 
 def load_state(path: str | os.PathLike, *, kind: str | None = None,
@@ -658,28 +745,26 @@ def load_state(path: str | os.PathLike, *, kind: str | None = None,
     map_location: device for the tensors (None keeps them on the CPU).
     Never unpickles. Raises ``CheckpointNotFoundError``, ``CheckpointCorruptError``,
     ``CheckpointVersionError`` or ``CheckpointMismatchError``, each naming the file.
+    Peak memory is about twice the tensor data (file bytes + tensors).
     """
-    path = _resolve(Path(path))
-    manifest = read_manifest(path, _expect_version=_expect_version)
+    path, manifest, files = _read_consistent(Path(path), _expect_version)
     if kind is not None and manifest.get("kind") != kind:
         raise CheckpointMismatchError(f"checkpoint {path} is of kind {manifest.get('kind')!r}, "
                                       f"expected kind {kind!r}")
-    meta_bytes = _read_checked(path, META_FILE, manifest["files"][META_FILE])
     meta_file = path / META_FILE
     try:
-        meta = json.loads(meta_bytes)
+        meta = json.loads(files[META_FILE])
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointCorruptError(f"checkpoint file {meta_file} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or "tree" not in meta:
         raise CheckpointCorruptError(f"checkpoint file {meta_file} has no 'tree'")
-    for field in ("format", "format_version", "kind"):
-        if meta.get(field) != manifest.get(field):
-            raise CheckpointCorruptError(f"checkpoint file {meta_file}: {field}={meta.get(field)!r} "
-                                         f"but {MANIFEST_FILE} says {manifest.get(field)!r}")
-    tensor_bytes = _read_checked(path, TENSORS_FILE, manifest["files"][TENSORS_FILE])
+    for key in ("format", "format_version", "kind"):
+        if meta.get(key) != manifest.get(key):
+            raise CheckpointCorruptError(f"checkpoint file {meta_file}: {key}={meta.get(key)!r} "
+                                         f"but {MANIFEST_FILE} says {manifest.get(key)!r}")
     tfile = path / TENSORS_FILE
     try:
-        tensors = safetensors.torch.load(tensor_bytes)
+        tensors = safetensors.torch.load(files.pop(TENSORS_FILE))
     except Exception as e:  # safetensors raises its own SafetensorError and others
         raise CheckpointCorruptError(f"checkpoint file {tfile} is not a valid safetensors "
                                      f"file: {type(e).__name__}: {e}") from None

@@ -185,7 +185,7 @@ class PxTController(nn.Module):
 
     @property
     def num_ticks(self) -> int:
-        """Ticks taken (host mirror of the ``tick`` buffer; no sync)."""
+        """Ticks taken (host mirror of the ``tick_counter`` buffer; no sync)."""
         return self._tick_host
 
     # ------------------------------------------------------------------ observations

@@ -63,8 +63,9 @@ from .metrics import (MetricsWriter, format_eval_line, format_landscape_line, fo
                       format_step_line)
 from .optim import CoherenceGatedOptimizer
 
-__all__ = ["ChronoMoETrainer", "StepOutput", "NonFiniteTrainingError", "BadBatchError",
-           "resolve_device"]
+# TrainingConfig is re-exported: this module plays the seed's ``chronomoe.training``.
+__all__ = ["ChronoMoETrainer", "TrainingConfig", "StepOutput", "NonFiniteTrainingError",
+           "BadBatchError", "resolve_device"]
 
 logger = logging.getLogger("chronomoe_torch")
 
@@ -613,7 +614,7 @@ class ChronoMoETrainer:
         if not logger.hasHandlers():
             handler = _TqdmHandler()
             logger.addHandler(handler)
-            if logger.getEffectiveLevel() > logging.INFO:
+            if logger.level == logging.NOTSET:   # an explicitly set level is respected
                 logger.setLevel(logging.INFO)
         try:
             if handler is None and self.config.progress_bar:

@@ -172,7 +172,7 @@ def test_trajectory_npz_and_object(tmp_path):
 
 def test_real_simulator_trajectory_plots(tmp_path):
     pytest.importorskip("numba")
-    from chronomoe_dyn import simulate
+    from chronomoe_dyn.simulate import simulate
     traj = simulate(num_systems=2, ticks=200, record_every=10, seed=3)
     traj.to_npz(tmp_path / "trajectory.npz")
     paths = plot_run(tmp_path)

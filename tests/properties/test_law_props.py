@@ -481,9 +481,9 @@ def test_collapsed_expert_valley_fills_within_derived_bound(E, loss_ratio, s_v0,
     """
     cfg = ControllerConfig(beta_reliability=beta_s, eta_structural_T_local=eta_l,
                            usage_decay=rho, micro_period=micro, reliability_sharpness=sharp)
-    n_lo, n_up, D, (tau_v, tau_o, *_rest) = valley_fill_bounds(cfg, E, loss_ratio, s_v0, s_o0)
     lam, mu = 1.0 - eta_l, rho ** micro
     assume(lam > mu + 1e-3)                          # the regime the bound is derived for
+    n_lo, n_up, D, (tau_v, tau_o, *_rest) = valley_fill_bounds(cfg, E, loss_ratio, s_v0, s_o0)
     assume(tau_v <= s_v0 and s_o0 <= tau_o and s_o0 < s_v0 - 1e-3 and tau_o > tau_v + 1e-3)
     assume(n_up * micro <= 800)                      # keep each example fast
     exact = next(n for n in range(1, 10**6) if D(n) >= 0)

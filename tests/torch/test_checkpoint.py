@@ -23,6 +23,15 @@ from chronomoe_torch.checkpoint import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _dead_pid() -> int:
     """The pid of a process that has exited and been reaped."""
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -347,3 +356,192 @@ def test_meta_json_is_plain_data(tmp_path):
     assert meta["kind"] == "trainer"
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     assert set(manifest["files"]) == {"meta.json", "tensors.safetensors"}
+
+
+# ----------------------------------------------------------------------------------------
+# ChronovisorCheckpoint
+# ----------------------------------------------------------------------------------------
+from chronomoe_dyn import ControllerConfig  # noqa: E402
+from chronomoe_torch.checkpoint import ChronovisorCheckpoint  # noqa: E402
+from chronomoe_torch.controller import PxTController  # noqa: E402
+
+_GEO_CFG = ControllerConfig(phase_noise=0.05, kappa_smoothing=0.3)
+
+
+def _drive(ctrl, ticks: int, seed: int = 0) -> None:
+    """Skewed routing with per-expert losses: a landscape forms, R moves, κ anneals."""
+    g = torch.Generator().manual_seed(seed)
+    L, E = ctrl.num_layers, ctrl.num_experts
+    skew = torch.linspace(1.0, 3.0, E)
+    for i in range(ticks):
+        counts = torch.poisson(skew.expand(L, E) * 20, generator=g)
+        ctrl.observe_all(counts, counts * 0.6, counts * (1.0 + 0.1 * torch.arange(E)))
+        ctrl.set_knob(0.5 - i / max(ticks, 1))
+        ctrl.tick()
+
+
+def _sd(ctrl) -> dict:
+    return dict(ctrl.state_dict())
+
+
+def test_geo_round_trip_restores_bit_exact_and_continues_identically(tmp_path):
+    a = PxTController(3, 5, config=_GEO_CFG, seed=11, history_length=64)
+    _drive(a, 137)
+    geo = ChronovisorCheckpoint.from_controller(a)
+    # the seed's names, with the shapes of the controller
+    assert geo.structural_T_global.shape == (5,) and len(geo.lens_states) == 3
+    ls = geo.lens_states[1]
+    for f in ("lens_E", "pressure_E", "T_fast_E", "Tbar_local_E", "Tbar_hier_E", "T_eff_E"):
+        assert getattr(ls, f).shape == (5,)
+    assert torch.equal(ls.Tbar_hier_E, geo.structural_T_global * ls.Tbar_local_E)
+    assert torch.equal(geo.coherence_history, a.get_coherence_history())
+    assert torch.equal(geo.meta_knob_history, a.get_meta_knob_history())
+    assert geo.clocks == {"tick": 137, "micro_ticks": 27, "macro_ticks": 6}
+    assert geo.phases_LE.dtype == torch.float64 and geo.kappa_target.shape == ()
+    geo.save(tmp_path / "geo")
+    back = ChronovisorCheckpoint.load(tmp_path / "geo")
+    b = PxTController(3, 5, config=_GEO_CFG, seed=99, history_length=64)
+    assert not trees_equal(_sd(a), _sd(b))
+    back.restore_to_controller(b)
+    assert trees_equal(_sd(a), _sd(b))
+    assert b.num_ticks == 137  # host tick mirror re-synced
+    assert torch.equal(a.routing_fields()[0], b.routing_fields()[0])
+    assert torch.equal(a.routing_fields()[1], b.routing_fields()[1])
+    _drive(a, 45, seed=3)  # crosses micro and macro ticks; phase noise keyed on (seed, tick)
+    _drive(b, 45, seed=3)
+    assert trees_equal(_sd(a), _sd(b))
+
+
+def test_geo_preserves_the_landscape(tmp_path):
+    """The seed's point: without it a resumed run starts from a flat landscape."""
+    a = PxTController(2, 6, seed=1)
+    _drive(a, 600)
+    before = a.get_structural_temperature_diagnostics()
+    assert before["local_variance_mean"] > 0
+    ChronovisorCheckpoint.from_controller(a).save(tmp_path / "geo")
+    fresh = PxTController(2, 6, seed=1)
+    assert fresh.get_structural_temperature_diagnostics()["local_variance_mean"] == 0
+    ChronovisorCheckpoint.load(tmp_path / "geo").restore_to_controller(fresh)
+    assert fresh.get_structural_temperature_diagnostics() == before
+
+
+def test_geo_history_bound_and_other_ring_lengths():
+    a = PxTController(2, 3, history_length=16)
+    _drive(a, 40)
+    full = a.get_coherence_history()
+    assert full.shape == (16,)
+    geo5 = ChronovisorCheckpoint.from_controller(a, history_length=5)
+    assert torch.equal(geo5.coherence_history, full[-5:])
+    assert torch.equal(geo5.meta_knob_history, a.get_meta_knob_history()[-5:])
+    geo = ChronovisorCheckpoint.from_controller(a)
+    for H in (4, 16, 100):
+        b = PxTController(2, 3, history_length=H)
+        geo.restore_to_controller(b)
+        got = b.get_coherence_history()
+        m = min(H, 16)
+        assert torch.equal(got[-m:], full[-m:]), H
+    with pytest.raises(ValueError, match="history_length=-1"):
+        ChronovisorCheckpoint.from_controller(a, history_length=-1)
+
+
+def test_geo_restore_into_other_shapes_or_dtype_is_refused():
+    a = PxTController(3, 4)
+    _drive(a, 10)
+    geo = ChronovisorCheckpoint.from_controller(a)
+    for L, E in ((2, 4), (3, 8)):
+        with pytest.raises(CheckpointMismatchError,
+                           match=fr"\(layers, experts\) = \(3, 4\); the controller has "
+                                 fr"\(layers, experts\) = \({L}, {E}\)"):
+            geo.restore_to_controller(PxTController(L, E))
+    with pytest.raises(CheckpointMismatchError, match="float32 in the checkpoint, float64 in the controller"):
+        geo.restore_to_controller(PxTController(3, 4, dtype=torch.float64))
+
+
+def test_geo_restore_with_other_config_warns_naming_fields():
+    a = PxTController(2, 3)
+    _drive(a, 10)
+    b = PxTController(2, 3, config=ControllerConfig(coupling=0.5))
+    with pytest.warns(UserWarning, match=r"'coupling': \(0.25, 0.5\)"):
+        ChronovisorCheckpoint.from_controller(a).restore_to_controller(b)
+    assert trees_equal(_sd(a), _sd(b))
+
+
+def test_geo_refuses_stale_snapshots(tmp_path):
+    a = PxTController(2, 3)
+    _drive(a, 10)
+    geo = ChronovisorCheckpoint.from_controller(a)
+    _drive(a, 1)
+    with pytest.raises(CheckpointError, match="stale snapshot: captured at tick 10, the controller is now at tick 11"):
+        geo.save(tmp_path / "geo")
+    assert not (tmp_path / "geo").exists()
+    geo.save(tmp_path / "geo", allow_stale=True)
+    assert ChronovisorCheckpoint.load(tmp_path / "geo").tick == 10
+
+
+def test_geo_refuses_zeroed_or_inconsistent_controllers():
+    a = PxTController(2, 3)
+    _drive(a, 10)
+    with torch.no_grad():
+        a.usage_LE.zero_()
+    with pytest.raises(CheckpointError, match="usage_LE: rows must sum to 1"):
+        ChronovisorCheckpoint.from_controller(a)
+    b = PxTController(2, 3)
+    with torch.no_grad():
+        for buf in b.buffers():
+            buf.zero_()
+    with pytest.raises(CheckpointError, match="zeroed, uninitialised or corrupted"):
+        ChronovisorCheckpoint.from_controller(b)
+    c = PxTController(2, 3)
+    _drive(c, 5)
+    c._tick_host = 7  # a host mirror out of step with the buffer
+    with pytest.raises(CheckpointError, match=r"host tick mirror \(7\) disagrees with its tick_counter buffer \(5\)"):
+        ChronovisorCheckpoint.from_controller(c)
+
+
+def test_geo_refuses_controllers_with_unknown_state():
+    class Extended(PxTController):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.register_buffer("new_state_LE", torch.zeros(2, 3))
+
+    with pytest.raises(CheckpointError, match=r"does not know \['new_state_LE'\]"):
+        ChronovisorCheckpoint.from_controller(Extended(2, 3))
+    geo = ChronovisorCheckpoint.from_controller(PxTController(2, 3))
+    with pytest.raises(CheckpointMismatchError, match=r"does not hold: \['new_state_LE'\]"):
+        geo.restore_to_controller(Extended(2, 3))
+
+
+def test_geo_tampered_file_is_refused(tmp_path):
+    a = PxTController(2, 3)
+    _drive(a, 25)
+    ChronovisorCheckpoint.from_controller(a).save(tmp_path / "geo")
+    tree = load_state(tmp_path / "geo", kind="chronovisor")
+    tree["structural_T_global"] = tree["structural_T_global"] * 1.01  # a plausible edit
+    save_state(tmp_path / "edited", tree, kind="chronovisor")  # consistent files, wrong state
+    with pytest.raises(CheckpointError, match="does not match its state_checksum"):
+        ChronovisorCheckpoint.load(tmp_path / "edited")
+    del tree["lens_states"]
+    save_state(tmp_path / "partial", tree, kind="chronovisor")
+    with pytest.raises(CheckpointError, match="malformed.*lens_states"):
+        ChronovisorCheckpoint.load(tmp_path / "partial")
+    save_state(tmp_path / "other", {"a": 1}, kind="something")
+    with pytest.raises(CheckpointMismatchError, match="of kind 'something'"):
+        ChronovisorCheckpoint.load(tmp_path / "other")
+
+
+def test_geo_from_a_model(tmp_path):
+    from chronomoe_torch.model import ChronovisorMixtralForCausalLM, MixtralConfig
+    model = ChronovisorMixtralForCausalLM(MixtralConfig(
+        vocab_size=32, hidden_dim=16, num_layers=2, num_experts=4, num_heads=2, num_kv_heads=1,
+        max_seq_length=8))
+    _drive(model.controller, 7)
+    geo = ChronovisorCheckpoint.from_controller(model)
+    assert geo.matches(model.controller) and geo.num_layers == 2
+    with pytest.raises(TypeError, match="expected a PxTController"):
+        ChronovisorCheckpoint.from_controller(torch.nn.Linear(2, 2))
+
+
+def test_geo_from_trainer_checkpoint_without_controller_state(tmp_path):
+    save_state(tmp_path / "t", {"model": {"w": torch.ones(2)}, "configs": {}}, kind="trainer")
+    with pytest.raises(CheckpointMismatchError, match="holds 0 controllers' state"):
+        ChronovisorCheckpoint.load(tmp_path / "t")

@@ -36,6 +36,15 @@ from chronomoe_torch.checkpoint import (
     trees_equal,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
@@ -456,6 +465,7 @@ class _Audit:
                 self.lost += 1
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_loses_nothing(tmp_path):
     t0 = time.monotonic()
     ns: dict = {}
@@ -507,3 +517,35 @@ def test_sigkill_while_saving_loses_nothing(tmp_path):
     # the sweep really reached the dangerous states
     assert audit.leftovers.get("tmp", 0) > 0 and audit.recovered > 0
     assert elapsed < 240, "far beyond the ~25 s this takes on an idle 2-core machine"
+
+
+# --------------------------------------------------------------------------------------
+# a reader while a writer replaces the same checkpoint
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
+def test_concurrent_reader_never_sees_a_broken_checkpoint(tmp_path, monkeypatch, exchange):
+    import threading
+    monkeypatch.setattr(ck, "_USE_RENAME_EXCHANGE", exchange)
+    states = [{"k": k, "w": torch.full((64, 256), float(k))} for k in range(2)]
+    save_state(tmp_path / "final", states[0])
+    stop = threading.Event()
+    errors: list = []
+
+    def writer():
+        try:
+            for i in range(40):
+                save_state(tmp_path / "final", states[i % 2], verify=False)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            stop.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    loads = 0
+    while not stop.is_set():
+        tree = load_state(tmp_path / "final")
+        assert trees_equal(tree, states[tree["k"]])  # one of the two, never a mix
+        loads += 1
+    t.join()
+    assert not errors and loads > 0

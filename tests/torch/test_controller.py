@@ -276,7 +276,8 @@ def test_set_knob_refreshes_fields_without_smoothing():
     sm = PxTController(2, 4, cfg.replace(kappa_smoothing=0.5))
     f0 = [f.clone() for f in sm.routing_fields()]
     sm.set_knob(0.8)
-    assert float(sm.kappa) == 0.0 and all(torch.equal(a, b) for a, b in zip(f0, sm.routing_fields()))
+    assert float(sm.kappa) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(f0, sm.routing_fields()))
     sm.tick()
     assert float(sm.kappa) == pytest.approx(0.4)
 
@@ -389,7 +390,8 @@ def test_dtype_is_kept_under_module_to():
     model.to(torch.bfloat16)
     assert model[0].weight.dtype == torch.bfloat16
     assert ctrl.T_eff_LE.dtype == torch.float32 and ctrl.theta_LE.dtype == torch.float64
-    assert ctrl.routing_fields()[0].dtype == torch.float32 and ctrl.tick_counter.dtype == torch.int64
+    assert ctrl.routing_fields()[0].dtype == torch.float32
+    assert ctrl.tick_counter.dtype == torch.int64
     ctrl.double()
     assert ctrl.Tbar_global_E.dtype == torch.float32
     ctrl.tick()                                           # still works after the conversions

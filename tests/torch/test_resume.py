@@ -62,11 +62,13 @@ class Progressions(Dataset):
 VARIANTS = {
     # 10 batches per epoch: step N=6 is mid-epoch, 2N=12 crosses into epoch 1
     "default": dict(model=dict(controller_config=ControllerConfig(phase_noise=0.05, kappa_smoothing=0.3)),
-                    train=dict(kappa_schedule="cosine", lr_schedule="cosine", lr_warmup_steps=2),
-                    n=40),
-    # G=2 over 8 batches: 4 steps per epoch, step 6 is inside epoch 1 (2 micro-batches in)
+                    train=dict(kappa_schedule="cosine", lr_schedule="cosine", lr_warmup_steps=2,
+                               eval_every_n_steps=4, eval_max_batches=2),
+                    n=40, eval=True),
+    # G=2 over 6 batches: 3 steps per epoch, so step N=6 ends epoch 1 exactly (the resumed
+    # run must open epoch 2 with the generator state the straight run has there)
     "accum": dict(model=dict(), train=dict(gradient_accumulation_steps=2, kappa_schedule="linear"),
-                  n=32),
+                  n=24),
     "aux_free": dict(model=dict(aux_free_bias_rate=1e-2), train=dict(balance_mode="aux_free"), n=40),
 }
 
@@ -76,13 +78,15 @@ def build(variant, ckdir, init_seed=0, save_every=0):
     model = ChronovisorMixtralForCausalLM(MixtralConfig(
         vocab_size=V, hidden_dim=32, num_layers=2, num_experts=4, num_heads=4, num_kv_heads=2,
         top_k=2, max_seq_length=32, init_seed=init_seed, **v["model"]))
+    train = {"eval_every_n_steps": 0, **v["train"]}
     cfg = TrainingConfig(learning_rate=3e-3, max_steps=2 * N, kappa_warmup_steps=2,
-                         log_every_n_steps=1, eval_every_n_steps=0, save_every_n_steps=save_every,
+                         log_every_n_steps=1, save_every_n_steps=save_every,
                          keep_last_n_checkpoints=None, progress_bar=False, run_dir=None,
-                         checkpoint_dir=ckdir, save_final=bool(save_every), save_best=False,
-                         device="cpu", **v["train"])
+                         checkpoint_dir=ckdir, save_final=bool(save_every), save_best=True,
+                         device="cpu", **train)
     loader = DataLoader(Progressions(v["n"]), batch_size=4, shuffle=True)
-    return ChronoMoETrainer(model, cfg, loader)
+    evl = DataLoader(Progressions(8, seed=1), batch_size=4) if v.get("eval") else None
+    return ChronoMoETrainer(model, cfg, loader, evl)
 
 
 def reseed():
@@ -120,7 +124,7 @@ def main(mode, variant, out):
         name = "latest" if mode == "resume_latest" else f"step_{N}"
         c.load_checkpoint(name)
         report["step_after_load"] = c.global_step
-        report["epoch_after_load"] = [c.epoch, c.batch_in_epoch]
+        report["position_after_load"] = [c.epoch, c.batch_in_epoch]
         res = c.train()
         report["steps_run"] = res["steps_run"]
         report["global_step"] = res["global_step"]
@@ -176,6 +180,7 @@ def runs(tmp_path_factory):
 
 
 # Config keys the runs set differently on purpose (where to save, how often, init seed).
+# Everything else in the trees must be bit-identical.
 _INTENDED = {"training": ("checkpoint_dir", "save_every_n_steps", "save_final"),
              "model": ("init_seed",)}
 
@@ -201,6 +206,8 @@ def test_fresh_process_resume_is_bit_identical(runs, variant):
     C = _load(runs, f"C_{variant}" if variant != "default" else "C_default_step")
     rep = _report(runs, "resume", variant)
     assert rep["step_after_load"] == N
+    assert rep["position_after_load"] == {"default": [0, 6], "accum": [1, 6],
+                                          "aux_free": [0, 6]}[variant]
     assert rep["steps_run"] == N and rep["global_step"] == 2 * N
     # saving does not perturb training
     assert _diff(A, B) == []
@@ -209,6 +216,8 @@ def test_fresh_process_resume_is_bit_identical(runs, variant):
     # and the comparison is not vacuous: the pieces the issue names are all there and moved
     assert len(A["history"]["loss"]) == 2 * N and A["history"]["loss"] == C["history"]["loss"]
     assert A["counters"]["global_step"] == 2 * N
+    if variant == "default":  # evaluations at steps 4, 8, 12 (and `best` saves) in all runs
+        assert [e["step"] for e in A["eval_history"]] == [4, 8, 12]
     ctrl = {k: v for k, v in A["model"].items() if k.startswith("controller.")}
     assert int(ctrl["controller.tick_counter"]) == 2 * N and len(ctrl) >= 19
     assert A["optimizer"]["state"], "optimizer state is empty"

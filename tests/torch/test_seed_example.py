@@ -3,7 +3,8 @@ only its imports pointed at ``chronomoe_torch``, real loaders, and CPU-sized num
 
 The example is embedded below verbatim; ``SUBSTITUTIONS`` lists every change, each of which must
 match exactly once:
-  * the three imports → ``chronomoe_torch`` modules;
+  * the three import paths → ``chronomoe_torch.trainer`` (the seed's ``chronomoe.training``:
+    ``ChronoMoETrainer`` and ``TrainingConfig``) and ``chronomoe_torch.model``;
   * ``vocab_size=32000`` → 256 (the byte-level corpus), ``hidden_dim=512`` → 32,
     ``num_layers=8`` → 2 (CPU-sized; ``num_experts=8`` and ``enable_chronovisor=True`` stay);
   * the example loads ``step_50000``, which a run saving every 1000 steps writes after 50 000
@@ -70,7 +71,6 @@ trainer.train()  # Continues with preserved geology
 
 SUBSTITUTIONS = [
     ("from chronomoe.training import", "from chronomoe_torch.trainer import"),
-    ("    TrainingConfig,\n)", "    TrainingConfig as _unused,\n)\nfrom chronomoe_torch.config import TrainingConfig"),
     ("from chronomoe.chronovisor_mixtral_bridge import", "from chronomoe_torch.model import"),
     ("from chronomoe.mixtral_core import", "from chronomoe_torch.model import"),
     ("vocab_size=32000", "vocab_size=256"),
@@ -105,14 +105,23 @@ def test_embedded_example_is_the_seed_verbatim():
     assert block == SEED_EXAMPLE
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def loaders():
     """Real text: a few standard-library sources, byte level, with their own train/eval split."""
     root, files = stdlib_source_files()
     pick = [f for f in files if f.name in ("functools.py", "heapq.py", "bisect.py", "textwrap.py",
                                            "shlex.py", "glob.py", "fnmatch.py", "colorsys.py")]
-    train = ByteDataset(pick, seq_len=32, root=root, split="train", eval_fraction=0.3)
-    evald = ByteDataset(pick, seq_len=32, root=root, split="eval", eval_fraction=0.3)
+    kw = dict(seq_len=32, root=root, eval_fraction=0.3, split_by="position")
+    train, evald = ByteDataset(pick, split="train", **kw), ByteDataset(pick, split="eval", **kw)
     # Two train batches of 8 per epoch (the seed's batch_size): 10 epochs = 20 optimizer steps.
     train_loader = byte_dataloader(Subset(train, range(16)), batch_size=8, seed=0)
     eval_loader = DataLoader(Subset(evald, range(16)), batch_size=8)
@@ -121,7 +130,6 @@ def loaders():
 
 def test_seed_usage_example_runs_as_written(loaders, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)        # the example's default checkpoint_dir / run_dir
-    torch.set_num_threads(1)
     train_loader, eval_loader = loaders
     ns = {"train_loader": train_loader, "eval_loader": eval_loader}
     exec(compile(adapted_example(), "seed_usage_example", "exec"), ns)
