@@ -596,11 +596,16 @@ def _variance(x_E):
 
 
 @njit(cache=True)
-def _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, ev, rec):
+def _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
+                tick_B, seed_B, theta_BLE, omega_BLE, usage_BLE, rel_BLE, delta_BLE, pressure_BLE,
+                lens_BLE, T_fast_BLE, Tbar_local_BLE, Tbar_global_BE, T_eff_BLE, scal_B4, offset_B,
+                quality_BLED, est_BLDE, nobs_BLDE, cum_BD, ev_tick_X, ev_kind_X, ev_layer_X,
+                ev_index_X, ev_value_X, ev_cum_XD, R_BT, dR_BT, kappa_BT, loss_BT, Tbar_global_BTE,
+                var_local_BTL, Tbar_local_BTLE, T_fast_BTLE, usage_BTLE, rel_BTLE):
     """Ticks t_start+1 .. t_stop of system b (events, κ, route, step, learn, adapt, record)."""
-    L, E, D = st.quality_BLED.shape[1:]
+    L, E, D = quality_BLED.shape[1:]
     T, K = ep.tokens, ep.top_k
-    seed = st.seed_B[b]
+    seed = seed_B[b]
     counts_LE = np.zeros((L, E))
     loss_LE = np.zeros((L, E))
     bias_LE = np.zeros((L, E))
@@ -620,61 +625,76 @@ def _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, 
     tl_T = np.zeros(T)
     bits_T = np.zeros(T, dtype=np.int64)
     d_E = np.zeros(E)
-    quality_LED = st.quality_BLED[b]
-    cum_D = st.cum_BD[b]
-    scal_4 = st.scal_B4[b]
-    keep_layers = rec.Tbar_local_BTLE.shape[1] > 0
+    quality_LED = quality_BLED[b]
+    cum_D = cum_BD[b]
+    scal_4 = scal_B4[b]
+    keep_layers = Tbar_local_BTLE.shape[1] > 0
     for t in range(t_start + 1, t_stop + 1):
-        for x in range(ev.tick_X.shape[0]):
-            if ev.tick_X[x] == t:
-                if ev.kind_X[x] == 0:
+        for x in range(ev_tick_X.shape[0]):
+            if ev_tick_X[x] == t:
+                if ev_kind_X[x] == 0:
                     for l in range(L):
-                        if ev.layer_X[x] < 0 or ev.layer_X[x] == l:
+                        if ev_layer_X[x] < 0 or ev_layer_X[x] == l:
                             for d in range(D):
-                                quality_LED[l, ev.index_X[x], d] = ev.value_X[x]
+                                quality_LED[l, ev_index_X[x], d] = ev_value_X[x]
                 else:
-                    cum_D[:] = ev.cum_XD[ev.index_X[x]]
+                    cum_D[:] = ev_cum_XD[ev_index_X[x]]
         if ap.enabled:
-            k_in = _clip(kappa_T[t - 1] + (1.0 - p_T[t - 1]) * st.offset_B[b], -1.0, 1.0)
+            k_in = _clip(kappa_T[t - 1] + (1.0 - p_T[t - 1]) * offset_B[b], -1.0, 1.0)
         else:
             k_in = kappa_T[t - 1]
         # route with the κ this tick's step will put in effect (smoothing included)
-        routing_fields_into(cp, _smoothed_kappa(cp, scal_4[3], k_in), st.pressure_BLE[b],
-                            st.lens_BLE[b], st.T_eff_BLE[b], bias_LE, temp_LE)
-        mean_loss = env_route(ep, seed, t, quality_LED, st.est_BLDE[b], cum_D, bias_LE, temp_LE,
+        routing_fields_into(cp, _smoothed_kappa(cp, scal_4[3], k_in), pressure_BLE[b],
+                            lens_BLE[b], T_eff_BLE[b], bias_LE, temp_LE)
+        mean_loss = env_route(ep, seed, t, quality_LED, est_BLDE[b], cum_D, bias_LE, temp_LE,
                               counts_LE, loss_LE, sumx_LDE, cnt_LDE, dom_T, base_LDE,
                               invT_LE, s_T, b_T, top_KT, sel_KT, g_KT, x_KT, tot_T, tl_T,
                               bits_T)
-        st.tick_B[b] = controller_step(
-            cp, seed, st.tick_B[b], st.theta_BLE[b], st.omega_BLE[b], st.usage_BLE[b],
-            st.rel_BLE[b], st.delta_BLE[b], st.pressure_BLE[b], st.lens_BLE[b],
-            st.T_fast_BLE[b], st.Tbar_local_BLE[b], st.Tbar_global_BE[b], st.T_eff_BLE[b],
+        tick_B[b] = controller_step(
+            cp, seed, tick_B[b], theta_BLE[b], omega_BLE[b], usage_BLE[b],
+            rel_BLE[b], delta_BLE[b], pressure_BLE[b], lens_BLE[b],
+            T_fast_BLE[b], Tbar_local_BLE[b], Tbar_global_BE[b], T_eff_BLE[b],
             scal_4, counts_LE, loss_LE, True, k_in, d_E)
-        env_learn(ep, st.est_BLDE[b], st.nobs_BLDE[b], sumx_LDE, cnt_LDE)
-        if ap.enabled and st.tick_B[b] % cp.macro_period == 0:
-            var_g = _variance(st.Tbar_global_BE[b])
-            st.offset_B[b] = _adaptive_update(
-                st.offset_B[b], scal_4[0], var_g, var_g > cp.formed_variance, ap.R_low,
+        env_learn(ep, est_BLDE[b], nobs_BLDE[b], sumx_LDE, cnt_LDE)
+        if ap.enabled and tick_B[b] % cp.macro_period == 0:
+            var_g = _variance(Tbar_global_BE[b])
+            offset_B[b] = _adaptive_update(
+                offset_B[b], scal_4[0], var_g, var_g > cp.formed_variance, ap.R_low,
                 ap.R_high, ap.variance_high, ap.rate, ap.decay, ap.max_offset)
         if t % record_every == 0:
             r = t // record_every - 1
-            rec.R_BT[b, r] = scal_4[0]
-            rec.dR_BT[b, r] = scal_4[2]
-            rec.kappa_BT[b, r] = scal_4[3]
-            rec.loss_BT[b, r] = mean_loss
-            rec.Tbar_global_BTE[b, r] = st.Tbar_global_BE[b]
+            R_BT[b, r] = scal_4[0]
+            dR_BT[b, r] = scal_4[2]
+            kappa_BT[b, r] = scal_4[3]
+            loss_BT[b, r] = mean_loss
+            Tbar_global_BTE[b, r] = Tbar_global_BE[b]
             for l in range(L):
-                rec.var_local_BTL[b, r, l] = _variance(st.Tbar_local_BLE[b, l])
+                var_local_BTL[b, r, l] = _variance(Tbar_local_BLE[b, l])
             if keep_layers:
-                rec.Tbar_local_BTLE[b, r] = st.Tbar_local_BLE[b]
-                rec.T_fast_BTLE[b, r] = st.T_fast_BLE[b]
-                rec.usage_BTLE[b, r] = st.usage_BLE[b]
-                rec.rel_BTLE[b, r] = st.rel_BLE[b]
+                Tbar_local_BTLE[b, r] = Tbar_local_BLE[b]
+                T_fast_BTLE[b, r] = T_fast_BLE[b]
+                usage_BTLE[b, r] = usage_BLE[b]
+                rel_BTLE[b, r] = rel_BLE[b]
 
 
 @njit(cache=True, parallel=True)
-def simulate_batch(t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, ev, rec):
-    """Advance every system from tick t_start to t_stop (state in place, records into rec)."""
-    B = st.theta_BLE.shape[0]
-    for b in prange(B):
-        _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T, st, ev, rec)
+def simulate_batch(t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
+                   tick_B, seed_B, theta_BLE, omega_BLE, usage_BLE, rel_BLE, delta_BLE,
+                   pressure_BLE, lens_BLE, T_fast_BLE, Tbar_local_BLE, Tbar_global_BE, T_eff_BLE,
+                   scal_B4, offset_B, quality_BLED, est_BLDE, nobs_BLDE, cum_BD,
+                   ev_tick_X, ev_kind_X, ev_layer_X, ev_index_X, ev_value_X, ev_cum_XD,
+                   R_BT, dR_BT, kappa_BT, loss_BT, Tbar_global_BTE, var_local_BTL,
+                   Tbar_local_BTLE, T_fast_BTLE, usage_BTLE, rel_BTLE):
+    """Advance every system from tick t_start to t_stop (state in place, records written).
+
+    Arguments are the fields of BatchState, Events and Records, flat: a namedtuple of arrays
+    in a jitted signature costs seconds of compile time each (its boxing code), flat arrays
+    almost nothing."""
+    for b in prange(theta_BLE.shape[0]):
+        _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
+                    tick_B, seed_B, theta_BLE, omega_BLE, usage_BLE, rel_BLE, delta_BLE,
+                    pressure_BLE, lens_BLE, T_fast_BLE, Tbar_local_BLE, Tbar_global_BE, T_eff_BLE,
+                    scal_B4, offset_B, quality_BLED, est_BLDE, nobs_BLDE, cum_BD, ev_tick_X,
+                    ev_kind_X, ev_layer_X, ev_index_X, ev_value_X, ev_cum_XD, R_BT, dR_BT,
+                    kappa_BT, loss_BT, Tbar_global_BTE, var_local_BTL, Tbar_local_BTLE,
+                    T_fast_BTLE, usage_BTLE, rel_BTLE)

@@ -358,7 +358,7 @@ def _run_numba(config, env, schedule, seeds, ticks, record_every, events, rec, b
     t0 = 0
     while t0 < ticks:
         t1 = min(ticks, t0 + chunk)
-        K.simulate_batch(t0, t1, record_every, cp, ep, ap, kappa_T, p_T, st, ev_arrays, recs)
+        K.simulate_batch(t0, t1, record_every, cp, ep, ap, kappa_T, p_T, *st, *ev_arrays, *recs)
         if bar is not None:
             bar.update((t1 - t0) * B)
         t0 = t1

@@ -38,7 +38,19 @@ Reading (``load_state``) never runs code from the file: JSON through ``json`` an
 through ``safetensors``; nothing is unpickled. The manifest must list exactly the two files;
 each file's size and sha256 are checked before it is parsed; any failure raises a
 ``CheckpointError`` (a ``ValueError``) naming the file. A checkpoint of another format version
-raises ``CheckpointVersionError`` naming both versions.
+raises ``CheckpointVersionError`` naming both versions. All files are read through one handle
+on the directory, and a read that fails because a concurrent ``save_state`` replaced the
+checkpoint meanwhile is retried, so a reader never mixes two checkpoints nor reports a good one
+as corrupt.
+
+Leftovers are named ``.<name>.<tmp|old|trash>-<host tag>-<pid>-<token>``: a leftover of this
+host whose pid is gone is a dead writer's; another host's (shared filesystem) counts as dead
+after an hour.
+
+``ChronovisorCheckpoint`` (second half of the module) is the controller's geological state with
+the seed's field names, mapped one to one onto the ``PxTController``'s persistent buffers and
+saved with ``save_state`` (kind "chronovisor"); it refuses stale snapshots and states that
+break the law's invariants, and checks a checksum of the state at load and after restore.
 """
 
 from __future__ import annotations
@@ -86,7 +98,10 @@ _FILES = (TENSORS_FILE, META_FILE)
 _MAX_JSON_BYTES = 256 * 1024 * 1024  # a bound against absurd files, far above real metadata
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _KIND_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-_HIDDEN_RE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old|trash)-(?P<pid>\d+)-(?P<tok>[0-9a-f]+)$")
+_HIDDEN_RE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old|trash)"
+                        r"-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<tok>[0-9a-f]+)$")
+_FOREIGN_LEFTOVER_S = 3600.0  # another host's leftover counts as abandoned after this long
+_ORPHAN_WAIT_S = 2.0  # how long a reader waits for a live writer between its two renames
 _SAFE_DTYPES = frozenset(safetensors.torch._TYPES.values())  # dtypes safetensors stores natively
 _JSON_SAFE_INT = 2 ** 53  # larger ints are written as decimal strings (exact in every reader)
 
@@ -338,7 +353,8 @@ class _Decoder:
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError) as e:
-            raise self.fail(f"malformed {tag!r} node in the tree ({type(e).__name__}: {e})") from None
+            raise self.fail(f"malformed {tag!r} node in the tree "
+                            f"({type(e).__name__}: {e})") from None
         raise self.fail(f"unknown node type {tag!r} in the tree (only data types are allowed; "
                         f"nothing is ever unpickled or imported)")
 
@@ -395,18 +411,33 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b}: {os.strerror(err)}")
 
 
+def _host_tag() -> str:
+    import socket
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _hidden(parent: Path, name: str, what: str) -> Path:
-    return parent / f".{name}.{what}-{os.getpid()}-{secrets.token_hex(4)}"
+    """A hidden sibling named after its writer (host tag, pid), so that leftovers of dead
+    writers can be told from work in progress."""
+    return parent / f".{name}.{what}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def _writer_alive(host: str, pid: int, p: Path) -> bool:
+    """Is the writer of the hidden entry ``p`` possibly still at work? On this host: its pid
+    exists (a SIGKILLed writer must have been reaped). Another host's (a shared filesystem):
+    assumed alive until the entry is ``_FOREIGN_LEFTOVER_S`` old."""
+    if host != _host_tag():
+        try:
+            return time.time() - p.lstat().st_mtime < _FOREIGN_LEFTOVER_S
+        except OSError:
+            return False
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:  # e.g. EPERM: exists, owned by someone else
         return True
     return True
 
@@ -424,7 +455,7 @@ def _remove_tree(d: Path) -> None:
 def recover_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Finish what crashed writers left in ``directory``; returns the checkpoints put back.
 
-    An ``.<name>.old-<pid>-*`` directory whose writer is dead and whose visible ``<name>`` is
+    An ``.<name>.old-<host>-<pid>-*`` directory whose writer is dead and whose visible ``<name>`` is
     missing is the previous checkpoint of a save that crashed between its two renames: it is
     renamed back into place. Leftover ``.tmp-``, ``.trash-`` and superseded ``.old-``
     directories of dead writers are deleted. Leftovers of live writers are not touched."""
@@ -434,7 +465,7 @@ def recover_checkpoints(directory: str | os.PathLike) -> list[Path]:
         return restored
     for p in sorted(directory.iterdir(), key=lambda p: p.name):
         m = _HIDDEN_RE.match(p.name)
-        if not m or _pid_alive(int(m["pid"])):
+        if not m or _writer_alive(m["host"], int(m["pid"]), p):
             continue
         if not p.is_dir() or p.is_symlink():  # e.g. a `latest` pointer being written
             try:
@@ -495,7 +526,8 @@ def save_state(path: str | os.PathLike, tree: Any, *, kind: str = "trainer",
     if not isinstance(kind, str) or not _KIND_RE.match(kind):
         raise ValueError(f"save_state: kind={kind!r}: expected a short name of letters, digits, "
                          f"'_', '.', '-'")
-    if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
+    if isinstance(format_version, bool) or not isinstance(format_version, int) \
+            or format_version < 1:
         raise ValueError(f"save_state: format_version={format_version!r}: expected an int >= 1")
     parent = path.parent
     if path.is_symlink() or (path.exists() and not path.is_dir()):
@@ -522,10 +554,16 @@ def save_state(path: str | os.PathLike, tree: Any, *, kind: str = "trainer",
     try:
         for n, b in files.items():
             _write_file(tmp / n, b)
-        _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        manifest_bytes = json.dumps(manifest, indent=1).encode()
+        _write_file(tmp / MANIFEST_FILE, manifest_bytes)
         _fsync_dir(tmp)
-        if verify:
-            back = load_state(tmp, kind=kind, _expect_version=format_version)
+        if verify:  # the disk returns what was written, and it decodes to the tree given
+            read = {n: (tmp / n).read_bytes() for n in (*files, MANIFEST_FILE)}
+            for n, b in {**files, MANIFEST_FILE: manifest_bytes}.items():
+                if read[n] != b:
+                    raise CheckpointError(f"save_state: {tmp / n} reads back other bytes than "
+                                          f"were written; not committed")
+            back = _decode(tmp, manifest, read, kind, None)
             if not trees_equal(back, tree):
                 raise CheckpointError(f"save_state: the files written to {tmp} do not read back "
                                       f"as the tree that was given; not committed")
@@ -561,22 +599,6 @@ def _commit(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_json(file: Path) -> Any:
-    try:
-        size = file.stat().st_size
-        if size > _MAX_JSON_BYTES:
-            raise CheckpointCorruptError(f"checkpoint file {file}: {size} bytes, more than "
-                                         f"any checkpoint JSON file can be")
-        data = file.read_bytes()
-        return data, json.loads(data)
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointCorruptError(f"checkpoint file {file} is missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointCorruptError(f"checkpoint file {file} is not valid JSON: {e}") from None
-
-
 def _resolve(path: Path) -> Path:
     """Follow a ``latest`` pointer file; recover an orphaned checkpoint; else report."""
     if path.is_file() and path.name == LATEST_POINTER:
@@ -585,19 +607,22 @@ def _resolve(path: Path) -> Path:
             raise CheckpointCorruptError(f"checkpoint pointer {path} holds {target!r}, not a "
                                          f"checkpoint name")
         path = path.parent / target
-    for _ in range(500):
-        if path.exists():
-            return path
+    if path.exists():
+        return path
+    # Missing: an orphan of a crashed writer is put back; a live writer between the two renames
+    # of the rename-aside protocol is waited for. "Missing" needs two listings in a row (10 ms
+    # apart) that show neither the name nor an `.<name>.old-` entry.
+    deadline, misses, prefix = time.monotonic() + _ORPHAN_WAIT_S, 0, f".{path.name}.old-"
+    while path.parent.is_dir() and time.monotonic() < deadline:
         recover_checkpoints(path.parent)
-        # A live writer between the two renames of the rename-aside protocol: wait for it.
-        prefix = f".{path.name}.old-"
-        if path.exists() or not path.parent.is_dir() or not any(
-                n.startswith(prefix) for n in os.listdir(path.parent)):
+        names = os.listdir(path.parent)
+        if path.name in names and path.exists():
+            return path
+        misses = 0 if any(n.startswith(prefix) for n in names) else misses + 1
+        if misses == 2:
             break
         time.sleep(0.01)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"no checkpoint at {path}")
-    return path
+    raise CheckpointNotFoundError(f"no checkpoint at {path}")
 
 
 def _not_a_dir(path: Path) -> CheckpointCorruptError:
@@ -701,14 +726,15 @@ def _identity(path: Path) -> tuple | None:
 def _read_consistent(path: Path, expect_version: int) -> tuple[Path, dict, dict[str, bytes]]:
     """``_read_dir`` with retries: a checkpoint replaced under the same name while it was being
     read (a concurrent ``save_state``) is read again rather than reported as corrupt."""
-    for attempt in range(3):
+    for attempt in range(5):
         p = _resolve(path)
         before = _identity(p)
         try:
             manifest, files, _ = _read_dir(p, expect_version)
             return p, manifest, files
         except (CheckpointCorruptError, OSError):
-            if attempt == 2 or _identity(p) == before:  # not replaced meanwhile: a real fault
+            if attempt == 4 or (before is not None and _identity(p) == before):
+                # the same directory throughout: a real fault, not a concurrent replace
                 raise
     raise AssertionError("unreachable")
 
@@ -748,6 +774,12 @@ def load_state(path: str | os.PathLike, *, kind: str | None = None,
     Peak memory is about twice the tensor data (file bytes + tensors).
     """
     path, manifest, files = _read_consistent(Path(path), _expect_version)
+    return _decode(path, manifest, files, kind, map_location)
+
+
+def _decode(path: Path, manifest: dict, files: dict[str, bytes], kind: str | None,
+            map_location: Any) -> Any:
+    """The tree of a checkpoint whose files have passed their size and checksum checks."""
     if kind is not None and manifest.get("kind") != kind:
         raise CheckpointMismatchError(f"checkpoint {path} is of kind {manifest.get('kind')!r}, "
                                       f"expected kind {kind!r}")
@@ -755,7 +787,8 @@ def load_state(path: str | os.PathLike, *, kind: str | None = None,
     try:
         meta = json.loads(files[META_FILE])
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointCorruptError(f"checkpoint file {meta_file} is not valid JSON: {e}") from None
+        raise CheckpointCorruptError(f"checkpoint file {meta_file} is not valid JSON: "
+                                     f"{e}") from None
     if not isinstance(meta, dict) or "tree" not in meta:
         raise CheckpointCorruptError(f"checkpoint file {meta_file} has no 'tree'")
     for key in ("format", "format_version", "kind"):
@@ -782,8 +815,7 @@ def load_state(path: str | os.PathLike, *, kind: str | None = None,
 # ----------------------------------------------------------------------------------------
 def _created(p: Path) -> int:
     try:
-        _, m = _read_json(p / MANIFEST_FILE)
-        return int(m["created_unix_ns"])
+        return int(read_manifest(p)["created_unix_ns"])
     except (CheckpointError, KeyError, TypeError, ValueError):
         return (p / MANIFEST_FILE).stat().st_mtime_ns
 
@@ -933,6 +965,7 @@ _CORE_BUFFERS = {
 _LENS_BUFFERS = {"lens_LE": "lens_E", "pressure_LE": "pressure_E", "T_fast_LE": "T_fast_E",
                  "Tbar_local_LE": "Tbar_local_E", "T_eff_LE": "T_eff_E"}
 _HISTORY_BUFFERS = ("coherence_history", "meta_knob_history")
+_KNOWN_BUFFERS = frozenset(_CORE_BUFFERS).union(_LENS_BUFFERS, _HISTORY_BUFFERS)
 CHRONOVISOR_KIND = "chronovisor"
 
 
@@ -956,8 +989,9 @@ class LensState:
 def _as_controller(obj: Any) -> Any:
     ctrl = getattr(obj, "controller", None) if not hasattr(obj, "tick_counter") else obj
     if ctrl is None or not hasattr(ctrl, "tick_counter") or not hasattr(ctrl, "state_dict"):
+        none = " with controller=None" if hasattr(obj, "controller") else ""
         raise TypeError(f"expected a PxTController (or a model whose .controller is one), got "
-                        f"{type(obj).__name__}" + (" with controller=None" if hasattr(obj, "controller") else ""))
+                        f"{type(obj).__name__}{none}")
     return ctrl
 
 
@@ -973,7 +1007,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _ordered_history(ring: torch.Tensor, ticks: int) -> torch.Tensor:
-    """Ring buffer (entry of tick t at slot (t−1) mod H) → the last min(ticks, H), oldest first."""
+    """Ring buffer (tick t's entry at slot (t−1) mod H) → the last min(ticks, H), oldest first."""
     H = ring.shape[0]
     return ring[:ticks].clone() if ticks <= H else torch.roll(ring, -(ticks % H)).clone()
 
@@ -1057,7 +1091,7 @@ class ChronovisorCheckpoint:
         return torch.stack([getattr(ls, name) for ls in self.lens_states])
 
     def _buffers(self) -> dict[str, torch.Tensor]:
-        """The controller's persistent buffers, histories excluded, as this checkpoint holds them."""
+        """The controller's persistent buffers (histories excluded) as this checkpoint has them."""
         out = {}
         for buf, f in _CORE_BUFFERS.items():
             v = getattr(self, f)
@@ -1081,8 +1115,7 @@ class ChronovisorCheckpoint:
                 history_length, int) or history_length < 0):
             raise ValueError(f"history_length={history_length!r}: expected an int >= 0 or None")
         sd = {k: v.detach().to("cpu").clone() for k, v in ctrl.state_dict().items()}
-        unknown = sorted(set(sd) - set(_CORE_BUFFERS) - set(_LENS_BUFFERS) - set(_HISTORY_BUFFERS))
-        missing = sorted((set(_CORE_BUFFERS) | set(_LENS_BUFFERS) | set(_HISTORY_BUFFERS)) - set(sd))
+        unknown, missing = sorted(set(sd) - _KNOWN_BUFFERS), sorted(_KNOWN_BUFFERS - set(sd))
         if unknown or missing:
             raise CheckpointError(f"ChronovisorCheckpoint.from_controller: the controller's state "
                                   f"has buffers this checkpoint does not know {unknown} / lacks "
@@ -1113,8 +1146,7 @@ class ChronovisorCheckpoint:
                   config=config, **scalars, **tensors, **hist)
         out.state_checksum = _digest(out._buffers())
         if source is not None:  # the snapshot equals the live buffers (nothing moved meanwhile)
-            live = _digest({k: v for k, v in source.state_dict().items() if k not in _HISTORY_BUFFERS})
-            if live != out.state_checksum:
+            if not out.matches(source):
                 raise CheckpointError("ChronovisorCheckpoint.from_controller: the controller "
                                       "changed while it was being captured")
             out._source = source
@@ -1148,10 +1180,12 @@ class ChronovisorCheckpoint:
                     raise bad(f"lens_states[{i}].{f}", f"expected a finite [{E}] tensor")
         for name in _HISTORY_BUFFERS:
             v = getattr(self, name)
-            if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] > min(self.tick, self.history_length):
+            n = min(self.tick, self.history_length)
+            if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] > n:
                 raise bad(name, f"expected a 1-d tensor of at most min(tick, history_length)="
-                                f"{min(self.tick, self.history_length)} entries")
+                                f"{n} entries")
         cfg = self.config
+        T_fast, tol = self.stacked("T_fast_E"), 1 + 1e-6
         # Invariants a live controller always satisfies; zeroed or uninitialised buffers do not.
         checks = [
             ("usage_LE", (self.usage_LE.sum(-1) - 1).abs().max() < 1e-6, "rows must sum to 1"),
@@ -1163,11 +1197,12 @@ class ChronovisorCheckpoint:
             ("kappa", self.kappa.abs() <= 1, "must lie in [-1, 1]"),
             ("kappa_target", self.kappa_target.abs() <= 1, "must lie in [-1, 1]"),
             ("structural_T_global", (self.structural_T_global > 0).all(), "must be > 0"),
-            ("lens_states[*].T_fast_E", ((self.stacked("T_fast_E") >= cfg.T_min * (1 - 1e-6))
-                                         & (self.stacked("T_fast_E") <= cfg.T_max * (1 + 1e-6))).all(),
+            ("lens_states[*].T_fast_E",
+             ((T_fast >= cfg.T_min / tol) & (T_fast <= cfg.T_max * tol)).all(),
              f"must lie in [T_min, T_max] = [{cfg.T_min}, {cfg.T_max}]"),
-            ("lens_states[*].Tbar_local_E", (self.stacked("Tbar_local_E") > 0).all(), "must be > 0"),
-            ("lens_states[*].lens_E", (self.stacked("lens_E").abs() <= cfg.lens_max * (1 + 1e-6)).all(),
+            ("lens_states[*].Tbar_local_E", (self.stacked("Tbar_local_E") > 0).all(),
+             "must be > 0"),
+            ("lens_states[*].lens_E", (self.stacked("lens_E").abs() <= cfg.lens_max * tol).all(),
              f"must lie in [-lens_max, lens_max] = ±{cfg.lens_max}"),
         ]
         for name, ok, what in checks:
@@ -1201,7 +1236,7 @@ class ChronovisorCheckpoint:
                 f"ChronovisorCheckpoint has (layers, experts) = {mine}; the controller has "
                 f"(layers, experts) = {theirs}")
         target = ctrl.state_dict()
-        unknown = sorted(set(target) - set(_CORE_BUFFERS) - set(_LENS_BUFFERS) - set(_HISTORY_BUFFERS))
+        unknown = sorted(set(target) - _KNOWN_BUFFERS)
         if unknown:
             raise CheckpointMismatchError(f"restore_to_controller: the controller has state this "
                                           f"checkpoint does not hold: {unknown}")
@@ -1232,7 +1267,8 @@ class ChronovisorCheckpoint:
         """A ``save_state`` tree (plain data: tensors, numbers, the config as a dict)."""
         t = {f.name: getattr(self, f.name) for f in fields(self)
              if f.name not in ("lens_states", "config", "_source")}
-        t["lens_states"] = [{f.name: getattr(ls, f.name) for f in fields(ls)} for ls in self.lens_states]
+        t["lens_states"] = [{f.name: getattr(ls, f.name) for f in fields(ls)}
+                            for ls in self.lens_states]
         t["config"] = self.config.to_dict()
         return t
 
@@ -1244,7 +1280,8 @@ class ChronovisorCheckpoint:
             kw = {f.name: tree[f.name] for f in fields(cls) if f.name != "_source"}
             kw["lens_states"] = [LensState(**ls) for ls in tree["lens_states"]]
             kw["config"] = ControllerConfig.from_dict(tree["config"])
-            for k in ("num_layers", "num_experts", "tick", "seed", "skipped_ticks", "history_length"):
+            for k in ("num_layers", "num_experts", "tick", "seed", "skipped_ticks",
+                      "history_length"):
                 if isinstance(kw[k], bool) or not isinstance(kw[k], int):
                     raise TypeError(f"{k}={kw[k]!r} is not an int")
             out = cls(**kw)
@@ -1255,7 +1292,8 @@ class ChronovisorCheckpoint:
         got = _digest(out._buffers())
         if got != out.state_checksum:
             raise CheckpointCorruptError(f"ChronovisorCheckpoint in {where}: its state does not "
-                                         f"match its state_checksum ({got} != {out.state_checksum})")
+                                         f"match its state_checksum ({got} != "
+                                         f"{out.state_checksum})")
         return out
 
     def save(self, path: str | os.PathLike, *, allow_stale: bool = False, **kwargs: Any) -> Path:
@@ -1297,11 +1335,12 @@ class ChronovisorCheckpoint:
                                           f"controllers' state (saved with "
                                           f"save_chronovisor_state=False?); expected one")
         p = prefixes[0]
-        sd = {k[len(p):]: v for k, v in model.items() if k.startswith(p)
-              and k[len(p):] in set(_CORE_BUFFERS) | set(_LENS_BUFFERS) | set(_HISTORY_BUFFERS)}
+        sd = {k[len(p):]: v for k, v in model.items()
+              if k.startswith(p) and k[len(p):] in _KNOWN_BUFFERS}
         cfg = ((tree.get("configs") or {}).get("controller"))
         try:
-            config = ControllerConfig.from_dict(cfg) if isinstance(cfg, dict) else ControllerConfig()
+            config = ControllerConfig.from_dict(cfg) if isinstance(cfg, dict) \
+                else ControllerConfig()
             return cls._from_buffers(sd, config, None)
         except KeyError as e:
             raise CheckpointCorruptError(f"trainer checkpoint {path}: controller buffer {e} "

@@ -361,10 +361,12 @@ def _fig_healthy(out, per_phase):
         if d is None:
             continue
         vals = [d["healthy_fraction"][k] for k in labels]
-        ax.bar(x + (i - 1) * w, [np.nan if v is None else v for v in vals], w, label=ph,
-               color=_PHASE_COLORS[ph])
+        bars = ax.bar(x + (i - 1) * w, [np.nan if v is None else v for v in vals], w, label=ph,
+                      color=_PHASE_COLORS[ph])
+        ax.bar_label(bars, labels=["–" if v is None else f"{v:.2f}" for v in vals], fontsize=5,
+                     padding=1)
     ax.set_xticks(x, [lbl.replace("_", "\n") for lbl in labels], fontsize=7)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel("fraction of records in range")
     ax.set_title("time in the seed's healthy ranges, per phase (all systems)", fontsize=9)
     ax.legend(fontsize=7)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections import OrderedDict
 from collections import namedtuple
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,7 +262,7 @@ def test_verify_failure_commits_nothing(tmp_path, monkeypatch):
         real_write(path, data[:-1] + bytes([data[-1] ^ 1]) if path.name.endswith("safetensors") else data)
 
     monkeypatch.setattr(ck, "_write_file", flaky_write)
-    with pytest.raises(CheckpointError, match="tensors.safetensors fails its checksum"):
+    with pytest.raises(CheckpointError, match="tensors.safetensors reads back other bytes"):
         save_state(tmp_path / "ck", {"v": torch.ones(4)})
     monkeypatch.undo()
     assert load_state(tmp_path / "ck") == {"v": 1}
@@ -292,7 +291,7 @@ def test_latest_pointer_and_listing(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint name"):
         load_state(d / "latest")
     # hidden and incomplete directories are never listed
-    (d / ".step_6.tmp-1-ab").mkdir()
+    (d / ".step_6.tmp-0000abcd-1-ab").mkdir()
     (d / "step_7").mkdir()
     (d / "step_7" / "tensors.safetensors").write_bytes(b"half")
     assert [p.name for p in ck.list_checkpoints(d)][-1] == "step_5"
@@ -319,28 +318,42 @@ def test_prune_keeps_last_n_and_protected(tmp_path):
         ck.prune_checkpoints(d, keep=-1)
 
 
-def test_orphaned_old_checkpoint_is_recovered(tmp_path):
+def test_orphaned_old_checkpoint_is_recovered(tmp_path, monkeypatch):
     """The rename-aside protocol crashed between its two renames: only `.final.old-*` exists."""
     save_state(tmp_path / "final", {"v": 7})
-    orphan = tmp_path / f".final.old-{_dead_pid()}-0abc"
+    orphan = tmp_path / f".final.old-{ck._host_tag()}-{_dead_pid()}-0abc"
     os.rename(tmp_path / "final", orphan)
     assert load_state(tmp_path / "final") == {"v": 7}
     assert (tmp_path / "final").is_dir() and not orphan.exists()
-    # an orphan of a writer that is still alive (this process) is left alone
-    os.rename(tmp_path / "final", tmp_path / f".final.old-{os.getpid()}-0abc")
+    # an orphan of a writer that is still alive (this process) is left alone; a reader waits
+    # for that writer (here: in vain) and then reports the checkpoint missing
+    monkeypatch.setattr(ck, "_ORPHAN_WAIT_S", 0.05)
+    os.rename(tmp_path / "final", tmp_path / f".final.old-{ck._host_tag()}-{os.getpid()}-0abc")
     with pytest.raises(CheckpointNotFoundError):
         load_state(tmp_path / "final")
 
 
 def test_stale_leftovers_of_dead_writers_are_cleaned(tmp_path):
-    dead = _dead_pid()
-    (tmp_path / f".step_1.tmp-{dead}-00ff").mkdir()
-    (tmp_path / f".step_1.tmp-{dead}-00ff" / "tensors.safetensors").write_bytes(b"x" * 100)
-    (tmp_path / f".latest.tmp-{dead}-00ff").write_text("step_1")
-    live = tmp_path / f".step_2.tmp-{os.getpid()}-00ff"
+    dead, host = _dead_pid(), ck._host_tag()
+    (tmp_path / f".step_1.tmp-{host}-{dead}-00ff").mkdir()
+    (tmp_path / f".step_1.tmp-{host}-{dead}-00ff" / "tensors.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / f".latest.tmp-{host}-{dead}-00ff").write_text("step_1")
+    live = tmp_path / f".step_2.tmp-{host}-{os.getpid()}-00ff"
     live.mkdir()
     save_state(tmp_path / "step_3", {"a": 1})
     assert sorted(os.listdir(tmp_path)) == sorted(["step_3", "latest", live.name])
+
+
+def test_leftovers_of_other_hosts_are_kept_until_old(tmp_path):
+    fresh = tmp_path / ".step_1.tmp-0000abcd-1-00ff"   # another host's writer, maybe at work
+    stale = tmp_path / ".step_2.tmp-0000abcd-1-00ff"
+    fresh.mkdir()
+    stale.mkdir()
+    two_hours_ago = __import__("time").time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assert ck._host_tag() != "0000abcd"
+    ck.recover_checkpoints(tmp_path)
+    assert fresh.exists() and not stale.exists()
 
 
 def test_map_location(tmp_path):
@@ -545,3 +558,18 @@ def test_geo_from_trainer_checkpoint_without_controller_state(tmp_path):
     save_state(tmp_path / "t", {"model": {"w": torch.ones(2)}, "configs": {}}, kind="trainer")
     with pytest.raises(CheckpointMismatchError, match="holds 0 controllers' state"):
         ChronovisorCheckpoint.load(tmp_path / "t")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_and_rng_states(tmp_path):
+    t = torch.randn(4, 4, device="cuda")
+    save_state(tmp_path / "ck", {"t": t, "alias": t, "rng": ck.capture_rng_state()})
+    want = torch.rand(3, device="cuda")
+    back = load_state(tmp_path / "ck", map_location="cuda")
+    assert back["t"].device.type == "cuda" and torch.equal(back["t"], t)
+    assert back["alias"] is back["t"]
+    assert len(back["rng"]["torch_cuda"]) == torch.cuda.device_count()
+    ck.restore_rng_state(back["rng"])
+    assert torch.equal(torch.rand(3, device="cuda"), want)
+    assert load_state(tmp_path / "ck")["t"].device.type == "cpu"

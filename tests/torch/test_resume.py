@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from chronomoe_torch import checkpoint as ckpt
 

@@ -138,6 +138,31 @@ def test_log_lines_have_the_seed_format(tmp_path, caplog):
     assert [int(STEP_RE.match(lines[i - 1]).group(1)) for i in land] == [10, 20]
 
 
+def test_log_lines_reproduce_the_seed_example():
+    from chronomoe_torch.metrics import format_landscape_line, format_step_line
+    assert format_step_line(1000, 4.2345, 0.48, "warmup_explore", 0.32, 0.67) == \
+        "Step 1000 | Loss: 4.2345 | κ: 0.48 (warmup_explore) | R: 0.32 | Gate: 0.67"
+    assert format_step_line(2000, 3.8901, 0.42, "cosine_anneal", 0.45, 0.83) == \
+        "Step 2000 | Loss: 3.8901 | κ: 0.42 (cosine_anneal) | R: 0.45 | Gate: 0.83"
+    assert format_landscape_line(0.0234, [2, 5], [1, 7]) == \
+        "  Landscape: var=0.0234, valleys=[2, 5], ridges=[1, 7]"
+    assert format_step_line(7, 1.0, -0.3, "final_exploit", None, 1.0) == \
+        "Step 7 | Loss: 1.0000 | κ: -0.30 (final_exploit) | R: n/a | Gate: 1.00"
+    assert format_landscape_line(0.0, [], []) == "  Landscape: var=0.0000, valleys=[], ridges=[]"
+
+
+def test_metrics_writer_validates_and_is_a_no_op_without_a_dir(tmp_path):
+    from chronomoe_dyn.plot import MetricsFormatError
+    from chronomoe_torch.metrics import MetricsWriter
+    MetricsWriter(None).write({"no step": 1})              # no run dir: nothing at all
+    with MetricsWriter(tmp_path) as w:
+        w.write({"step": 1, "loss": float("nan"), "valleys": (1, 2)})
+        with pytest.raises(MetricsFormatError, match="field 'R' must be a number"):
+            w.write({"step": 2, "R": "high"})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == \
+        {"step": 1, "loss": None, "valleys": [1, 2]}
+
+
 def test_metrics_jsonl_follows_the_schema(tmp_path):
     tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=6, log_every_n_steps=2,
                                                     eval_every_n_steps=3),
@@ -323,9 +348,11 @@ def test_consecutive_skips_stop_with_last_good_checkpoint(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     ({"input_ids": torch.full((4, S), V)}, f"token id {V}, outside the vocabulary \\[0, {V}\\)"),
     ({"input_ids": torch.full((4, S), -1)}, "token id -1, outside"),
-    ({"input_ids": torch.zeros(4, S, 2, dtype=torch.long)}, r"\[B, S\] tensor, got shape \[4, 17, 2\]"),
+    ({"input_ids": torch.zeros(4, S, 2, dtype=torch.long)},
+     r"\[B, S\] tensor, got shape \[4, 17, 2\]"),
     ({"input_ids": torch.zeros(4, S)}, "integer token ids, got torch.float32"),
-    ({"input_ids": torch.zeros(4, S, dtype=torch.long), "labels": torch.zeros(4, S - 1, dtype=torch.long)},
+    ({"input_ids": torch.zeros(4, S, dtype=torch.long),
+      "labels": torch.zeros(4, S - 1, dtype=torch.long)},
      r"labels shape \[4, 16\] != input_ids shape \[4, 17\]"),
     ({"input_ids": torch.zeros(4, 40, dtype=torch.long)}, "exceeds the model's max_seq_length=32"),
     ({"ids": torch.zeros(4, S, dtype=torch.long)}, "no 'input_ids'"),
@@ -378,8 +405,8 @@ class SyncCounter(TorchDispatchMode):
                                                       (True, "aux_free", 1)])
 def test_train_step_does_not_sync(tmp_path, chronovisor, mode, accum):
     tr = ChronoMoETrainer(tiny_model(chronovisor),
-                          tiny_config(tmp_path, balance_mode=mode, gradient_accumulation_steps=accum,
-                                      lambda_z=1e-3), loader())
+                          tiny_config(tmp_path, balance_mode=mode, lambda_z=1e-3,
+                                      gradient_accumulation_steps=accum), loader())
     reads = []
     to_host = tr._to_host
     tr._to_host = lambda t: reads.append(1) or to_host(t)
@@ -445,9 +472,17 @@ def test_cosine_lr_schedule_with_warmup(tmp_path):
     lr = cfg.learning_rate
     assert [tr._lr_factor(s) for s in (0, 1)] == [0.5, 1.0]
     assert tr._lr_factor(2) == pytest.approx(1.0) and tr._lr_factor(10) == pytest.approx(0.1)
+    res = tr.train()                                         # step n runs at lr·factor(n − 1)
+    assert res["lr_history"] == [pytest.approx(lr * tr._lr_factor(n)) for n in range(10)]
+    assert tr.base_optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.1)
+
+
+def test_adaptive_kappa_is_fed_on_the_log_cadence(tmp_path):
+    cfg = tiny_config(tmp_path, kappa_schedule="adaptive", max_steps=12, log_every_n_steps=3)
+    tr = ChronoMoETrainer(tiny_model(), cfg, loader())
     res = tr.train()
-    assert res["lr_history"][0] == pytest.approx(lr * 1.0)   # logged after step 1: factor(1)
-    assert res["lr_history"][-1] == pytest.approx(lr * 0.1)
+    assert tr.knob_scheduler.adaptive.state.updates == 4      # one rule update per log
+    assert all(-1.0 <= k <= 1.0 for k in res["kappa_history"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -512,3 +547,85 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     tr2 = ChronoMoETrainer(other, tiny_config(tmp_path), loader())
     with pytest.raises(ckpt.CheckpointMismatchError, match="'num_experts': 4.*'num_experts': 8"):
         tr2.load_checkpoint("a")
+
+
+# ----------------------------------------------------------------------------------------
+# the lr-scaled gate equals the wrapper's snapshot blend
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_lr_gated_adamw_matches_the_snapshot_blend(strength):
+    from chronomoe_torch.optim import CoherenceGatedOptimizer
+    from chronomoe_torch.trainer import LrGatedAdamW
+
+    Rs = iter([0.9, 0.5, 0.1, 1.0, 0.35] * 2)      # gates (strength 1): 0.875, 0.375, 0, 1, ...
+    R = torch.zeros((), dtype=torch.float64)
+    def make(cls):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(40, 30, generator=g)),
+              torch.nn.Parameter(torch.randn(30, generator=g))]
+        inner = torch.optim.AdamW([{"params": ps[:1], "weight_decay": 0.1},
+                                   {"params": ps[1:], "weight_decay": 0.0}], lr=1e-2, fused=True)
+        return ps, cls(inner, lambda: R, min_coherence=0.2, gating_strength=strength)
+    (pa, a), (pb, b) = make(CoherenceGatedOptimizer), make(LrGatedAdamW)
+    for step in range(5):
+        R.fill_(next(Rs))
+        g = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(pa, pb):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        before = [q.detach().clone() for q in pb]
+        st_before = [v.clone() for s in b.state.values() for v in s.values()]
+        a.step()
+        b.step()
+        assert torch.equal(a.last_gate_value, b.last_gate_value)
+        for p, q in zip(pa, pb):
+            torch.testing.assert_close(q, p)
+        if float(b.last_gate_value) == 0.0 and st_before:   # closed gate: nothing moves
+            assert equal_lists([q.detach() for q in pb], before)
+            assert equal_lists([v for s in b.state.values() for v in s.values()], st_before)
+        assert b.param_groups[0]["lr"] == 1e-2 and not hasattr(b.optimizer, "found_inf")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["coherence_gate"]["num_steps"] == sb["coherence_gate"]["num_steps"] == 5
+
+
+def test_tensorboard_scalars_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=3, tensorboard=True),
+                          loader())
+    tr.train()
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"train/loss", "train/R", "train/gate", "train/kappa"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="TrainingConfig.device='cuda': CUDA is not available"):
+        ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, device="cuda"), loader())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda_with_bf16(tmp_path):
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, device="cuda", bf16=True,
+                                                    max_steps=4), loader())
+    res = tr.train()
+    assert next(tr.model.parameters()).is_cuda and res["skipped_steps"] == 0
+    assert all(math.isfinite(x) for x in res["loss_history"])
+
+
+def test_an_iterable_without_len_ends_by_epochs_and_logs_its_last_step(tmp_path):
+    class Stream:                      # re-iterable, no __len__: 5 batches per pass
+        def __iter__(self):
+            return iter([Progressions(4, seed=i).ids for i in range(5)])
+
+    cfg = tiny_config(tmp_path, max_steps=100, max_epochs=2, log_every_n_steps=4)
+    tr = ChronoMoETrainer(tiny_model(), cfg, Stream())
+    assert tr.steps_per_epoch is None and tr.total_steps == 100
+    res = tr.train()
+    assert res["global_step"] == 10 and res["stop_reason"] == "max_epochs"
+    assert res["step_history"] == [4, 8, 10]
