@@ -691,7 +691,7 @@ def simulate_batch(t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
     in a jitted signature costs seconds of compile time each (its boxing code), flat arrays
     almost nothing."""
     for b in prange(theta_BLE.shape[0]):
-        _run_system(b, t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
+        _run_system(np.int64(b), t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
                     tick_B, seed_B, theta_BLE, omega_BLE, usage_BLE, rel_BLE, delta_BLE,
                     pressure_BLE, lens_BLE, T_fast_BLE, Tbar_local_BLE, Tbar_global_BE, T_eff_BLE,
                     scal_B4, offset_B, quality_BLED, est_BLDE, nobs_BLDE, cum_BD, ev_tick_X,

@@ -18,9 +18,9 @@ is the router's own (same ops in the same order), so identity fields (b = 0, T =
 unattached model bit for bit.
 
 Observation: in training mode each hook adds, on device and without a host sync, the layer's
-top-k slot counts and gate-weight sums to the handle's [L, 2, E] buffer (one ``index_add_``),
-handed to the controller once per tick (``observe_all``); the loss adds per-expert token-loss
-sums (``controller.observe_loss``). Padding is excluded when the model was
+top-k slot counts and gate-weight sums to the controller's pending observation (one
+``index_add_`` into ``controller.observation_buffer()``, the sums ``controller.observe`` would
+add); the loss adds per-expert token-loss sums (``controller.observe_loss``). Padding is excluded when the model was
 called with a 2-D ``attention_mask`` (read by a forward pre-hook on the model). A forward re-run
 inside backward (activation checkpointing) is not observed twice.
 
@@ -73,7 +73,7 @@ FAST_CPU_SOFTMAX_BELOW = 16
 
 def _softmax_f32(logits_NE: torch.Tensor) -> torch.Tensor:
     """float32 softmax over experts, as the transformers routers take it."""
-    x_NE = logits_NE.float()
+    x_NE = logits_NE if logits_NE.dtype == torch.float32 else logits_NE.float()
     if x_NE.device.type == "cpu" and x_NE.shape[-1] < FAST_CPU_SOFTMAX_BELOW:
         return F.softmax(x_NE.t(), dim=0).t()
     return F.softmax(x_NE, dim=-1)
@@ -185,7 +185,10 @@ class _RouterHook:
         logits = output if is_tensor else output[0]
         bias_E, temperature_E = handle.controller.layer_fields(self.layer)
         # l' = (l + b) / T in float32 (the bias, ~0.1, is below bf16 resolution), back in l's dtype.
-        mod = ((logits.float() + bias_E) / temperature_E).to(logits.dtype)
+        if logits.dtype == torch.float32:
+            mod = (logits + bias_E) / temperature_E
+        else:
+            mod = ((logits.float() + bias_E) / temperature_E).to(logits.dtype)
         mod_NE = mod.reshape(-1, mod.shape[-1])
         observing = handle._observing(module)
 
@@ -245,12 +248,9 @@ class AttachHandle:
         self._optimizer_ref = None
         self._valid_N: torch.Tensor | None = None
         self._records: list[tuple | None] = [None] * self.num_layers
-        device = controller.layer_fields(0)[0].device
-        # Routing counts and gate sums since the last tick, per layer: [L, 2, E] (the hooks
-        # accumulate here, one index_add_ each; ``flush`` hands them to the controller).
-        self._obs_L2E = torch.zeros(self.num_layers, 2, self.num_experts, device=device)
+        acc_3LE = controller.observation_buffer()
         # Per-expert slot counts summed over the ticks since the last ``pop_load`` (metrics).
-        self.load_LE = torch.zeros(self.num_layers, self.num_experts, device=device)
+        self.load_LE = torch.zeros_like(acc_3LE[0])
 
     # -- hooks --------------------------------------------------------------------------------
     def _install(self, model: nn.Module) -> None:
@@ -286,16 +286,23 @@ class AttachHandle:
 
     @torch.no_grad()
     def _observe_routing(self, layer: int, idx: torch.Tensor, gate: torch.Tensor) -> None:
-        """Slot counts and gate sums per expert into ``_obs_L2E[layer]``: one index_add_ of
-        [2, M] columns (M = N·K). Handed to the controller once per tick (``observe_all``)."""
+        """Add this call's slot counts and gate sums per expert to the controller's pending
+        observation (rows 0 and 1 of ``observation_buffer()`` [3, L, E], the same sums
+        ``controller.observe`` adds): one index_add_ of [2, M] columns (M = N·K)."""
+        acc_3LE = self.controller.observation_buffer()
         idx_M = idx.reshape(-1)
-        K = idx.shape[-1]
-        vals_2M = torch.stack([torch.ones_like(idx_M, dtype=self._obs_L2E.dtype),
-                               gate.detach().reshape(-1).to(self._obs_L2E.dtype)])
+        gate_M = gate.detach().reshape(-1)
+        if gate_M.dtype != acc_3LE.dtype:
+            gate_M = gate_M.to(acc_3LE.dtype)
         valid = self._valid_N
+        K = idx.shape[-1]
         if valid is not None and valid.numel() * K == idx_M.numel():
-            vals_2M = vals_2M * valid.to(vals_2M.device, vals_2M.dtype).repeat_interleave(K)
-        self._obs_L2E[layer].index_add_(1, idx_M, vals_2M)
+            ones_M = valid.to(acc_3LE.device, acc_3LE.dtype).repeat_interleave(K)
+            gate_M = gate_M * ones_M
+        else:
+            ones_M = acc_3LE.new_ones(()).expand(idx_M.shape[0])   # a view: no allocation
+        acc_3LE[0, layer].index_add_(0, idx_M, ones_M)
+        acc_3LE[1, layer].index_add_(0, idx_M, gate_M)
 
     def routing_output(self, logits: torch.Tensor | None = None) -> "RoutingRecord":
         """The routing of the last forward (needs ``record_routing=True``), shaped like our
@@ -320,27 +327,17 @@ class AttachHandle:
 
     @property
     def observation_buffer(self) -> torch.Tensor:
-        """The pending observation [3, L, E] (counts, gate sums, loss sums), as the controller
-        will tick on it."""
-        self.flush()
+        """The pending observation [3, L, E] (counts, gate sums, loss sums) the next tick uses."""
         return self.controller.observation_buffer()
-
-    @torch.no_grad()
-    def flush(self) -> None:
-        """Hand the routing observed since the last flush to the controller (``observe_all``)."""
-        counts_LE, wsum_LE = self._obs_L2E.unbind(1)
-        self.controller.observe_all(counts_LE, wsum_LE)
-        self._obs_L2E.zero_()
 
     @torch.no_grad()
     def tick(self) -> None:
         """One controller step on the observation gathered since the last tick, summed over the
         data-parallel ranks first. No host sync."""
-        self.flush()
         acc_3LE = self.controller.observation_buffer()
         if self._is_distributed():
             _dist.all_reduce_observation(acc_3LE, self.process_group)
-        self.load_LE.add_(acc_3LE[0].to(self.load_LE.dtype))
+        self.load_LE.add_(acc_3LE[0])
         self.controller.tick()
         self.ticks += 1
 
@@ -413,7 +410,6 @@ class AttachHandle:
                 del _ATTACHED[plan.module]
         self._records = [None] * self.num_layers
         self._valid_N = None
-        self._obs_L2E.zero_()
         self.controller.clear_observations()
         self.attached = False
 
@@ -452,7 +448,6 @@ class AttachHandle:
             raise AttachError(f"attach state routers {routers} differ from this attachment's "
                               f"{self.router_names}")
         self.controller.load_state_dict(state["controller"])
-        self._obs_L2E.zero_()
         self.controller.clear_observations()
         self.ticks = int(state.get("ticks", 0))
 
