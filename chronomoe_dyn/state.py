@@ -161,7 +161,9 @@ def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: 
                              f"must be >= 0")
         # Finite entries can still overflow once summed over a layer (frac and the mean loss
         # would turn into 0 or NaN): reject such an observation here, before the state moves.
-        if not np.all(np.isfinite(a.sum(axis=1))):
+        with np.errstate(over="ignore"):
+            layer_sums = a.sum(axis=1)
+        if not np.all(np.isfinite(layer_sums)):
             raise ValueError(f"RoutingObservation.{name}: the sum over a layer's experts "
                              f"overflows float64")
         out.append(a)

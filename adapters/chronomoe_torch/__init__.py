@@ -24,6 +24,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "TrainingConfig": ".config",
     "ChronoMoETrainer": ".trainer",
+    "NonFiniteTrainingError": ".trainer",
+    "BadBatchError": ".trainer",
     "ChronovisorCheckpoint": ".checkpoint",
     "save_state": ".checkpoint",
     "load_state": ".checkpoint",

@@ -16,7 +16,8 @@ MODULES = ["chronomoe_dyn", "chronomoe_dyn.testing"]
 
 def _modules_after_import(code: str) -> set[str]:
     """Run ``code`` in a fresh interpreter and return the top-level modules it loaded."""
-    probe = code + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    probe = code + ("\nimport json, sys\n"
+                    "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=120, check=True)
     return set(json.loads(out.stdout.strip().splitlines()[-1]))

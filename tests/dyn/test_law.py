@@ -103,8 +103,8 @@ def test_T_fast_is_clipped_to_its_range():
 
 @pytest.mark.parametrize("E", range(1, 65))
 def test_uniform_routing_gives_no_drift_boost(E):
-    """Exactly uniform usage has no drift: d̂ = 0 and T_fast = T_base(1 + β_R(1 − R))(1 + β_s(1 − s))
-    for every E. (u/Σu carries rounding noise for E = 6, 7, 12, ...; normalising that noise by its
+    """Exactly uniform usage has no drift: d̂ = 0 and
+    T_fast = T_base(1 + β_R(1 − R))(1 + β_s(1 − s)) for every E. (u/Σu carries rounding noise for E = 6, 7, 12, ...; normalising that noise by its
     own maximum used to switch on the full β_d boost.)"""
     cfg = frozen_phases()
     s = init_state(cfg, 1, E, seed=1)

@@ -409,7 +409,8 @@ def valley_fill_bounds(cfg, E, loss_ratio, s_v0, s_o0):
     n_upper = math.log((g_inf - D0 + eta * C * mu / (lam - mu)) / g_inf) / -math.log(lam)
 
     def D(n):
-        return lam ** n * D0 + g_inf * (1 - lam ** n) - eta * C * mu * (lam ** n - mu ** n) / (lam - mu)
+        lag = eta * C * mu * (lam ** n - mu ** n) / (lam - mu)
+        return lam ** n * D0 + g_inf * (1 - lam ** n) - lag
     return n_lower, n_upper, D, (tau_v, tau_o, g_inf, C, D0, mu)
 
 
@@ -463,15 +464,16 @@ def test_collapsed_expert_valley_fills_within_derived_bound(E, loss_ratio, s_v0,
     a valley exactly while D = T̄_v − T̄_o < 0.
 
     Dynamics. On micro tick n (fast tick nP) T_fast_v − T_fast_o = T_base·β_s(s_o − s_v)
-    = g∞ − C·μⁿ with μ = ρ^P, g∞ = T_base·β_s(τ_o − τ_v), C = T_base·β_s((τ_o − s_o0) + (s_v0 − τ_v))
-    ≥ 0. Both T̄ are EMAs of rate η = η_l, λ = 1 − η, so
+    = g∞ − C·μⁿ with μ = ρ^P, g∞ = T_base·β_s(τ_o − τ_v),
+    C = T_base·β_s((τ_o − s_o0) + (s_v0 − τ_v)) ≥ 0. Both T̄ are EMAs of rate η = η_l, λ = 1 − η, so
         D(n) = λⁿD0 + g∞(1 − λⁿ) − ηCμ(λⁿ − μⁿ)/(λ − μ),   D0 = T_base·β_s(s_o0 − s_v0) < 0.
     For λ > μ (T̄ slower than reliability), 0 ≤ λⁿ − μⁿ ≤ λⁿ gives
         g∞ − λⁿ(g∞ − D0 + ηCμ/(λ − μ)) ≤ D(n) ≤ g∞ − λⁿ(g∞ − D0),
     hence v stops being a valley at a micro tick n* with
         ln((g∞ − D0)/g∞)/(−ln λ)  ≤  n*  ≤  ⌈ln((g∞ − D0 + ηCμ/(λ − μ))/g∞)/(−ln λ)⌉.
-    The lower end is the brief's "instant" estimate (T_fast_v jumps by (1+β_s)/(1+β_s(1−s_o))
-    at once); the upper end adds the lag of the reliability EMA.
+    The lower end is what an instant collapse would give (T_fast_v rising at once by the factor
+    (1 + β_s(1 − τ_v))/(1 + β_s(1 − τ_o)) over the others); the upper end adds the lag of the
+    reliability EMA. The test also checks the law against the exact D(n).
 
     Default config (β_s 0.2, η_l 0.01, ρ 0.95, P 5, k 4), E = 8, loss ratio 10⁶, s_v0 = 1,
     s_o0 = 0.5 (D0 = −0.1): τ_v = 6.9e−13, τ_o = 0.98201, g∞ = 0.19640, C = 0.29640,
