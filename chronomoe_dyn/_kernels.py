@@ -698,3 +698,23 @@ def simulate_batch(t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
                     ev_kind_X, ev_layer_X, ev_index_X, ev_value_X, ev_cum_XD, R_BT, dR_BT,
                     kappa_BT, loss_BT, Tbar_global_BTE, var_local_BTL, Tbar_local_BTLE,
                     T_fast_BTLE, usage_BTLE, rel_BTLE)
+
+
+@njit(cache=True)
+def simulate_serial(t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
+                    tick_B, seed_B, theta_BLE, omega_BLE, usage_BLE, rel_BLE, delta_BLE,
+                    pressure_BLE, lens_BLE, T_fast_BLE, Tbar_local_BLE, Tbar_global_BE, T_eff_BLE,
+                    scal_B4, offset_B, quality_BLED, est_BLDE, nobs_BLDE, cum_BD,
+                    ev_tick_X, ev_kind_X, ev_layer_X, ev_index_X, ev_value_X, ev_cum_XD,
+                    R_BT, dR_BT, kappa_BT, loss_BT, Tbar_global_BTE, var_local_BTL,
+                    Tbar_local_BTLE, T_fast_BTLE, usage_BTLE, rel_BTLE):
+    """simulate_batch without the thread pool (one system, or one thread): launching the
+    pool costs milliseconds per call on a busy machine, more than a short run of one system."""
+    for b in range(theta_BLE.shape[0]):
+        _run_system(np.int64(b), t_start, t_stop, record_every, cp, ep, ap, kappa_T, p_T,
+                    tick_B, seed_B, theta_BLE, omega_BLE, usage_BLE, rel_BLE, delta_BLE,
+                    pressure_BLE, lens_BLE, T_fast_BLE, Tbar_local_BLE, Tbar_global_BE, T_eff_BLE,
+                    scal_B4, offset_B, quality_BLED, est_BLDE, nobs_BLDE, cum_BD, ev_tick_X,
+                    ev_kind_X, ev_layer_X, ev_index_X, ev_value_X, ev_cum_XD, R_BT, dR_BT,
+                    kappa_BT, loss_BT, Tbar_global_BTE, var_local_BTL, Tbar_local_BTLE,
+                    T_fast_BTLE, usage_BTLE, rel_BTLE)

@@ -353,12 +353,14 @@ def _run_numba(config, env, schedule, seeds, ticks, record_every, events, rec, b
                        float(r.variance_high), float(r.rate), float(r.decay), float(r.max_offset))
     kappa_T, p_T = _kappa_inputs(schedule, ticks)
     cp = _ctrl_params(config)
+    # Systems are independent and each runs sequentially, so both kernels give the same bits.
+    kernel = K.simulate_serial if B == 1 else K.simulate_batch
     # Chunks only to move the progress bar; the state carries over exactly between them.
     chunk = ticks if bar is None else max(1, min(ticks, max(50, ticks // 50)))
     t0 = 0
     while t0 < ticks:
         t1 = min(ticks, t0 + chunk)
-        K.simulate_batch(t0, t1, record_every, cp, ep, ap, kappa_T, p_T, *st, *ev_arrays, *recs)
+        kernel(t0, t1, record_every, cp, ep, ap, kappa_T, p_T, *st, *ev_arrays, *recs)
         if bar is not None:
             bar.update((t1 - t0) * B)
         t0 = t1

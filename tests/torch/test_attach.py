@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 import _attach_models as M  # noqa: E402
 from chronomoe_dyn import ControllerConfig  # noqa: E402
+from chronomoe_torch import attach as attach_mod  # noqa: E402
 from chronomoe_torch.attach import AttachError, attach, find_routers  # noqa: E402
 from chronomoe_torch.checkpoint import load_state, save_state  # noqa: E402
 from chronomoe_torch.controller import PxTController  # noqa: E402
@@ -41,7 +42,11 @@ def _assert_states_equal(a: dict, b: dict) -> None:
 # Routing: identity fields reproduce the router; large bias changes the selection
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", M.ARCHS)
-def test_identity_fields_reproduce_the_model_bit_for_bit(arch):
+def test_identity_fields_reproduce_the_model_bit_for_bit(arch, monkeypatch):
+    """With b = 0, T = 1 and torch's own softmax kernel, the hook's routing is the router's
+    rule op for op: the model is unchanged bit for bit (each family's renormalisation and
+    dtype handling replicated exactly)."""
+    monkeypatch.setattr(attach_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
     model = M.make_hf(arch)
     x = M.tokens()
     ref = model(x, output_router_logits=True)
@@ -50,6 +55,28 @@ def test_identity_fields_reproduce_the_model_bit_for_bit(arch):
     assert torch.equal(out.logits, ref.logits)
     for a, b in zip(out.router_logits, ref.router_logits):
         assert torch.equal(a, b)
+    handle.detach()
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_identity_fields_with_the_fast_small_e_softmax(arch):
+    """The default CPU path for E < 16 takes the softmax along the other axis (a faster kernel,
+    equal to within float32 rounding): same selections, outputs equal to rounding."""
+    assert M.E < attach_mod.FAST_CPU_SOFTMAX_BELOW
+    model = M.make_hf(arch)
+    x = M.tokens()
+    ref_idx = []
+    hooks = [r.register_forward_hook(lambda m, a, out: ref_idx.append(out[2]))
+             for r in M.hf_routers(model)]
+    ref = model(x)
+    for h in hooks:
+        h.remove()
+    handle = attach(model, controller=M.FixedFields(_n_routers(model), M.E),
+                    record_routing=True)
+    out = model(x)
+    for got, want in zip(handle.routing_output().expert_indices, ref_idx, strict=True):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(out.logits, ref.logits)
     handle.detach()
 
 
@@ -149,9 +176,11 @@ def test_real_controller_fields_are_applied(arch):
 # Gradients
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", M.ARCHS)
-def test_gradient_reaches_router_weight_through_the_modified_logits(arch):
+def test_gradient_reaches_router_weight_through_the_modified_logits(arch, monkeypatch):
     """With b = 0 and power-of-two temperatures, (W x)/T is exactly (W/T) x: an unattached clone
-    with rows of W divided by T is the same function, and dL/dW = (dL/dW') / T exactly."""
+    with rows of W divided by T is the same function, and dL/dW = (dL/dW') / T exactly (with
+    the router's own softmax kernel, so the two graphs are op for op the same)."""
+    monkeypatch.setattr(attach_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
     model = M.make_hf(arch)
     L = _n_routers(model)
     temp = torch.tensor([1.0, 2.0, 4.0, 0.5]).repeat(L, 1)
@@ -168,8 +197,7 @@ def test_gradient_reaches_router_weight_through_the_modified_logits(arch):
     out_b.loss.backward()
     for i, (ra, rb) in enumerate(zip(M.hf_routers(model), M.hf_routers(clone))):
         assert ra.weight.grad is not None and ra.weight.grad.abs().sum() > 0
-        torch.testing.assert_close(ra.weight.grad, rb.weight.grad / temp[i][:, None],
-                                   rtol=1e-6, atol=0.0)
+        assert torch.equal(ra.weight.grad, rb.weight.grad / temp[i][:, None])
     handle.detach()
 
 

@@ -1,0 +1,112 @@
+"""The on-disk format of a checkpoint (version 1): its file names, its manifest, and the errors
+that checkpoint IO raises. Everything here is public through ``chronomoe_torch.checkpoint``.
+
+A checkpoint is a *directory*::
+
+    <name>/
+      tensors.safetensors   every tensor and numpy array of the tree, keyed by its path
+      meta.json             the tree's skeleton (containers, scalars, references to tensors),
+                            plus "format", "format_version" and "kind"
+      manifest.json         "format", "format_version", "kind", "created_unix_ns" and, per file,
+                            its size in bytes and sha256
+
+The manifest must list exactly the two data files; ``latest`` is reserved for the pointer file
+in the parent directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+FORMAT_NAME = "chronomoe-checkpoint"
+FORMAT_VERSION = 1
+LATEST_POINTER = "latest"
+TENSORS_FILE = "tensors.safetensors"
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+_FILES = (TENSORS_FILE, META_FILE)
+_MAX_JSON_BYTES = 256 * 1024 * 1024  # a bound against absurd files, far above real metadata
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_KIND_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+# ----------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint could not be written or read; the message names the file and the cause."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the path (and no recoverable one beside it)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A file is missing, truncated, altered, or not what its manifest says."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """The checkpoint has another format version (or format) than this code reads."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is intact but does not fit (other kind, other layer/expert counts...)."""
+
+
+# Their public home: tracebacks and pickles name chronomoe_torch.checkpoint, which re-exports them.
+for _cls in (CheckpointError, CheckpointNotFoundError, CheckpointCorruptError,
+             CheckpointVersionError, CheckpointMismatchError):
+    _cls.__module__ = "chronomoe_torch.checkpoint"
+del _cls
+
+
+# ----------------------------------------------------------------------------------------
+# names and the manifest
+# ----------------------------------------------------------------------------------------
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_name(path: Path) -> None:
+    name = path.name
+    if not _NAME_RE.match(name) or name == LATEST_POINTER:
+        raise ValueError(f"save_state: checkpoint name {name!r} (from {path}) is not allowed: "
+                         f"use letters, digits, '_', '.', '-', not starting with '.' or '-', "
+                         f"and not {LATEST_POINTER!r} (reserved for the pointer file)")
+
+
+def _not_a_dir(path: Path) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{path} is not a checkpoint directory (checkpoints are directories written by "
+        f"save_state, holding {MANIFEST_FILE}, {META_FILE} and {TENSORS_FILE}); nothing was "
+        f"read from it, and files such as pickles or .pt files are never loaded")
+
+
+def _parse_manifest(data: bytes | None, path: Path, expect_version: int) -> dict:
+    mfile = path / MANIFEST_FILE
+    if data is None:
+        raise CheckpointCorruptError(f"checkpoint file {mfile} is missing: {path} is not a "
+                                     f"complete checkpoint")
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"checkpoint file {mfile} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointVersionError(f"checkpoint file {mfile}: format {got!r}, expected "
+                                     f"{FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if version != expect_version:
+        raise CheckpointVersionError(
+            f"checkpoint {path} has format version {version!r} ({mfile}); this chronomoe_torch "
+            f"reads format version {expect_version}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or sorted(files) != sorted(_FILES) or not all(
+            isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise CheckpointCorruptError(f"checkpoint file {mfile}: 'files' must list exactly "
+                                     f"{list(_FILES)} with size and sha256, got {files!r}")
+    return manifest
