@@ -29,7 +29,7 @@ from decimal import Decimal, localcontext
 import numpy as np
 from numba import njit, prange
 
-from .env import STREAM_DOMAIN, STREAM_LOSS, STREAM_TOKEN
+from .env import STREAM_BATCH, STREAM_DOMAIN, STREAM_LOSS, STREAM_TOKEN
 from .rng import GOLDEN32, MASK32, STREAM_PHASE
 from .schedule import adaptive_offset_update
 
@@ -276,7 +276,7 @@ CtrlParams = namedtuple("CtrlParams", [
 """ControllerConfig as a numba-friendly tuple (ints for the periods, floats for the rest)."""
 
 EnvParams = namedtuple("EnvParams", [
-    "tokens", "top_k", "loss_floor", "loss_range", "loss_noise", "token_noise",
+    "tokens", "top_k", "loss_floor", "loss_range", "loss_noise", "token_noise", "batch_noise",
     "router_sharpness", "router_memory"])
 
 AdaptParams = namedtuple("AdaptParams", [
@@ -479,12 +479,19 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
     sumx_LDE[:] = 0.0
     cnt_LDE[:] = 0.0
     # the token-independent part of the scores, once per tick (env.route has the same formula)
+    h_batch = _hash_base(seed, STREAM_BATCH, tick)
     for l in range(L):
         for e in range(E):
             invT_LE[l, e] = 1.0 / temp_LE[l, e]
         for d in range(D):
+            m = 0.0
             for e in range(E):
-                base_LDE[l, d, e] = (-ep.router_sharpness * est_LDE[l, d, e] + bias_LE[l, e]) \
+                m += est_LDE[l, d, e]
+            m /= E
+            for e in range(E):
+                u = _uniform_at(h_batch, (l * D + d) * E + e)
+                base_LDE[l, d, e] = (ep.router_sharpness * (m - est_LDE[l, d, e])
+                                     + ep.batch_noise * (2.0 * u - 1.0) + bias_LE[l, e]) \
                     / temp_LE[l, e]
     h_dom = _hash_base(seed, STREAM_DOMAIN, tick)
     for t in range(T):

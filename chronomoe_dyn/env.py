@@ -48,7 +48,7 @@ from . import rng
 
 __all__ = ["EnvConfig", "Event", "EnvState", "init_env", "apply_event", "route", "learn",
            "domain_cumulative", "make_quality", "STREAM_DOMAIN", "STREAM_TOKEN", "STREAM_LOSS",
-           "STREAM_QUALITY", "STREAM_HOME", "EVENT_KINDS"]
+           "STREAM_QUALITY", "STREAM_HOME", "STREAM_BATCH", "EVENT_KINDS"]
 
 # Counter-RNG streams of the environment (rng.STREAM_PHASE = 0 belongs to the controller).
 # The Numba kernels import these as compile-time constants: never change them (an on-disk
@@ -63,6 +63,8 @@ STREAM_QUALITY = 14
 """Hidden expert quality at init: uniform index (l·E + e)·D + d (tick 0)."""
 STREAM_HOME = 15
 """Home-domain shuffle at init: uniform index l·E + e (tick 0)."""
+STREAM_BATCH = 17
+"""Per-tick logit offset shared by a domain's tokens: uniform index (l·D + d)·E + e."""
 
 EVENT_KINDS = ("collapse", "domain_shift")
 
@@ -123,6 +125,11 @@ class EnvConfig:
     """Half-width of the uniform noise on each slot loss."""
     token_noise: float = 1.0
     """Half-width of the uniform per-token noise on each router logit (token individuality)."""
+    batch_noise: float = 1.0
+    """Half-width of a uniform logit offset per (layer, domain, expert) drawn afresh each tick
+    and shared by all the domain's tokens of that tick (batch context). Against flat logits it
+    moves many tokens at once (routing drift); once the router has learned logit gaps larger
+    than it, routing no longer follows it."""
     router_sharpness: float = 2.0
     """Router logit per unit of estimated loss: logit = −sharpness·est."""
     router_memory: float = 2000.0
@@ -160,6 +167,7 @@ class EnvConfig:
                              f"{self.loss_noise!r} so that slot losses stay >= 0")
         _real("loss_range", self.loss_range, 0.0)
         _real("token_noise", self.token_noise, 0.0)
+        _real("batch_noise", self.batch_noise, 0.0)
         _real("router_sharpness", self.router_sharpness, 0.0)
         _real("router_memory", self.router_memory, 1.0)
         _real("router_prior_count", self.router_prior_count, 0.0, self.router_memory)
@@ -339,8 +347,10 @@ def route(env: EnvConfig, es: EnvState, bias_LE: np.ndarray, temperature_LE: np.
     u_LTE = rng.uniform(seed, STREAM_TOKEN, tick, np.arange(L * T * E)).reshape(L, T, E)
     # (logits + bias)/temperature with the token noise divided separately: the same number
     # up to rounding, and the kernel then divides once per (layer, domain, expert), not per token.
-    base_LDE = (-env.router_sharpness * es.est_LDE + bias_LE[:, None, :]) \
-        / temperature_LE[:, None, :]
+    u_LDE = rng.uniform(seed, STREAM_BATCH, tick, np.arange(L * D * E)).reshape(L, D, E)
+    mean_LD1 = es.est_LDE.mean(axis=-1, keepdims=True)
+    base_LDE = (env.router_sharpness * (mean_LD1 - es.est_LDE) + env.batch_noise * (2.0 * u_LDE - 1.0)
+                + bias_LE[:, None, :]) / temperature_LE[:, None, :]
     invT_LE = 1.0 / temperature_LE
     scores_LTE = base_LDE[:, dom_T, :] \
         + env.token_noise * (2.0 * u_LTE - 1.0) * invT_LE[:, None, :]

@@ -347,7 +347,8 @@ def _run_numba(config, env, schedule, seeds, ticks, record_every, events, rec, b
                      rec.rel_BTLE)
     ep = K.EnvParams(int(env.tokens_per_tick), int(env.top_k), float(env.loss_floor),
                      float(env.loss_range), float(env.loss_noise), float(env.token_noise),
-                     float(env.router_sharpness), float(env.router_memory))
+                     float(env.batch_noise), float(env.router_sharpness),
+                     float(env.router_memory))
     r = schedule.rule
     ap = K.AdaptParams(schedule.kind == "adaptive", float(r.R_low), float(r.R_high),
                        float(r.variance_high), float(r.rate), float(r.decay), float(r.max_offset))

@@ -4,8 +4,8 @@
     ...train as usual...              # one controller tick per optimizer step
     handle.detach()                   # the model is exactly as before
 
-For each router (layer ℓ) a forward hook, registered first in line (``prepend=True``), rewrites the
-router's output. With raw logits l [N, E] and the controller's fields (b_ℓ, T_ℓ):
+For each router (layer ℓ) a forward hook, registered first in line (``prepend=True``), rewrites
+the router's output. With raw logits l [N, E] and the controller's fields (b_ℓ, T_ℓ):
 
     l' = (l + b_ℓ) / T_ℓ                  computed in float32, returned in l's dtype
     p  = softmax(l'),  top-k of p,  g = the router's own gate rule on p (renormalised or not)
@@ -15,14 +15,18 @@ consume the modified top-k, gradients reach the router weight through l' (the bi
 constant, the temperature a detached divisor), and transformers' own output recorder, whose hook
 runs after ours, records l' for its load-balancing loss. For the Hugging Face routers the gate rule
 is the router's own (same ops in the same order), so identity fields (b = 0, T = 1) reproduce the
-unattached model bit for bit.
+unattached model bit for bit; the one exception is the softmax on CPU with E < 16 experts, taken
+with a faster kernel that agrees to float32 rounding (``FAST_CPU_SOFTMAX_BELOW``). The router's
+own softmax/top-k still runs (a hook cannot skip it): the attachment costs about one more router
+per layer, plus the tick.
 
 Observation: in training mode each hook adds, on device and without a host sync, the layer's
 top-k slot counts and gate-weight sums to the controller's pending observation (one
-``index_add_`` into ``controller.observation_buffer()``, the sums ``controller.observe`` would
-add); the loss adds per-expert token-loss sums (``controller.observe_loss``). Padding is excluded when the model was
-called with a 2-D ``attention_mask`` (read by a forward pre-hook on the model). A forward re-run
-inside backward (activation checkpointing) is not observed twice.
+``index_add_`` each into ``controller.observation_buffer()``: the sums ``controller.observe``
+would add); the loss adds per-expert token-loss sums (``controller.observe_loss``). Padding is
+excluded when the model was called with a 2-D ``attention_mask`` keyword (read by a forward
+pre-hook on the model). A forward re-run inside backward (activation checkpointing) is not
+observed twice.
 
 Tick: once per optimizer step. ``attach(..., optimizer=opt)`` registers ``handle.tick`` as the
 optimizer's step pre-hook (it runs after every micro-batch's backward, so gradient accumulation
@@ -148,6 +152,21 @@ class _RouterPlan:
     whose gates and indices are recomputed, or a tuple whose first entry is the logits)."""
 
 
+def _positional_index(model: nn.Module, name: str) -> int | None:
+    """Position of parameter ``name`` in ``model.forward``'s positional arguments, if any."""
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == name:
+            return i
+    return None
+
+
 def _expert_count(m: nn.Module, num_experts: int | None) -> int | None:
     for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
         v = getattr(m, attr, None)
@@ -213,6 +232,8 @@ class _RouterHook:
             handle._records[self.layer] = (mod_NE, idx_NK, gate_NK)
         if is_tensor or type(output) is tuple:
             return result
+        if hasattr(output, "_fields"):           # a NamedTuple
+            return type(output)(*result)
         return type(output)(result)
 
 
@@ -241,11 +262,9 @@ class AttachHandle:
         self.distributed = distributed
         self.ticks = 0
         self.attached = False
-        self._model_ref = weakref.ref(model)
         self._plans = list(plans)
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._optimizer_hook: torch.utils.hooks.RemovableHandle | None = None
-        self._optimizer_ref = None
         self._valid_N: torch.Tensor | None = None
         self._records: list[tuple | None] = [None] * self.num_layers
         acc_3LE = controller.observation_buffer()
@@ -254,6 +273,7 @@ class AttachHandle:
 
     # -- hooks --------------------------------------------------------------------------------
     def _install(self, model: nn.Module) -> None:
+        self._mask_pos = _positional_index(model, "attention_mask")
         try:
             for layer, plan in enumerate(self._plans):
                 h = plan.module.register_forward_hook(_RouterHook(self, layer, plan), prepend=True)
@@ -271,7 +291,11 @@ class AttachHandle:
 
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Start of a model forward: remember the padding mask, drop the last routing record."""
-        mask = kwargs.get("attention_mask") if self.mask_padding else None
+        mask = None
+        if self.mask_padding:
+            mask = kwargs.get("attention_mask")
+            if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
+                mask = args[self._mask_pos]
         self._valid_N = mask.reshape(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
             else None
         self._records = [None] * self.num_layers
@@ -286,9 +310,9 @@ class AttachHandle:
 
     @torch.no_grad()
     def _observe_routing(self, layer: int, idx: torch.Tensor, gate: torch.Tensor) -> None:
-        """Add this call's slot counts and gate sums per expert to the controller's pending
-        observation (rows 0 and 1 of ``observation_buffer()`` [3, L, E], the same sums
-        ``controller.observe`` adds): one index_add_ of [2, M] columns (M = N·K)."""
+        """Add this call's slot counts and gate sums per expert (M = N·K routed slots) to the
+        controller's pending observation: rows 0 and 1 of ``observation_buffer()`` [3, L, E],
+        the same sums ``controller.observe`` adds."""
         acc_3LE = self.controller.observation_buffer()
         idx_M = idx.reshape(-1)
         gate_M = gate.detach().reshape(-1)
@@ -319,7 +343,7 @@ class AttachHandle:
                              expert_indices=tuple(r[1] for r in self._records),
                              gate_weights=tuple(r[2] for r in self._records))
 
-    # -- tick ---------------------------------------------------------------------------------------
+    # -- tick --------------------------------------------------------------------------------------
     def _is_distributed(self) -> bool:
         if self.distributed is False:
             return False
@@ -357,7 +381,6 @@ class AttachHandle:
         if self._optimizer_hook is not None:
             self._optimizer_hook.remove()
         self._optimizer_hook = optimizer.register_step_pre_hook(self._optimizer_pre_hook)
-        self._optimizer_ref = weakref.ref(optimizer)
 
     @torch.no_grad()
     def pop_load(self) -> torch.Tensor:
@@ -379,7 +402,8 @@ class AttachHandle:
         rec: dict[str, Any] = {
             "R": st.R, "dR": st.dR, "kappa": st.kappa,
             "tbar_variance": diag["variance"], "tbar_variance_local": diag["local_variance_mean"],
-            "valleys": [int(i) for i in diag["valleys"]], "ridges": [int(i) for i in diag["ridges"]],
+            "valleys": [int(i) for i in diag["valleys"]],
+            "ridges": [int(i) for i in diag["ridges"]],
             "landscape_formed": bool(diag["formed"]), "skipped_ticks": diag["skipped_ticks"],
             "tbar_local_LE": st.Tbar_local_LE.tolist(), "tbar_global_E": st.Tbar_global_E.tolist(),
         }
@@ -395,7 +419,7 @@ class AttachHandle:
             rec["maxvio"] = float(maxvio_L.nanmean())
         return rec
 
-    # -- detach -------------------------------------------------------------------------------------
+    # -- detach ------------------------------------------------------------------------------------
     def detach(self) -> None:
         """Remove every hook this handle installed; the model behaves exactly as before attach.
         Pending observations are dropped. Idempotent."""
@@ -419,7 +443,7 @@ class AttachHandle:
     def __exit__(self, *exc: Any) -> None:
         self.detach()
 
-    # -- state --------------------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Controller state plus what identifies the attachment (a tree ``save_state`` writes).
         Taken at an optimizer-step boundary, as trainers checkpoint: pending observations are

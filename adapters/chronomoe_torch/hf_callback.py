@@ -99,10 +99,10 @@ class ChronoMoECallback(TrainerCallback):
         self.handle: AttachHandle | None = None
         self.resume_dir: Path | None = None
         self._writer = None
+        self._run_dir: Path | None = None               # main process only
         self._loss_sum: torch.Tensor | None = None   # [6] on device, since the last log
         self._loss_n = 0
         self._optimizer = None
-        self._pending_logs: dict[str, float] = {}
 
     # ------------------------------------------------------------------ attach
     @property
@@ -192,6 +192,10 @@ class ChronoMoECallback(TrainerCallback):
         return out
 
     def _write(self, rec: dict[str, Any]) -> None:
+        """Append to the JSONL file (reopened after ``on_train_end``, e.g. for ``evaluate``)."""
+        if self._writer is None and self._run_dir is not None:
+            from .metrics import MetricsWriter
+            self._writer = MetricsWriter(self._run_dir, tensorboard=self.tensorboard)
         if self._writer is not None:
             self._writer.write(rec)
 
@@ -220,10 +224,9 @@ class ChronoMoECallback(TrainerCallback):
                     f"{Path(ckpt) / STATE_DIRNAME} does not exist (a checkpoint saved without "
                     "the callback?); pass require_state_on_resume=False to start a fresh "
                     "controller")
-        if self.metrics_dir is not False and state.is_world_process_zero and self._writer is None:
-            from .metrics import MetricsWriter
-            run_dir = args.output_dir if self.metrics_dir is None else self.metrics_dir
-            self._writer = MetricsWriter(run_dir, tensorboard=self.tensorboard)
+        if self.metrics_dir is not False and state.is_world_process_zero:
+            self._run_dir = Path(args.output_dir if self.metrics_dir is None
+                                 else self.metrics_dir)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

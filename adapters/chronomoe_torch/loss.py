@@ -13,12 +13,17 @@ to e; every term is averaged over layers:
                 with the differentiable p̄ in place of the hard fractions.
     L_valley    Σ_e m_ℓe·p̄_ℓe                           m: unhealthy valleys of layer ℓ, i.e.
                 T̄_local < mean − c·std (c = 0.5) and reliability < 0.3
-    L_z         mean_n logsumexp(l'_n)²                   router z-loss (ST-MoE)
+    L_z         mean_n logsumexp(l'_n)²                   router z-loss (ST-MoE); computed only
+                when λ_z > 0 (else reported as 0)
 
 Modes: "chronomoe" (all terms), "switch" (L_lm + balance + z: the standard Switch recipe),
 "aux_free" (L_lm + z; balance comes from the routers' aux-free bias, see moe.py, and
 ``L_balance`` is still returned, detached, for comparison). Terms outside the mode, and the
 controller terms when no controller is given, are returned as zeros.
+
+Precision: every term is computed in float32 with autocast disabled, so calling the loss inside
+``torch.autocast`` (e.g. bf16) gives the same values as outside it. p is the model's own router
+softmax (``output.router_probs``) when the output carries it, else recomputed from the logits.
 
 Nothing here synchronises with the host: every component is a 0-d tensor. With a controller
 and ``observe=True`` the per-token losses are summed per expert and layer and passed to
@@ -29,6 +34,7 @@ Shape legend: B batch, S sequence, N = B·S tokens, L layers, E experts, K top-k
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -115,27 +121,41 @@ class ChronoMoELoss(nn.Module):
 
     def forward(self, output, labels: torch.Tensor, controller=None,
                 attention_mask: torch.Tensor | None = None, observe: bool = True) -> LossOutput:
-        """``output``: a ``MoECausalLMOutput``; ``labels`` [B, S] aligned with the inputs (pass
-        ``input_ids`` for plain LM training); ``controller`` supplies R, usage, the valley mask
-        and receives the per-expert loss sums when ``observe`` (pass False at evaluation)."""
-        logits_BSV = output.logits
-        tok_BS, target_BS = causal_lm_token_loss(logits_BSV, labels, attention_mask,
+        """``output``: a ``MoECausalLMOutput`` (``router_probs`` optional); ``labels`` [B, S]
+        aligned with the inputs (pass ``input_ids`` for plain LM training); ``controller``
+        supplies R, usage, the valley mask and receives the per-expert loss sums when
+        ``observe`` (pass False at evaluation). Safe to call inside ``torch.autocast``."""
+        dev = output.logits.device.type
+        # float32 throughout: under CPU autocast the einsum below would run in bf16 and the
+        # scatter in ``_balance`` would then mix dtypes.
+        no_autocast = (torch.autocast(dev, enabled=False)
+                       if torch.amp.is_autocast_available(dev) else contextlib.nullcontext())
+        with no_autocast:
+            return self._terms(output, labels, controller, attention_mask, observe)
+
+    def _terms(self, output, labels: torch.Tensor, controller,
+               attention_mask: torch.Tensor | None, observe: bool) -> LossOutput:
+        tok_BS, target_BS = causal_lm_token_loss(output.logits, labels, attention_mask,
                                                  self.ignore_index)
         lm = tok_BS.sum() / target_BS.sum().clamp_min(1.0)
 
-        logits_LNE = torch.stack(output.router_logits).float()
+        probs = getattr(output, "router_probs", None)
+        probs_LNE = (torch.stack(probs).float() if probs is not None
+                     else torch.stack(output.router_logits).float().softmax(dim=-1))
         idx_LNK = torch.stack(output.expert_indices)
-        L, N, E = logits_LNE.shape
+        L, N, E = probs_LNE.shape
         K = idx_LNK.shape[-1]
-        w_N = (torch.ones(N, device=logits_LNE.device) if attention_mask is None
+        w_N = (torch.ones(N, device=probs_LNE.device) if attention_mask is None
                else attention_mask.reshape(-1).float())
         w_sum = w_N.sum().clamp_min(1.0)
-        probs_LNE = logits_LNE.softmax(dim=-1)
         pbar_LE = torch.einsum("lne,n->le", probs_LNE, w_N) / w_sum
 
         balance = self._balance(pbar_LE, idx_LNK, w_N, w_sum)
-        z = (torch.logsumexp(logits_LNE, dim=-1).pow(2) * w_N).sum(-1).mean() / w_sum
         zero = lm.new_zeros(())
+        z = zero
+        if self.lambda_z:            # only term that needs the logits themselves
+            logits_LNE = torch.stack(output.router_logits).float()
+            z = (torch.logsumexp(logits_LNE, dim=-1).pow(2) * w_N).sum(-1).mean() / w_sum
         coherence = valley = zero
         if controller is not None and self.mode == "chronomoe":
             u_LE = controller.usage_LE.detach().to(pbar_LE.dtype)

@@ -170,6 +170,9 @@ class MoECausalLMOutput:
     """Per layer [N, K] float32 gate weights."""
     loss: torch.Tensor | None = None
     """Plain causal LM loss (0-d) when labels were given."""
+    router_probs: tuple[torch.Tensor, ...] | None = None
+    """Per layer [N, E]: softmax of ``router_logits`` (float32, differentiable), the router's
+    own, so ``ChronoMoELoss`` need not recompute it. None from models that do not provide it."""
 
 
 class RMSNorm(nn.Module):
@@ -337,17 +340,26 @@ class ChronovisorMixtralForCausalLM(nn.Module):
             expert_indices=tuple(r.expert_idx_NK for r in routers),
             gate_weights=tuple(r.gate_NK for r in routers),
             loss=loss,
+            router_probs=tuple(r.probs_NE for r in routers),
         )
 
     @torch.no_grad()
-    def update_aux_free_bias(self, rate: float | None = None) -> None:
+    def update_aux_free_bias(self, rate: float | None = None,
+                             valid: torch.Tensor | None = None) -> None:
         """One auxiliary-loss-free balancing step in every router (call once per optimizer
         step, e.g. from an optimizer step pre-hook): b += u·sign(mean − load) on the loads
         routed in training mode since the last call, then clear them. On device, no sync.
-        ``rate`` (u) defaults to ``config.aux_free_bias_rate``."""
+        ``rate`` (u) defaults to ``config.aux_free_bias_rate``. ``valid`` (0-d bool tensor):
+        when False the biases stay bit-for-bit unchanged (``torch.where``, no sync), e.g. on a
+        skipped optimizer step; the loads are cleared either way."""
         u = self.config.aux_free_bias_rate if rate is None else float(rate)
+        if valid is not None and (not isinstance(valid, torch.Tensor) or valid.dim() != 0
+                                  or valid.dtype != torch.bool):
+            got = (f"a {valid.dtype} tensor of shape {list(valid.shape)}"
+                   if isinstance(valid, torch.Tensor) else type(valid).__name__)
+            raise ValueError(f"update_aux_free_bias: valid must be a 0-d bool tensor, got {got}")
         for layer in self.layers:
-            layer.moe.router.update_aux_free_bias(u)
+            layer.moe.router.update_aux_free_bias(u, valid)
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active`` counts only K of the E experts per layer."""

@@ -22,8 +22,9 @@ it is used where `_grouped_mm` is unavailable: float64, CUDA below sm90 or not b
 
 Auxiliary-loss-free balancing (DeepSeek-V3): each router keeps a bias b_free [E] used only in the
 top-k selection, and a load accumulator of the top-k slots it routed (training mode) since the
-last update; `Router.update_aux_free_bias(u)` applies b_free += u·sign(mean(load) − load) and
-clears the accumulator, once per optimizer step, on device, without sync.
+last update; `Router.update_aux_free_bias(u, valid)` applies b_free += u·sign(mean(load) − load)
+(only where the 0-d bool `valid` is True, if given) and clears the accumulator, once per optimizer
+step, on device, without sync.
 
 Shape legend: N tokens, E experts, K top-k, H hidden, I intermediate, M = N·K routed slots.
 """
@@ -110,10 +111,20 @@ class Router(nn.Module):
         return RouterOutput(logits_NE, probs_NE, expert_idx_NK, gate_NK)
 
     @torch.no_grad()
-    def update_aux_free_bias(self, rate: float) -> None:
+    def update_aux_free_bias(self, rate: float, valid: torch.Tensor | None = None) -> None:
         """b_free += rate·sign(mean(load) − load) on the loads since the last call; clears them.
-        No routed tokens since the last call leaves the bias unchanged (sign(0) = 0)."""
-        self.aux_free_bias_E.add_(torch.sign(self.load_E.mean() - self.load_E), alpha=rate)
+        No routed tokens since the last call leaves the bias unchanged (sign(0) = 0).
+
+        ``valid`` (0-d bool tensor, optional): where False the bias keeps its value bit for bit
+        (a skipped optimizer step), chosen with ``torch.where``, without a host sync. The loads
+        are cleared either way: they belong to the step just taken or skipped."""
+        step_E = torch.sign(self.load_E.mean() - self.load_E)
+        if valid is None:
+            self.aux_free_bias_E.add_(step_E, alpha=rate)
+        else:
+            new_E = torch.add(self.aux_free_bias_E, step_E, alpha=rate)  # same rounding as add_
+            torch.where(valid.to(new_E.device), new_E, self.aux_free_bias_E,
+                        out=self.aux_free_bias_E)
         self.load_E.zero_()
 
 

@@ -6,36 +6,53 @@
 
 Why the update and not the gradient: Adam-type optimizers are invariant to the scale of the
 gradient, so scaling it (the prototype) does nothing, and a zero gradient still moves parameters
-through momentum. Instead each step snapshots the parameters (one fused ``_foreach_copy_``), lets
-the wrapped optimizer step, and blends ``p ← lerp(p_after, p_before, 1 − gate)``:
+through momentum. The gate scales the step's parameter change instead, by one of two paths
+(``gate_via``; "auto" picks "lr" where it applies, else "snapshot"):
 
+"snapshot" (any optimizer): snapshot the parameters (one fused ``_foreach_copy_``), let the
+wrapped optimizer step, blend ``p ← lerp(p_after, p_before, 1 − gate)``:
   * gate g scales the parameter change of the step by g (to the rounding of one ``lerp``);
   * gate 1 gives the plain optimizer's parameters (``lerp`` with weight 0 returns its start
     exactly; the only possible difference is the sign of an exact zero, -0.0 vs +0.0);
   * gate 0 leaves the parameters *and* the optimizer state (every tensor in ``state[p]``, e.g.
     AdamW's exp_avg, exp_avg_sq, step) bit-for-bit untouched: both are restored with
     ``torch.where`` on the gate. Gate 0 is reachable only when ``gating_strength == 1`` (the gate is
-    at least 1 − strength), so the state snapshot is taken only then. For 0 < g < 1 the optimizer
-    state advances as in a plain step; only the parameter change is scaled.
+    at least 1 − strength), so the state snapshot is taken only then.
+  Memory: one extra copy of the parameters that have gradients (plus one of their optimizer state
+  when ``gating_strength == 1``).
 
-No host sync: the gate is a 0-d tensor, every choice is ``torch.where``/``lerp``. One exception,
-only when ``gating_strength == 1``: on the step that *creates* a parameter's optimizer state
-(usually the first), lazy state creation cannot be undone without knowing the gate on the host,
-so that step reads the gate once (a sync) and skips the wrapped step entirely if the gate is 0.
+"lr" (``torch.optim.Adam``/``AdamW`` built with ``fused=True``): Adam's parameter change in a
+step, −lr·(wd·p + m̂/(√v̂ + ε)) (AdamW; Adam folds wd·p into the gradient), is linear in lr, so
+the fused kernel run with the tensor lr = gate·lr scales the change by the gate, with no snapshot
+and no extra pass over the parameters:
+  * gate g scales the change by g (to the rounding of the kernel's arithmetic);
+  * gate 1 is the plain optimizer bit for bit on CPU (the gated lr is float64 there and
+    1·lr = lr). CUDA's fused kernel reads a tensor lr as float32, so there the lr is rounded to
+    float32 (relative 6e-8) and gate 1 equals the plain step to that rounding;
+  * gate 0 (``gating_strength == 1``): the kernel also gets ``found_inf = (gate == 0)`` (torch's
+    AMP skip, combined with any ``found_inf`` already set on the optimizer), so parameters,
+    moments and step counts stay bit-for-bit untouched.
+  During the wrapped step ``param_groups[i]["lr"]`` holds the gated 0-d tensor (hooks of the
+  wrapped optimizer see it); it is put back right after.
+Both paths: for 0 < g < 1 the optimizer state advances as in a plain step; only the parameter
+change is scaled.
+
+No host sync: the gate is a 0-d tensor, every choice is ``torch.where``/``lerp``/a tensor lr. One
+exception, only when ``gating_strength == 1``: on the step that *creates* a parameter's optimizer
+state (usually the first), lazy state creation cannot be undone without knowing the gate on the
+host, so that step reads the gate once (a sync) and skips the wrapped step entirely if it is 0.
 
 Order of operations in ``step()`` (documented contract):
   1. this wrapper's step pre-hooks (``PxTController.register_on(gated_opt)`` ticks the controller
      here, so R is the coherence *after* this step's tick);
   2. the gate from that R (``last_gate_value``);
-  3. snapshot, the wrapped optimizer's ``step()`` (its own hooks run inside), blend/restore;
+  3. the wrapped optimizer's ``step()`` (its own hooks run inside), gated by one of the paths;
   4. this wrapper's step post-hooks.
 Register the controller on the wrapper, not on the wrapped optimizer (whose pre-hooks would run
 after the gate was computed from the previous tick's R).
 
 The wrapper is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` are
-the wrapped optimizer's, so ``torch.optim.lr_scheduler.*`` drive it as usual. Memory: one extra
-copy of the parameters that have gradients (plus one of their optimizer state when
-``gating_strength == 1``).
+the wrapped optimizer's, so ``torch.optim.lr_scheduler.*`` drive it as usual.
 """
 
 from __future__ import annotations
@@ -46,9 +63,11 @@ from typing import Any, Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["CoherenceGatedOptimizer", "coherence_gate_tensor"]
+__all__ = ["CoherenceGatedOptimizer", "LrGatedAdamW", "coherence_gate_tensor",
+           "lr_gating_supported", "GATE_VIA"]
 
 RSource = Callable[[], "torch.Tensor | float"]
+GATE_VIA = ("auto", "lr", "snapshot")
 
 
 def coherence_gate_tensor(R: torch.Tensor, min_coherence: float = 0.2,
@@ -82,6 +101,14 @@ def _r_source(controller_or_R_fn: Any) -> RSource:
                      f"or a callable returning R, got {type(controller_or_R_fn).__name__}")
 
 
+def lr_gating_supported(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the gate can go through the learning rate ("lr" path): a ``torch.optim.Adam`` or
+    ``AdamW`` whose every param group is fused (tensor lr and ``found_inf`` supported)."""
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+            and all(g.get("fused") and not g.get("differentiable")
+                    for g in optimizer.param_groups))
+
+
 class CoherenceGatedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer`` so each step's parameter update is scaled by the coherence gate.
 
@@ -92,11 +119,14 @@ class CoherenceGatedOptimizer(torch.optim.Optimizer):
         min_coherence: below this R, g(R) = 0. Seed: 0.2. In [0, 1).
         gating_strength: how far the gate can close: gate ∈ [1 − strength, 1]. Seed: 0.5.
         enabled: False gives the plain optimizer (gate 1, no snapshot).
+        gate_via: how the gate is applied (module docstring): "lr" (fused Adam/AdamW only),
+            "snapshot" (any optimizer) or "auto" ("lr" where ``lr_gating_supported``). The
+            resolved choice is ``self.gate_via``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, controller_or_R_fn: Any,
                  min_coherence: float = 0.2, gating_strength: float = 0.5,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, gate_via: str = "auto") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got "
                              f"{type(optimizer).__name__}")
@@ -105,6 +135,15 @@ class CoherenceGatedOptimizer(torch.optim.Optimizer):
         _check_gate_args(min_coherence, gating_strength)
         if not isinstance(enabled, bool):
             raise ValueError(f"enabled={enabled!r}: expected a bool")
+        if gate_via not in GATE_VIA:
+            raise ValueError(f"gate_via={gate_via!r}: allowed values are {GATE_VIA}")
+        lr_ok = lr_gating_supported(optimizer)
+        if gate_via == "lr" and not lr_ok:
+            raise ValueError(f"gate_via='lr' needs a torch.optim.Adam/AdamW built with "
+                             f"fused=True, got {type(optimizer).__name__} (fused="
+                             f"{optimizer.defaults.get('fused')}); use 'snapshot'")
+        self.gate_via = "lr" if gate_via == "lr" or (gate_via == "auto" and lr_ok) \
+            else "snapshot"
         # No Optimizer.__init__: param groups and state belong to the wrapped optimizer.
         self.optimizer = optimizer
         self._r_fn = _r_source(controller_or_R_fn)
@@ -202,22 +241,55 @@ class CoherenceGatedOptimizer(torch.optim.Optimizer):
             return self.optimizer.step(closure)
         gate = self.current_gate()
         self._last_gate = gate
-        params = self._gated_params(closure)
         may_close = self.gating_strength >= 1.0
+        params = self._gated_params(closure) if may_close or self.gate_via == "snapshot" else []
+        if may_close and any(not self.optimizer.state.get(p) for p in params) \
+                and not bool(gate > 0):
+            # Lazy state creation cannot be undone: skip the step (one sync, see top).
+            if closure is not None:
+                with torch.enable_grad():
+                    return closure()
+            return None
+        if self.gate_via == "lr":
+            return self._step_lr(gate, may_close, closure)
+        return self._step_snapshot(gate, params, may_close, closure)
+
+    def _step_lr(self, gate: torch.Tensor, may_close: bool, closure: Any) -> Any:
+        """The wrapped fused Adam(W) step with lr·gate (and ``found_inf`` when the gate can
+        close); the lrs and the optimizer's own ``found_inf``/``grad_scale`` are put back."""
+        opt = self.optimizer
+        lrs = [g["lr"] for g in opt.param_groups]
+        saved = {k: getattr(opt, k) for k in ("found_inf", "grad_scale") if hasattr(opt, k)}
+        if may_close:
+            closed = (gate == 0).to(torch.float32)
+            fi = saved.get("found_inf")
+            opt.found_inf = closed if fi is None else torch.maximum(fi, closed.to(fi.device))
+            opt.grad_scale = saved.get("grad_scale")
+        try:
+            for g, lr in zip(opt.param_groups, lrs):
+                dev = g["params"][0].device if g["params"] else gate.device
+                # The CUDA kernel reads a tensor lr as float32; the CPU one as double.
+                dt = torch.float64 if dev.type == "cpu" else torch.float32
+                g["lr"] = gate.to(dev, dt) * lr
+            return opt.step(closure)
+        finally:
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr
+            for k in ("found_inf", "grad_scale"):
+                if k in saved:
+                    setattr(opt, k, saved[k])
+                elif hasattr(opt, k):
+                    delattr(opt, k)
+
+    def _step_snapshot(self, gate: torch.Tensor, params: list[torch.Tensor], may_close: bool,
+                       closure: Any) -> Any:
+        """Snapshot, the wrapped step, blend (and the exact restore where the gate is 0)."""
         with torch.no_grad():
             snaps = self._snapshot(params)
-            state_pairs: list[tuple[torch.Tensor, str, torch.Tensor]] = []
-            if may_close:
-                opt_state = self.optimizer.state
-                if any(not opt_state.get(p) for p in params) and not bool(gate > 0):
-                    # Lazy state creation cannot be undone: skip the step (one sync, see top).
-                    if closure is not None:
-                        with torch.enable_grad():
-                            return closure()
-                    return None
-                state_pairs = [(v.clone(), k, p) for p in params
-                               for k, v in opt_state.get(p, {}).items()
-                               if isinstance(v, torch.Tensor)]
+            state_pairs = [] if not may_close else [
+                (v.clone(), k, p) for p in params
+                for k, v in self.optimizer.state.get(p, {}).items()
+                if isinstance(v, torch.Tensor)]
         loss = self.optimizer.step(closure)
         with torch.no_grad():
             if may_close:
@@ -317,5 +389,14 @@ class CoherenceGatedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
-        return (f"CoherenceGatedOptimizer(min_coherence={self.min_coherence}, "
-                f"gating_strength={self.gating_strength}, enabled={self.enabled},\n{inner}\n)")
+        return (f"{type(self).__name__}(min_coherence={self.min_coherence}, "
+                f"gating_strength={self.gating_strength}, enabled={self.enabled}, "
+                f"gate_via={self.gate_via!r},\n{inner}\n)")
+
+
+class LrGatedAdamW(CoherenceGatedOptimizer):
+    """``CoherenceGatedOptimizer(optimizer, ..., gate_via="lr")`` under the trainer's former name:
+    the gate through a fused Adam/AdamW's learning rate (ValueError for any other optimizer)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(optimizer, *args, gate_via="lr", **kwargs)

@@ -1,22 +1,24 @@
 """``ChronoMoETrainer``: one optimizer step (``train_step``) and the loop around it (``train``).
 
 One optimizer step n (``global_step`` n → n + 1) over G = gradient_accumulation_steps micro-batches:
-  1. per micro-batch: forward (bf16 autocast if asked) → ``ChronoMoELoss`` → backward of total/G.
+  1. per micro-batch: forward and ``ChronoMoELoss`` (under bf16 autocast if asked; the loss
+     computes its terms in float32 whatever the autocast) → backward of total/G.
      The routers add their top-k counts and gate sums to the controller's accumulator and the loss
      adds per-expert token-loss sums, so the controller sees the *sum* over the G micro-batches;
   2. ok = every loss, every router logit and the gradient norm are finite (a 0-d bool tensor);
      ``clip_grad_norm_(max_grad_norm)``;
   3. ``optimizer.step()``: its step pre-hook ticks the controller once (with κ(n), set by the
      ``KnobScheduler`` at the end of step n − 1); the coherence gate is computed from the new R
-     and scales the step's parameter change (``LrGatedAdamW``: the ``CoherenceGatedOptimizer``'s
-     gate, applied through fused AdamW's learning rate);
-  4. the LR and κ schedulers step, the aux-free biases update, gradients are dropped.
+     and scales the step's parameter change (``CoherenceGatedOptimizer``, which applies it
+     through fused AdamW's learning rate, its "lr" path);
+  4. the aux-free biases update (``update_aux_free_bias(valid=ok)``), the LR and κ schedulers
+     step, gradients are dropped.
 
 Bad steps are skipped on the device, without a sync. When ``ok`` is false: the controller's
 accumulated observation is poisoned with NaN, so its tick leaves the law state untouched (it
 counts the step in ``skipped_ticks``; its clock, which counts optimizer steps, still advances);
 fused AdamW receives ``found_inf = 1`` (torch's AMP skip: parameters, moments and step counts are
-left bit-for-bit as they were); the aux-free biases are put back with ``torch.where``. The step
+left bit-for-bit as they were); the aux-free biases keep their values (``torch.where``). The step
 still consumes its batches and advances the step counter and the LR/κ schedules. Skips are
 counted on the device (total, current run, longest run) and read on the logging cadence; a run
 of ``max_consecutive_skips`` skips stops training with ``NonFiniteTrainingError`` after saving
@@ -25,15 +27,8 @@ The run is detected at the next log step, so up to ``log_every_n_steps − 1`` m
 skipped first; they change nothing but the data position.
 
 Host syncs: none in ``train_step`` except on log steps, which read every logged value in one
-device-to-host copy (``_to_host``). Batches are validated on the host copy before the transfer
-(shapes, integer dtype, token ids in [0, vocab)): a CPU min/max, no device sync; batches that are
-already on an accelerator are checked with one sync each.
-
-Data order and exact resume: at each epoch start the train loader's sampler generator (and the
-loader's own, which seeds workers) is given a seeded generator if it has none, and its state is
-recorded; a checkpoint stores (epoch, micro-batches consumed, that state). Resuming restores the
-state, re-creates the epoch's iterator and skips the consumed micro-batches, so the batch sequence
-is the one of an uninterrupted run. Loaders that are plain iterables are iterated as they are.
+device-to-host copy (``_to_host``). Batches are validated on the host copy before the transfer,
+and the train loader is read as a resumable stream (exact resume mid-epoch): see ``_batches.py``.
 """
 
 from __future__ import annotations
@@ -44,26 +39,27 @@ import math
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from chronomoe_dyn.landscape import landscape
 
 from . import checkpoint as ckpt
+from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch
 from .config import TrainingConfig
 from .knob import KnobScheduler
 from .loss import ChronoMoELoss, causal_lm_token_loss
 from .metrics import (MetricsWriter, format_eval_line, format_landscape_line, format_skip_line,
                       format_step_line)
-from .optim import CoherenceGatedOptimizer
+from .optim import CoherenceGatedOptimizer, LrGatedAdamW  # LrGatedAdamW: re-exported
 
 # TrainingConfig is re-exported: this module plays the seed's ``chronomoe.training``.
 __all__ = ["ChronoMoETrainer", "TrainingConfig", "StepOutput", "NonFiniteTrainingError",
@@ -83,11 +79,6 @@ class NonFiniteTrainingError(RuntimeError):
     def __init__(self, message: str, step: int, consecutive: int, checkpoint: Path | None):
         super().__init__(message)
         self.step, self.consecutive, self.checkpoint = step, consecutive, checkpoint
-
-
-class BadBatchError(ValueError):
-    """A batch from the loader has the wrong type, shape, dtype or token ids outside the
-    vocabulary; the message names the split, the batch index and the epoch."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -117,14 +108,6 @@ class StepOutput:
     """Tokens in the step's micro-batches (B·S summed; host value, no sync)."""
 
 
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor | None
-    tokens: int
-
-
 class ChronoMoETrainer:
     """Train a ``ChronovisorMixtralForCausalLM`` (or any model with the same output) with the
     seed's ChronoMoE recipe. See the module docstring for the step, skips, syncs and resume.
@@ -132,7 +115,8 @@ class ChronoMoETrainer:
     Args:
         model: returns an output with ``logits`` [B, S, V], ``router_logits``,
             ``expert_indices``; ``model.controller`` is a ``PxTController`` or None
-            (``enable_chronovisor=False``: plain MoE, no gating).
+            (``enable_chronovisor=False``: plain MoE, no gating). In ``aux_free`` mode its
+            ``update_aux_free_bias(valid=ok)`` runs once per step, if it has one.
         config: the ``TrainingConfig``.
         train_dataloader: yields dicts with ``input_ids`` [B, S] (optional ``labels``,
             ``attention_mask``), plain [B, S] tensors, or (input_ids[, labels]) tuples.
@@ -159,6 +143,11 @@ class ChronoMoETrainer:
         mcfg = getattr(model, "config", None)
         self.vocab_size = getattr(mcfg, "vocab_size", None)
         self.max_seq_length = getattr(mcfg, "max_seq_length", None)
+        self._prepare_batch = partial(prepare_batch, device=self.device,
+                                      vocab_size=self.vocab_size,
+                                      max_seq_length=self.max_seq_length)
+        self.stream = TrainStream(train_dataloader, config.gradient_accumulation_steps,
+                                  config.max_epochs, config.seed, self._prepare_batch)
 
         G = config.gradient_accumulation_steps
         n = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
@@ -185,27 +174,21 @@ class ChronoMoETrainer:
             config.kappa_schedule, self.controller, initial_kappa=config.initial_kappa,
             final_kappa=config.final_kappa, warmup_steps=config.kappa_warmup_steps,
             total_steps=self.schedule_steps, adaptive_interval=0)
-        self._aux_free = ([b for name, b in self.model.named_buffers()
-                           if name.endswith("aux_free_bias_E")]
-                          if config.balance_mode == "aux_free"
-                          and hasattr(self.model, "update_aux_free_bias") else [])
+        self._aux_free = (config.balance_mode == "aux_free"
+                          and hasattr(self.model, "update_aux_free_bias"))
 
         # Counters: host ints, and device tensors for what only the device knows (skips).
         self.global_step = 0
         self.micro_step = 0
         self.tokens_seen = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
         self.best_eval_loss: float | None = None
         z = lambda: torch.zeros((), dtype=torch.int64, device=self.device)  # noqa: E731
         self._skips_total, self._skips_run, self._skips_run_max = z(), z(), z()
         self._skips_logged = 0
         self._num_logs = 0
-        self._epoch_gen_states: dict[str, torch.Tensor] = {}
         self._kappa_applied = self.knob_scheduler.get_kappa()
         self._phase_applied = self.knob_scheduler.get_phase()
         self._lr_applied = self.base_optimizer.param_groups[0]["lr"]
-        self._iter = None
         self.history: dict[str, list] = {k: [] for k in ("step", "loss", "lm_loss", "R", "kappa",
                                                           "gate", "lr")}
         self.eval_history: list[dict[str, float]] = []
@@ -220,14 +203,14 @@ class ChronoMoETrainer:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        # Fused AdamW: one kernel per step, and it honours ``found_inf`` (how bad steps are
-        # skipped without a sync, see the module docstring).
+        # Fused AdamW: one kernel per step; it honours ``found_inf`` (how bad steps are skipped
+        # without a sync, see the module docstring) and a tensor lr (the gate's "lr" path).
         self.base_optimizer = torch.optim.AdamW([g for g in groups if g["params"]],
                                                 lr=cfg.learning_rate, fused=True)
         self.gated = cfg.use_coherence_gating and self.controller is not None
         self.optimizer: torch.optim.Optimizer = (
-            LrGatedAdamW(self.base_optimizer, self.controller, cfg.min_coherence,
-                         cfg.gating_strength) if self.gated else self.base_optimizer)
+            CoherenceGatedOptimizer(self.base_optimizer, self.controller, cfg.min_coherence,
+                                    cfg.gating_strength) if self.gated else self.base_optimizer)
         self._tick_handle = None
         if self.controller is not None:
             self._tick_handle = self.controller.register_on(self.optimizer)
@@ -246,66 +229,26 @@ class ChronoMoETrainer:
         p = min(1.0, (step - cfg.lr_warmup_steps) / span)
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
-    # ------------------------------------------------------------------ batches
-    def _prepare(self, batch: Any, index: int, split: str) -> _Batch:
-        """Validate one loader batch on the host and move it to the device."""
-        where = f"{split} batch {index} (epoch {self.epoch})" if split == "train" \
-            else f"{split} batch {index}"
-        if isinstance(batch, torch.Tensor):
-            ids, labels, mask = batch, None, None
-        elif isinstance(batch, Mapping):
-            if "input_ids" not in batch:
-                raise BadBatchError(f"{where}: dict batch has no 'input_ids' (keys: "
-                                    f"{sorted(map(str, batch))})")
-            ids, labels, mask = batch["input_ids"], batch.get("labels"), batch.get("attention_mask")
-        elif isinstance(batch, Sequence) and 1 <= len(batch) <= 2 \
-                and all(isinstance(t, torch.Tensor) for t in batch):
-            ids, labels, mask = batch[0], (batch[1] if len(batch) == 2 else None), None
-        else:
-            raise BadBatchError(f"{where}: expected a dict with 'input_ids', a [B, S] tensor or "
-                                f"an (input_ids[, labels]) tuple, got {type(batch).__name__}")
-        self._check_ids(ids, "input_ids", where, allow_ignore=False)
-        if ids.shape[1] < 2:
-            raise BadBatchError(f"{where}: input_ids has sequence length {ids.shape[1]}; causal "
-                                f"LM training needs at least 2 tokens")
-        if self.max_seq_length is not None and ids.shape[1] > self.max_seq_length:
-            raise BadBatchError(f"{where}: sequence length {ids.shape[1]} exceeds the model's "
-                                f"max_seq_length={self.max_seq_length}")
-        if labels is not None:
-            self._check_ids(labels, "labels", where, allow_ignore=True, shape=ids.shape)
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
-                raise BadBatchError(f"{where}: attention_mask must be a tensor of shape "
-                                    f"{list(ids.shape)}, got "
-                                    f"{list(getattr(mask, 'shape', [])) or type(mask).__name__}")
-        nb = self.device.type == "cuda"
-        ids = ids.to(self.device, torch.int64, non_blocking=nb)
-        labels = ids if labels is None else labels.to(self.device, torch.int64, non_blocking=nb)
-        mask = None if mask is None else mask.to(self.device, non_blocking=nb)
-        return _Batch(ids, labels, mask, int(ids.numel()))
+    # ------------------------------------------------------------------ data
+    @property
+    def epoch(self) -> int:
+        """Current epoch of the train stream (0-based)."""
+        return self.stream.epoch
 
-    def _check_ids(self, t: Any, name: str, where: str, allow_ignore: bool,
-                   shape: torch.Size | None = None) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise BadBatchError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 2 or t.numel() == 0:
-            raise BadBatchError(f"{where}: {name} must be a non-empty [B, S] tensor, got shape "
-                                f"{list(t.shape)}")
-        if shape is not None and t.shape != shape:
-            raise BadBatchError(f"{where}: {name} shape {list(t.shape)} != input_ids shape "
-                                f"{list(shape)}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise BadBatchError(f"{where}: {name} must hold integer token ids, got {t.dtype}")
-        if self.vocab_size is None:
-            return
-        # On the host copy (the loader's CPU tensor): no device sync.
-        a = t.numpy() if t.device.type == "cpu" else t.detach().cpu().numpy()
-        valid = a if not allow_ignore else a[a != -100]
-        if valid.size and (valid.min() < 0 or valid.max() >= self.vocab_size):
-            bad = int(valid.min()) if valid.min() < 0 else int(valid.max())
-            raise BadBatchError(f"{where}: {name} holds token id {bad}, outside the vocabulary "
-                                f"[0, {self.vocab_size})" + (" (-100 = ignore is allowed)"
-                                                             if allow_ignore else ""))
+    @property
+    def batch_in_epoch(self) -> int:
+        """Micro-batches of the current epoch consumed so far."""
+        return self.stream.batch_in_epoch
+
+    def _prepare(self, batch: Any, index: int, split: str) -> Batch:
+        """Validate one loader batch on the host and move it to the device."""
+        epoch = self.epoch if split == "train" else None
+        return self._prepare_batch(batch, batch_name(split, index, epoch))
+
+    def _next_micro_batches(self) -> list[Batch] | None:
+        """The next G prepared micro-batches (a partial group at an epoch's end is dropped);
+        None when ``max_epochs`` epochs are done."""
+        return self.stream.next_group()
 
     # ------------------------------------------------------------------ the step
     def _autocast(self):
@@ -314,7 +257,7 @@ class ChronoMoETrainer:
     def train_step(self, micro_batches: Sequence[Any], *, log: bool = False) -> StepOutput:
         """One optimizer step over ``micro_batches`` (raw loader batches or prepared ones).
         ``log`` also gathers the step's per-expert load; nothing here syncs with the host."""
-        batches = [b if isinstance(b, _Batch) else self._prepare(b, self.micro_step + i, "train")
+        batches = [b if isinstance(b, Batch) else self._prepare(b, self.micro_step + i, "train")
                    for i, b in enumerate(micro_batches)]
         if not batches:
             raise ValueError("train_step: no micro-batches")
@@ -327,8 +270,8 @@ class ChronoMoETrainer:
         for b in batches:
             with self._autocast():
                 out = self.model(b.input_ids, attention_mask=b.attention_mask)
-            # The loss runs outside autocast: its reductions stay float32 (it upcasts logits).
-            lo = self.loss_fn(out, b.labels, self.controller, attention_mask=b.attention_mask)
+                lo = self.loss_fn(out, b.labels, self.controller,
+                                  attention_mask=b.attention_mask)
             parts = torch.stack([lo.total, lo.lm, lo.balance, lo.coherence, lo.valley, lo.z])
             finite_logits = torch.stack([r.isfinite().all() for r in out.router_logits]).all()
             ok = ok & parts.isfinite().all() & finite_logits
@@ -367,7 +310,6 @@ class ChronoMoETrainer:
         if self.controller is not None:
             # NaN makes the tick a skipped one (law state untouched; see PxTController.tick).
             self.controller.observation_buffer().masked_fill_(~ok, math.nan)
-        aux_before = [b.clone() for b in self._aux_free]
         # Host values of this step's schedules, for the log: κ(n) (this tick's) and lr(n).
         self._kappa_applied = self.knob_scheduler.get_kappa()
         self._phase_applied = self.knob_scheduler.get_phase()
@@ -379,9 +321,7 @@ class ChronoMoETrainer:
         finally:
             del opt.grad_scale, opt.found_inf
         if self._aux_free:
-            self.model.update_aux_free_bias()
-            for b, old in zip(self._aux_free, aux_before):
-                torch.where(ok, b, old, out=b)
+            self.model.update_aux_free_bias(valid=ok)
         self.lr_scheduler.step()
         self.knob_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -391,61 +331,6 @@ class ChronoMoETrainer:
         torch.maximum(self._skips_run_max, self._skips_run, out=self._skips_run_max)
         gate = self.optimizer.last_gate_value if self.gated else torch.ones((), device=ok.device)
         return gate.to(ok.device, torch.float32) * ok
-
-    # ------------------------------------------------------------------ data
-    def _generators(self) -> dict[str, torch.Generator]:
-        """The train loader's shuffling generators, created (seeded) where missing."""
-        dl = self.train_dataloader
-        if not isinstance(dl, DataLoader):
-            return {}
-        gens: dict[str, torch.Generator] = {}
-        samplers = [dl.sampler, getattr(dl.batch_sampler, "sampler", None)]
-        for i, s in enumerate(samplers):
-            if isinstance(s, RandomSampler):
-                if s.generator is None:
-                    s.generator = torch.Generator().manual_seed(self.config.seed)
-                gens[f"sampler{i}"] = s.generator
-        if dl.generator is None:
-            dl.generator = torch.Generator().manual_seed(self.config.seed + 1)
-        gens["loader"] = dl.generator
-        return gens
-
-    def _open_epoch(self, restore: dict[str, torch.Tensor] | None = None) -> None:
-        gens = self._generators()
-        sampler = getattr(self.train_dataloader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        if restore is not None:
-            for k, g in gens.items():
-                if k in restore:
-                    g.set_state(restore[k].cpu())
-        self._epoch_gen_states = {k: g.get_state() for k, g in gens.items()}
-        self._iter = iter(self.train_dataloader)
-        for i in range(self.batch_in_epoch):        # resume inside an epoch
-            if next(self._iter, None) is None:
-                raise ValueError(f"resume: the train loader has only {i} batches in epoch "
-                                 f"{self.epoch}, the checkpoint consumed {self.batch_in_epoch}")
-
-    def _next_micro_batches(self) -> list[_Batch] | None:
-        """The next G prepared micro-batches; a partial group at an epoch's end is dropped.
-        None when ``max_epochs`` epochs are done."""
-        G = self.config.gradient_accumulation_steps
-        while self.epoch < self.config.max_epochs:
-            if self._iter is None:
-                self._open_epoch()
-            group = []
-            while len(group) < G:
-                raw = next(self._iter, None)
-                if raw is None:
-                    break
-                group.append(self._prepare(raw, self.batch_in_epoch, "train"))
-                self.batch_in_epoch += 1
-            if len(group) == G:
-                return group
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._iter = None
-        return None
 
     # ------------------------------------------------------------------ logging
     def _to_host(self, tensors: list[torch.Tensor]) -> list[float]:
@@ -710,10 +595,7 @@ class ChronoMoETrainer:
             "knob_scheduler": self.knob_scheduler.state_dict(),
             "loss": self.loss_fn.state_dict(),
             "rng": ckpt.capture_rng_state(),
-            "data": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                     "generator_states": dict(self._epoch_gen_states),
-                     "generators_now": {k: g.get_state() for k, g in self._generators().items()},
-                     "epoch_open": self._iter is not None},
+            "data": self.stream.state_dict(),
             "counters": {"global_step": self.global_step, "micro_step": self.micro_step,
                          "tokens_seen": self.tokens_seen,
                          "skipped_steps": self._skips_total.clone(),
@@ -741,15 +623,8 @@ class ChronoMoETrainer:
         self.knob_scheduler.load_state_dict(state["knob_scheduler"])
         self.loss_fn.load_state_dict(state["loss"])
         ckpt.restore_rng_state(state["rng"])
-        d, c = state["data"], state["counters"]
-        self.epoch, self.batch_in_epoch = int(d["epoch"]), int(d["batch_in_epoch"])
-        self._iter = None
-        if d["epoch_open"]:
-            self._open_epoch(restore=d["generator_states"])
-        else:
-            for k, g in self._generators().items():
-                if k in d["generators_now"]:
-                    g.set_state(d["generators_now"][k].cpu())
+        self.stream.load_state_dict(state["data"])
+        c = state["counters"]
         self.global_step, self.micro_step = int(c["global_step"]), int(c["micro_step"])
         self.tokens_seen = int(c["tokens_seen"])
         for buf, key in ((self._skips_total, "skipped_steps"),
@@ -799,60 +674,6 @@ class ChronoMoETrainer:
         names = [p.name for p in ckpt.list_checkpoints(d)]
         protect = tuple(n for n in names if not _STEP_CKPT.match(n))
         ckpt.prune_checkpoints(d, keep, protect=protect)
-
-
-class LrGatedAdamW(CoherenceGatedOptimizer):
-    """``CoherenceGatedOptimizer`` for a fused ``torch.optim.AdamW``: the same gate (same R,
-    same formula, same ``last_gate_value``, state_dict and hook order), applied through the
-    learning rate instead of a parameter snapshot.
-
-    AdamW's parameter change in a step, −lr·(wd·p + m̂/(√v̂ + ε)), is linear in lr, so running the
-    fused kernel with the tensor lr = gate·lr scales the change by the gate, as the wrapper's
-    ``lerp(p_before, p_after, gate)`` does (to rounding; gate 1 gives the plain optimizer's
-    parameters bit for bit, the gate being float64), with no snapshot and no extra passes over
-    the parameters (3.9 ms of a 140 ms step at the benchmark size). The moments advance as in a
-    plain step, as with the wrapper. When gate 0 is reachable (``gating_strength == 1``) the
-    kernel also gets ``found_inf = (gate == 0)``: it then skips the step, so parameters and state
-    stay bit-for-bit untouched, without a sync. No closures."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
-        if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
-            raise ValueError("LrGatedAdamW wraps a torch.optim.AdamW built with fused=True")
-        super().__init__(optimizer, *args, **kwargs)
-
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        if closure is not None:
-            raise ValueError("LrGatedAdamW.step takes no closure")
-        self.num_steps += 1
-        opt = self.optimizer
-        if not self.enabled or self.gating_strength == 0.0:
-            self._last_gate = torch.ones((), dtype=self._last_gate.dtype,
-                                         device=self._last_gate.device)
-            opt.step()
-            return None
-        gate = self.current_gate()
-        self._last_gate = gate
-        gate64 = gate.to(torch.float64)
-        lrs = [g["lr"] for g in opt.param_groups]
-        saved = {k: getattr(opt, k) for k in ("found_inf", "grad_scale") if hasattr(opt, k)}
-        if self.gating_strength >= 1.0:
-            closed = (gate == 0).to(torch.float32)
-            fi = saved.get("found_inf")
-            opt.found_inf = closed if fi is None else torch.maximum(fi, closed)
-            opt.grad_scale = saved.get("grad_scale")
-        try:
-            for g, lr in zip(opt.param_groups, lrs):
-                g["lr"] = gate64.to(g["params"][0].device) * lr
-            opt.step()
-        finally:
-            for g, lr in zip(opt.param_groups, lrs):
-                g["lr"] = lr
-            for k in ("found_inf", "grad_scale"):
-                if k in saved:
-                    setattr(opt, k, saved[k])
-                elif hasattr(opt, k):
-                    delattr(opt, k)
-        return None
 
 
 class _TqdmHandler(logging.Handler):

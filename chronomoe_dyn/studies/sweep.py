@@ -181,8 +181,8 @@ def _heat(ax, fig, a, kappas, Ks, title, fmt="{:.2f}", log=False, cmap="viridis"
 def _fig_heatmaps(out, arrays, kappas, Ks, B, ticks, late):
     fig, axes = new_figure(2, 3, width=4.0, height=3.4)
     specs = [("R", "{:.2f}", False), ("var_local", "{:.3f}", True),
-             ("var_global", "{:.4f}", True), ("valleys_local", "{:.1f}", False),
-             ("valleys_global", "{:.1f}", False), ("loss", "{:.3f}", False)]
+             ("var_global", "{:.4f}", True), ("valleys_local", "{:.2f}", False),
+             ("valleys_global", "{:.2f}", False), ("loss", "{:.3f}", False)]
     for ax, (k, fmt, log) in zip(axes.ravel(), specs):
         _heat(ax, fig, arrays[k], kappas, Ks, METRICS[k], fmt, log,
               cmap="magma" if k == "loss" else "viridis")

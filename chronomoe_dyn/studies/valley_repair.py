@@ -48,7 +48,8 @@ CONFIG = {
     "collapse_quality": 0.0,
     "collapse_tick": 2001,          # the landscape has formed by then (T̄_local: 500 ticks/e-fold)
     "ticks": 6000,
-    "record_every": 10,             # collapse_tick − 1 must be a multiple (the pre-collapse record)
+    "record_every": 5,              # = micro_period: T̄ moves only on micro ticks, so this is exact;
+                                    # collapse_tick − 1 must be a multiple (the pre-collapse record)
     "kappa": -0.3,                  # constant κ (the seed's exploitation value)
     "controller": {},               # other ControllerConfig changes
     "env": {},
@@ -70,7 +71,7 @@ def ema_estimate(T_hot: float, tbar0: float, threshold: float, eta: float,
     return micro_period * math.log((T_hot - tbar0) / (T_hot - threshold)) / -math.log1p(-eta)
 
 
-def _cell(traj, e: int, t_col: int, eta: float, micro: int, c: float) -> dict:
+def _cell(traj, e: int, t_col: int, eta: float, beta_s: float, micro: int, c: float) -> dict:
     """Repair times of every (system, layer) where expert e was a local valley before t_col."""
     tick_T = traj.tick_T
     pre = int(np.searchsorted(tick_T, t_col - 1))
@@ -92,13 +93,21 @@ def _cell(traj, e: int, t_col: int, eta: float, micro: int, c: float) -> dict:
             thr_T = row.mean(-1) - c * row.std(-1)
             T_hot = float(traj.T_fast_BTLE[b, pre + 1:i_fill + 1, l, e].mean())
             est = ema_estimate(T_hot, float(row[pre, e]), float(thr_T[i_fill]), eta, micro)
+            s0 = float(traj.reliability_BTLE[b, pre, l, e])
+            s1 = float(traj.reliability_BTLE[b, pre + 1:i_fill + 1, l, e].mean())
+            std0 = float(row[pre].std())
             samples.append({
                 "system": b, "layer": l, "filled": bool(filled),
                 "ticks": float(tick_T[i_fill] - (t_col - 1)) if filled else math.inf,
                 "estimate": est, "T_hot": T_hot, "tbar0": float(row[pre, e]),
                 "threshold_fill": float(thr_T[i_fill]),
                 "T_fast_before": float(traj.T_fast_BTLE[b, pre, l, e]),
-                "reliability_before": float(traj.reliability_BTLE[b, pre, l, e]),
+                # valley depth at the collapse, in layer standard deviations below the mean
+                "depth_std": float((row[pre].mean() - row[pre, e]) / std0) if std0 > 0 else 0.0,
+                # part of the T_fast jump that the reliability term explains: the factor
+                # (1 + β_s(1 − s)) after over before (the rest: drift d̂ and R)
+                "jump_from_reliability": (1 + beta_s * (1 - s1)) / (1 + beta_s * (1 - s0)),
+                "reliability_before": s0,
                 "reliability_after": float(traj.reliability_BTLE[b, i_fill, l, e]),
                 "usage_before": float(traj.usage_BTLE[b, pre, l, e]),
                 "usage_after": float(traj.usage_BTLE[b, i_fill, l, e]),
@@ -112,6 +121,10 @@ def _cell(traj, e: int, t_col: int, eta: float, micro: int, c: float) -> dict:
             glob.append(float(tick_T[pre + 1 + after[0]] - (t_col - 1)) if after.size else math.inf)
     return {"samples": samples, "global": glob,
             "valleys_before": int(valley[:, pre].sum()), "pairs": B * L}
+
+
+def _f(v, fmt: str = "{:.3g}") -> str:
+    return "n/a" if v is None else fmt.format(v)
 
 
 def _stats(x: list[float]) -> dict:
@@ -159,7 +172,8 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
                 traj = simulate(config=cc, env=ec, schedule=sched,
                                 num_systems=int(cfg["num_systems"]), ticks=ticks, seed=seed,
                                 record_every=every, events=(event,))
-                res = _cell(traj, e, t_col, eta, cc.micro_period, cc.landscape_threshold_std)
+                res = _cell(traj, e, t_col, eta, beta, cc.micro_period,
+                            cc.landscape_threshold_std)
                 cells[(beta, eta)] = res
                 if [beta, eta] == [float(x) for x in cfg["default_cell"]] and res["samples"]:
                     example = (traj, res["samples"][0], beta, eta)
@@ -174,8 +188,17 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
         st = _stats(meas)
         both = [(m, x) for m, x in zip(meas, est) if math.isfinite(m) and math.isfinite(x)
                 and m > 0]
+        smp = res["samples"]
+
+        def med(key, rows=smp):
+            return float(np.median([r[key] for r in rows])) if rows else None
+
+        deep = [r for r in smp if r["depth_std"] >= 1.0]
         table.append({
             "beta_reliability": beta, "eta_local": eta, **st,
+            "depth_std_median": med("depth_std"),
+            "deep_valleys": _stats([r["ticks"] for r in deep]),
+            "jump_from_reliability_median": med("jump_from_reliability"),
             "estimate_median": _stats(est)["median"],
             "estimate_over_measured_median": float(np.median([x / m for m, x in both]))
             if both else None,
@@ -227,14 +250,23 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     d = next((r for r in table if [r["beta_reliability"], r["eta_local"]]
               == [float(x) for x in cfg["default_cell"]]), None)
     if d is not None:
+        dv, gl, ush = d["deep_valleys"], d["global"], d["usage_share_after_median"]
         headline.append(
-            f"default (β_rel={d['beta_reliability']}, η_local={d['eta_local']}): median repair "
-            f"{d['median']} ticks (IQR {d['q25']}–{d['q75']}), {d['filled']}/{d['n']} valleys "
-            f"filled; T_fast jump ×{d['T_fast_jump_median']}; global valley: median "
-            f"{d['global']['median']} ticks ({d['global']['filled']}/{d['global']['n']} filled)")
+            f"default (β_rel={d['beta_reliability']:g}, η_local={d['eta_local']:g}): median "
+            f"repair {_f(d['median'])} ticks (IQR {_f(d['q25'])}–{_f(d['q75'])}), "
+            f"{d['filled']}/{d['n']} valleys filled; valleys ≥ 1 std deep: median "
+            f"{_f(dv['median'])} ticks (n={dv['n']}); global valley: median {_f(gl['median'])} "
+            f"ticks ({gl['filled']}/{gl['n']} filled)")
+        headline.append(
+            f"default: T_fast of the collapsed expert jumps ×{_f(d['T_fast_jump_median'])}, of "
+            f"which the reliability term gives ×{_f(d['jump_from_reliability_median'])} "
+            f"(s {_f(d['reliability_before_median'])} → {_f(d['reliability_after_median'])}); "
+            f"the rest is mostly the drift term (the router starves the expert: usage share × E "
+            f"{_f(None if ush is None else ush * ec.num_experts)} at the fill)")
+    eom = summary["estimate_over_measured"]
     headline.append(f"all cells: {n_all - n_cens}/{n_all} valleys filled within "
-                    f"{ticks - t_col + 1} ticks; EMA estimate / measured: median "
-                    f"{summary['estimate_over_measured']['median']}")
+                    f"{ticks - t_col + 1} ticks; geometric-EMA estimate / measured: median "
+                    f"{_f(eom['median'])} (10–90 %: {_f(eom['q10'])}–{_f(eom['q90'])})")
     if slopes_eta:
         headline.append("log-log slope of repair time vs η_local (−1 = ∝ 1/η): " + ", ".join(
             f"β={k}: {v:.2f}" for k, v in slopes_eta.items()))
@@ -283,26 +315,32 @@ def _fig_vs(out, table, xs, groups, xkey, gkey, xlabel, glabel, fname):
 
 
 def _fig_scatter(out, cells):
-    fig, axes = new_figure(1, 1, width=5.0, height=4.5)
-    ax = axes[0, 0]
+    fig, axes = new_figure(1, 2, width=4.8, height=4.3)
+    ax, ax2 = axes[0, 0], axes[0, 1]
     lim = [math.inf, 0.0]
     for (beta, eta), res in cells.items():
-        pts = [(s["ticks"], s["estimate"]) for s in res["samples"]
+        pts = [(s["ticks"], s["estimate"], s["depth_std"]) for s in res["samples"]
                if math.isfinite(s["ticks"]) and math.isfinite(s["estimate"]) and s["ticks"] > 0
                and s["estimate"] > 0]
         if not pts:
             continue
-        m, x = np.array(pts).T
-        ax.scatter(m, x, s=10, alpha=0.7, label=f"β={beta:g}, η={eta:g}")
+        m, x, dep = np.array(pts).T
+        sc = ax.scatter(m, x, s=10, alpha=0.7, label=f"β={beta:g}, η={eta:g}")
+        ax2.scatter(dep, m, s=10, alpha=0.7, color=sc.get_facecolor()[0])
         lim = [min(lim[0], m.min(), x.min()), max(lim[1], m.max(), x.max())]
     if lim[1] > 0:
         ax.plot(lim, lim, "k--", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax2.set_yscale("log")
     ax.set_xlabel("measured repair ticks")
     ax.set_ylabel("geometric-EMA estimate (ticks)")
     ax.set_title("estimate vs measurement, every valley", fontsize=9)
     ax.legend(fontsize=5, ncol=2)
+    ax2.set_xlabel("valley depth at the collapse (layer std below the mean)")
+    ax2.set_ylabel("measured repair ticks")
+    ax2.axvline(0.5, color="0.5", lw=0.8, ls=":")
+    ax2.set_title("deeper valleys take longer (dotted: the valley threshold)", fontsize=9)
     return save_figure(fig, out / "estimate_vs_measured.png")
 
 

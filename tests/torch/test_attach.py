@@ -303,8 +303,10 @@ def test_padding_is_not_observed():
     mask[0, 5:] = 0
     mask[1, 7:] = 0
     model(x, attention_mask=mask)
-    assert torch.equal(handle.observation_buffer[0].sum(-1),
-                       torch.full((2,), float(mask.sum() * M.K)))
+    want = torch.full((2,), float(mask.sum() * M.K))
+    assert torch.equal(handle.observation_buffer[0].sum(-1), want)
+    model(x, mask)                                 # positional, as forward(input_ids, mask)
+    assert torch.equal(handle.observation_buffer[0].sum(-1), 2 * want)
     handle.detach()
 
 
@@ -479,3 +481,42 @@ def test_generic_logits_router_needs_top_k():
     with pytest.raises(AttachError, match="top-k.*top_k="):
         attach(model, routers=model.routers())
     assert attach(model, routers=model.routers(), top_k=M.K).num_layers == 2
+
+
+def test_gated_optimizer_sees_r_after_this_steps_tick():
+    from chronomoe_torch.optim import CoherenceGatedOptimizer, coherence_gate_tensor
+    model = M.make_hf("mixtral")
+    handle = attach(model, ControllerConfig(micro_period=1))
+    gated = CoherenceGatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                    handle.controller, gating_strength=0.9)
+    handle.register_optimizer(gated)
+    for s in range(3):
+        x = M.tokens(seed=s)
+        r_before = handle.controller.coherence()
+        model(x, labels=x).loss.backward()
+        gated.step()
+        gated.zero_grad()
+        assert handle.controller.num_ticks == s + 1
+        assert not torch.equal(handle.controller.coherence(), r_before)
+        assert torch.equal(gated.last_gate_value,
+                           coherence_gate_tensor(handle.controller.coherence(), 0.2, 0.9))
+    handle.detach()
+    assert not gated._optimizer_step_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_bfloat16_model(arch, monkeypatch):
+    """bf16 logits: the fields apply in float32 and the result is cast back, the gates keep each
+    family's dtype; identity fields still reproduce the model exactly."""
+    monkeypatch.setattr(attach_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
+    model = M.make_hf(arch).to(torch.bfloat16)
+    x = M.tokens()
+    ref = model(x, output_router_logits=True)
+    handle = attach(model, controller=M.FixedFields(2, M.E), record_routing=True)
+    out = model(x, output_router_logits=True)
+    assert torch.equal(out.logits, ref.logits)
+    rec = handle.routing_output()
+    assert rec.router_logits[0].dtype == torch.bfloat16
+    want = torch.float32 if arch == "mixtral" else torch.bfloat16
+    assert rec.gate_weights[0].dtype == want
+    handle.detach()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from chronomoe_torch import _atomic  # the filesystem protocol: where its knobs are patched
 from chronomoe_torch import checkpoint as ck
 from chronomoe_torch.checkpoint import (
     CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load_state, save_state,
@@ -225,7 +226,7 @@ def test_missing_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
 def test_replace_existing_checkpoint(tmp_path, monkeypatch, exchange):
-    monkeypatch.setattr(ck, "_USE_RENAME_EXCHANGE", exchange)
+    monkeypatch.setattr(_atomic, "_USE_RENAME_EXCHANGE", exchange)
     save_state(tmp_path / "final", {"v": torch.zeros(3)})
     save_state(tmp_path / "final", {"v": torch.ones(3), "new": 1})
     back = load_state(tmp_path / "final")
@@ -256,12 +257,12 @@ def test_verify_failure_commits_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_state(tmp_path / "ck") == {"v": 1}
     assert sorted(os.listdir(tmp_path)) == ["ck", "latest"]
-    real_write = ck._write_file
+    real_write = _atomic._write_file
 
     def flaky_write(path, data):  # the disk returns other bytes than were written
         real_write(path, data[:-1] + bytes([data[-1] ^ 1]) if path.name.endswith("safetensors") else data)
 
-    monkeypatch.setattr(ck, "_write_file", flaky_write)
+    monkeypatch.setattr(_atomic, "_write_file", flaky_write)
     with pytest.raises(CheckpointError, match="tensors.safetensors reads back other bytes"):
         save_state(tmp_path / "ck", {"v": torch.ones(4)})
     monkeypatch.undo()
@@ -327,7 +328,7 @@ def test_orphaned_old_checkpoint_is_recovered(tmp_path, monkeypatch):
     assert (tmp_path / "final").is_dir() and not orphan.exists()
     # an orphan of a writer that is still alive (this process) is left alone; a reader waits
     # for that writer (here: in vain) and then reports the checkpoint missing
-    monkeypatch.setattr(ck, "_ORPHAN_WAIT_S", 0.05)
+    monkeypatch.setattr(_atomic, "_ORPHAN_WAIT_S", 0.05)
     os.rename(tmp_path / "final", tmp_path / f".final.old-{ck._host_tag()}-{os.getpid()}-0abc")
     with pytest.raises(CheckpointNotFoundError):
         load_state(tmp_path / "final")

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chronomoe_torch import _atomic  # the filesystem protocol: where its knobs are patched
 from chronomoe_torch import checkpoint as ck
 from chronomoe_torch.checkpoint import (
     CheckpointCorruptError, CheckpointError, CheckpointVersionError, load_state, save_state,
@@ -275,14 +276,15 @@ def make_tree(base, step):
 ZYGOTE_SRC = TREE_SRC + '''
 import os, signal, shutil, sys, time
 torch.set_num_threads(1)
+from chronomoe_torch import _atomic as fs  # every mutating filesystem operation goes through it
 from chronomoe_torch import checkpoint as ck
 
 BASE = {"sweep": base_tensors(32), "loop": base_tensors(128)}
-REAL_OS, REAL_SHUTIL, REAL_WRITE, REAL_RX = ck.os, ck.shutil, ck._write_file, ck._rename_exchange
+REAL_OS, REAL_SHUTIL, REAL_WRITE, REAL_RX = fs.os, fs.shutil, fs._write_file, fs._rename_exchange
 
 
 class Killer:
-    """Counts filesystem operations of the checkpoint module; SIGKILLs itself at the n-th."""
+    """Counts filesystem operations of checkpoint IO (_atomic); SIGKILLs itself at the n-th."""
     def __init__(self, n):
         self.n, self.count = n, 0
     def hit(self):
@@ -319,7 +321,7 @@ def install(n):
         r = REAL_RX(a, b)
         k.hit()
         return r
-    ck.os, ck.shutil, ck._write_file, ck._rename_exchange = OS(), SH(), write, rx
+    fs.os, fs.shutil, fs._write_file, fs._rename_exchange = OS(), SH(), write, rx
 
 
 def log(logf, line):
@@ -328,7 +330,7 @@ def log(logf, line):
 
 
 def child(mode, exchange, directory, start, logpath, n):
-    ck._USE_RENAME_EXCHANGE = exchange == "1"
+    fs._USE_RENAME_EXCHANGE = exchange == "1"
     d = ck.Path(directory)
     with open(logpath, "a") as logf:
         if mode == "sweep":  # a 16x smaller state: this covers every operation, not size
@@ -524,7 +526,7 @@ def test_sigkill_while_saving_loses_nothing(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
 def test_concurrent_reader_never_sees_a_broken_checkpoint(tmp_path, monkeypatch, exchange):
     import threading
-    monkeypatch.setattr(ck, "_USE_RENAME_EXCHANGE", exchange)
+    monkeypatch.setattr(_atomic, "_USE_RENAME_EXCHANGE", exchange)
     states = [{"k": k, "w": torch.full((64, 256), float(k))} for k in range(2)]
     save_state(tmp_path / "final", states[0])
     stop = threading.Event()

@@ -154,6 +154,20 @@ def test_checkpoint_holds_the_controller_and_resume_restores_it(full_run, tmp_pa
         assert torch.equal(got[k], final[k]), k
 
 
+def test_evaluate_uses_the_chronomoe_loss_without_observing(full_run):
+    out, trainer = full_run
+    cb = trainer.chronomoe
+    before = cb.controller.observation_buffer().clone()
+    n_lines = len((out / "metrics.jsonl").read_text().splitlines())
+    metrics = trainer.evaluate(eval_dataset=_Tokens(n=4))
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert torch.equal(cb.controller.observation_buffer(), before)   # eval routes, never counts
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == n_lines + 1
+    assert json.loads(lines[-1]) == {"step": STEPS, "split": "eval",
+                                     "loss": pytest.approx(metrics["eval_loss"])}
+
+
 def test_resume_without_controller_state_is_refused(full_run, tmp_path):
     out, _ = full_run
     import shutil
@@ -177,7 +191,8 @@ def test_callback_alone_with_a_plain_trainer(tmp_path):
     """Without the subclass: the model's own loss, no gate; the controller still attaches,
     ticks once per optimizer step, checkpoints, writes the JSONL and hands its scalars to the
     callbacks after it (the Trainer's log_history was already written when callbacks run)."""
-    cb, seen = ChronoMoECallback(CFG), _SeenLogs()
+    pytest.importorskip("tensorboard")
+    cb, seen = ChronoMoECallback(CFG, tensorboard=True), _SeenLogs()
     model = M.make_hf("mixtral", seed=0)
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4, save_steps=4),
                       train_dataset=_Tokens(), callbacks=[cb, seen])
@@ -189,3 +204,4 @@ def test_callback_alone_with_a_plain_trainer(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     assert "gate" not in lines[0]                     # no gated optimizer in this mode
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
