@@ -71,9 +71,9 @@ def bench_simulate(quick: bool) -> dict:
     t = best_time(lambda: simulate(env=env, num_systems=1, ticks=tn, record_every=10,
                                    backend="numpy"), 2)
     out["numpy_reference_system_ticks_per_s"] = tn / t
-    out["ratio_B1"] = out["numba_B1_system_ticks_per_s"] / out["numpy_reference_system_ticks_per_s"]
-    out["ratio_B1024"] = out["numba_B1024_system_ticks_per_s"] \
-        / out["numpy_reference_system_ticks_per_s"]
+    ref = out["numpy_reference_system_ticks_per_s"]
+    out["ratio_B1"] = out["numba_B1_system_ticks_per_s"] / ref
+    out["ratio_B1024"] = out["numba_B1024_system_ticks_per_s"] / ref
     return out
 
 

@@ -450,7 +450,8 @@ def controller_step(cp, seed, tick, theta_LE, omega_LE, usage_LE, rel_LE, delta_
 
 @njit(cache=True)
 def routing_fields_into(cp, kappa, pressure_LE, lens_LE, T_eff_LE, bias_LE, temp_LE):
-    """law.routing_fields: bias = scale_p·e^{β_p κ}(P + lens), T = clip(T_eff·scale_T·e^{β_T κ})."""
+    """law.routing_fields: bias = scale_p·e^{β_p κ}(P + lens),
+    temperature = clip(T_eff·scale_T·e^{β_T κ}, 0.1, 10)."""
     L, E = pressure_LE.shape
     f_p = math.exp(cp.beta_pressure * kappa)
     f_t = math.exp(cp.beta_temperature * kappa)

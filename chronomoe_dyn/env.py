@@ -13,22 +13,32 @@ and the token's loss at layer l is the gate-weighted sum Σ_k g_k x_k (fed to th
 every expert the token went to, as a real model's per-token loss would be).
 
 The router learns from the losses it observes: per (layer, domain, expert) it keeps a running
-mean ``est`` of the slot losses, with an observation count ``n`` capped at ``router_memory``
-(so it becomes an EMA once it has seen enough and can still track a collapse):
+mean ``est`` of the slot losses, starting from a prior worth ``router_prior_count``
+observations, with the count ``n`` capped at ``router_memory`` (so it becomes an EMA once it has
+seen enough and can still track a collapse):
 
     n ← min(n + c, memory);  est ← est + min(c/n, 1)·(mean_x − est)        (c slots this tick)
 
-Routing: logits_e = −router_sharpness·est[l, d, e] + token_noise·(2u − 1), scores
-(logits + bias) / temperature with the controller's bias and temperature (computed as
-(−sharpness·est + bias)/temperature + token_noise·(2u − 1)·(1/temperature), so that the division
-happens once per tick and expert), top-k on the scores (ties to the lower index), gate weights =
-softmax over the k selected scores.
+Routing, per layer and token of domain d:
+
+    logit_e = sharpness·(mean_e' est[l, d, e'] − est[l, d, e])       (centred, as a trained
+              + batch_noise·(2u_b − 1) + token_noise·(2u_t − 1)      router's logits are)
+    score_e = (logit_e + bias_e) / temperature_e                      (the controller's fields)
+
+top-k on the scores (ties to the lower index), gate weights = softmax over the k selected
+scores. u_b is drawn once per (tick, layer, domain, expert) and shared by all the domain's
+tokens of the tick (batch context), u_t per token. Computed as (token-independent part)/T +
+token_noise·(2u_t − 1)·(1/T), so the division happens once per tick and expert; NumPy and Numba
+use the same formula. Note that a temperature common to a layer's experts cannot change which
+experts are selected, only the gate weights: the controller steers the top-k choice through the
+bias and the *differences* between experts' temperatures.
 
 Determinism: every random number is a counter-RNG draw (``rng.uniform``) keyed by the system's
 seed, a stream of this module (never ``rng.STREAM_PHASE``), the tick and an index. Domains are
 drawn by comparing a uniform with the cumulative mixture and the noise on the logits is uniform,
-so nothing that decides a discrete choice goes through a transcendental function: the NumPy
-reference below and the Numba kernel make the same top-k choices.
+so the environment itself puts no transcendental function in front of a discrete choice; the
+controller's fields (through R) agree between backends to rounding, so the NumPy reference below
+and the Numba kernel make the same top-k choices except at exact ties (measure zero).
 
 Events (scripted): ``Event("collapse", tick, expert=e, layer=l|None, quality=q)`` sets the
 quality of expert e on every domain to q in one layer (or all) from that tick on;
@@ -76,7 +86,8 @@ def _real(name: str, v: Any, lo: float | None = None, hi: float | None = None,
         raise ValueError(f"{name}={v!r}: expected a finite real number")
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
         left = "(" if lo_open else "["
-        raise ValueError(f"{name}={v!r}: allowed range is {left}{lo}, {hi if hi is not None else 'inf'}]")
+        hi_s = "inf" if hi is None else hi
+        raise ValueError(f"{name}={v!r}: allowed range is {left}{lo}, {hi_s}]")
 
 
 def _integer(name: str, v: Any, lo: int) -> None:
@@ -111,7 +122,10 @@ class EnvConfig:
     num_domains: int = 4
     """D: token domains."""
     domain_weights: tuple[float, ...] | None = None
-    """Initial domain mixture (normalised); None = uniform."""
+    """Initial domain mixture (normalised). None = the linearly decreasing mixture w_d ∝ D − d
+    ((0.4, 0.3, 0.2, 0.1) for D = 4). Unequal by default: the specialists of frequent domains
+    are over-used, those of rare ones under-used, which is what gives the controller a landscape
+    to form (with a uniform mixture every expert ends up balanced and T̄ stays flat)."""
     quality_home: tuple[float, float] = (0.75, 0.95)
     """Range of an expert's hidden quality on its home domain (drawn uniformly per expert)."""
     quality_other: tuple[float, float] = (0.15, 0.55)
@@ -130,13 +144,15 @@ class EnvConfig:
     and shared by all the domain's tokens of that tick (batch context). Against flat logits it
     moves many tokens at once (routing drift); once the router has learned logit gaps larger
     than it, routing no longer follows it."""
-    router_sharpness: float = 2.0
+    router_sharpness: float = 5.0
     """Router logit per unit of estimated loss: logit = −sharpness·est."""
-    router_memory: float = 2000.0
+    router_memory: float = 100_000.0
     """Cap on the router's observation count per (layer, domain, expert): its estimate becomes
     an EMA with rate c/memory once it has seen this many slots."""
-    router_prior_count: float = 2.0
-    """Pseudo-observations of the prior estimate at init (shrinks the first noisy estimates)."""
+    router_prior_count: float = 80_000.0
+    """Pseudo-observations of the prior estimate at init: the router's inertia. A home expert
+    gets ~50 slots per tick, so the estimates separate over ~1000–2000 ticks (the router learns
+    during the run instead of in its first ticks)."""
     router_prior: float | None = None
     """Prior loss estimate of every expert at init; None = loss_floor + loss_range/2."""
 
@@ -183,7 +199,7 @@ class EnvConfig:
     @property
     def weights_D(self) -> np.ndarray:
         """[D] initial domain mixture, normalised."""
-        w = np.ones(self.num_domains) if self.domain_weights is None \
+        w = np.arange(self.num_domains, 0, -1, dtype=np.float64) if self.domain_weights is None \
             else np.asarray(self.domain_weights, dtype=np.float64)
         return w / w.sum()
 
@@ -349,8 +365,9 @@ def route(env: EnvConfig, es: EnvState, bias_LE: np.ndarray, temperature_LE: np.
     # up to rounding, and the kernel then divides once per (layer, domain, expert), not per token.
     u_LDE = rng.uniform(seed, STREAM_BATCH, tick, np.arange(L * D * E)).reshape(L, D, E)
     mean_LD1 = es.est_LDE.mean(axis=-1, keepdims=True)
-    base_LDE = (env.router_sharpness * (mean_LD1 - es.est_LDE) + env.batch_noise * (2.0 * u_LDE - 1.0)
-                + bias_LE[:, None, :]) / temperature_LE[:, None, :]
+    base_LDE = (env.router_sharpness * (mean_LD1 - es.est_LDE)
+                + env.batch_noise * (2.0 * u_LDE - 1.0) + bias_LE[:, None, :]) \
+        / temperature_LE[:, None, :]
     invT_LE = 1.0 / temperature_LE
     scores_LTE = base_LDE[:, dom_T, :] \
         + env.token_noise * (2.0 * u_LTE - 1.0) * invT_LE[:, None, :]

@@ -40,6 +40,10 @@ _LAZY = {
     "prune_checkpoints": ".checkpoint",
     "attach": ".attach",
     "AttachHandle": ".attach",
+    "AttachError": ".attach",
+    "find_routers": ".attach",
+    "ChronoMoECallback": ".hf_callback",
+    "ChronoMoEHFTrainer": ".hf_callback",
 }
 
 

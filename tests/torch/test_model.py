@@ -92,6 +92,11 @@ def test_forward_contract_shapes_and_dtypes():
         assert ei.shape == (N, 2) and ei.dtype == torch.int64
         assert gw.shape == (N, 2)
         torch.testing.assert_close(gw.sum(-1), torch.ones(N))
+    # The routers' own softmax, exposed for the loss: same values, in the autograd graph.
+    assert len(out.router_probs) == 2
+    for rl, rp in zip(out.router_logits, out.router_probs):
+        assert rp.shape == (N, 4) and rp.dtype == torch.float32 and rp.requires_grad
+        assert torch.equal(rp, rl.softmax(-1))
 
 
 def test_labels_give_the_shifted_causal_loss():
@@ -252,6 +257,29 @@ def test_update_aux_free_bias_on_every_layer():
     model.update_aux_free_bias(rate=0.5)      # nothing routed since: unchanged
     for layer, b in zip(model.layers, before):
         assert torch.equal(layer.moe.router.aux_free_bias_E, b)
+
+
+def test_update_aux_free_bias_valid_flag():
+    """valid=False (a skipped step): biases bit-for-bit unchanged, loads cleared; valid=True
+    is the unflagged update bit for bit."""
+    a = ChronovisorMixtralForCausalLM(tiny_config(aux_free_bias_rate=0.01)).train()
+    b = ChronovisorMixtralForCausalLM(tiny_config(aux_free_bias_rate=0.01)).train()
+    biases = lambda m: [l.moe.router.aux_free_bias_E.clone() for l in m.layers]  # noqa: E731
+    for step in range(3):
+        a(ids(step))
+        b(ids(step))
+        a.update_aux_free_bias()
+        b.update_aux_free_bias(valid=torch.tensor(True))
+        assert all(torch.equal(x, y) for x, y in zip(biases(a), biases(b)))
+    assert any(x.abs().sum() > 0 for x in biases(b))
+    before = biases(b)
+    b(ids(9))
+    b.update_aux_free_bias(valid=torch.tensor(False))
+    assert all(torch.equal(x, y) for x, y in zip(before, biases(b)))
+    assert all(l.moe.router.load_E.sum() == 0 for l in b.layers)
+    for bad in (torch.tensor([True]), torch.tensor(1.0), True):
+        with pytest.raises(ValueError, match="valid must be a 0-d bool tensor"):
+            b.update_aux_free_bias(valid=bad)
 
 
 def test_real_controller_is_built_lazily():

@@ -194,6 +194,23 @@ def test_aux_free_update_rule_and_accumulation():
     assert "aux_free_bias_E" in router.state_dict() and "load_E" not in router.state_dict()
 
 
+def test_aux_free_update_with_valid_flag_and_no_sync():
+    moe = make_moe().train()
+    router = moe.router
+    moe(make_x(1))
+    load = router.load_E.clone()
+    before = router.aux_free_bias_E.clone()
+    with SyncCounter() as sc:
+        router.update_aux_free_bias(1e-3, valid=torch.tensor(False))
+    assert sc.count == 0
+    assert torch.equal(router.aux_free_bias_E, before) and router.load_E.sum() == 0
+    moe(make_x(1))
+    assert torch.equal(router.load_E, load)
+    router.update_aux_free_bias(1e-3, valid=torch.tensor(True))
+    torch.testing.assert_close(router.aux_free_bias_E, 1e-3 * torch.sign(load.mean() - load),
+                               rtol=0, atol=0)
+
+
 def test_controller_observes_in_training_only():
     moe = make_moe()
     ctrl = FieldsController()

@@ -1,5 +1,7 @@
 """CoherenceGatedOptimizer: the gate formula, gating of the update, exactness at 0 and 1, LR
-schedulers, state dicts and hooks."""
+schedulers, state dicts and hooks, on both paths: "snapshot" (any optimizer; here AdamW without
+fused and SGD) and "lr" (fused AdamW, chosen automatically), and the two paths against each
+other."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from torch import nn
 
 from chronomoe_dyn import ControllerConfig, coherence_gate
 from chronomoe_torch.controller import PxTController
-from chronomoe_torch.optim import CoherenceGatedOptimizer, coherence_gate_tensor
+from chronomoe_torch.optim import (CoherenceGatedOptimizer, LrGatedAdamW, coherence_gate_tensor,
+                                   lr_gating_supported)
 
 
 def _model(dtype=torch.float64, seed=0) -> nn.Module:
@@ -50,6 +53,17 @@ def _r_for_gate(gate: float, min_coh=0.2, strength=0.5) -> float:
 
 def _adamw(model, **kw):
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+
+
+# The wrapped AdamW of the path-parametrised tests: fused → the "lr" path, else "snapshot".
+PATHS = pytest.mark.parametrize("fused", [False, True], ids=["snapshot", "lr"])
+
+
+def _gated(inner, r_fn, **kw) -> CoherenceGatedOptimizer:
+    """A gated optimizer, checked to be on the path its inner optimizer implies."""
+    g = CoherenceGatedOptimizer(inner, r_fn, **kw)
+    assert g.gate_via == ("lr" if inner.defaults.get("fused") else "snapshot")
+    return g
 
 
 # ---------------------------------------------------------------- the formula
@@ -91,12 +105,13 @@ def test_bad_wrapped_optimizer_and_R_source():
 
 # ---------------------------------------------------------------- gating the update
 
+@PATHS
 @pytest.mark.parametrize("gate", [0.55, 0.7, 0.93])
-def test_adamw_update_is_scaled_by_the_gate(gate):
+def test_adamw_update_is_scaled_by_the_gate(gate, fused):
     plain_m, gated_m = _model(), _model()
-    plain = _adamw(plain_m)
-    gated = CoherenceGatedOptimizer(_adamw(gated_m), lambda: torch.tensor(_r_for_gate(gate),
-                                                                           dtype=torch.float64))
+    plain = _adamw(plain_m, fused=fused)
+    gated = _gated(_adamw(gated_m, fused=fused), lambda: torch.tensor(_r_for_gate(gate),
+                                                                       dtype=torch.float64))
     for step in range(4):
         # Same starting point and gradient each step: compare one step's change.
         gated_m.load_state_dict(plain_m.state_dict())
@@ -116,18 +131,24 @@ def test_adamw_update_is_scaled_by_the_gate(gate):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("opt_name", ["adamw", "adamw_foreach_off", "sgd_momentum"])
+@pytest.mark.parametrize("opt_name", ["adamw", "adamw_foreach_off", "sgd_momentum", "adamw_fused",
+                                      "adam_fused"])
 def test_gate_one_is_the_plain_optimizer_bitwise(dtype, opt_name):
     def make(m):
         if opt_name == "adamw":
             return _adamw(m)
         if opt_name == "adamw_foreach_off":
             return _adamw(m, foreach=False)
+        if opt_name == "adamw_fused":
+            return _adamw(m, fused=True)
+        if opt_name == "adam_fused":                     # L2 weight decay inside the gradient
+            return torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
         return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
 
     plain_m, gated_m = _model(dtype), _model(dtype)
     plain = make(plain_m)
     gated = CoherenceGatedOptimizer(make(gated_m), lambda: torch.tensor(1.0), gating_strength=1.0)
+    assert gated.gate_via == ("lr" if "fused" in opt_name else "snapshot")
     for step in range(5):
         _backward(plain_m, step)
         _backward(gated_m, step)
@@ -140,11 +161,12 @@ def test_gate_one_is_the_plain_optimizer_bitwise(dtype, opt_name):
     assert sp.keys() == sg.keys() and all(torch.equal(sp[k], sg[k]) for k in sp)
 
 
-def test_gate_zero_leaves_params_and_state_bitwise_untouched():
+@PATHS
+def test_gate_zero_leaves_params_and_state_bitwise_untouched(fused):
     R = {"value": 1.0}
     m = _model()
-    gated = CoherenceGatedOptimizer(_adamw(m), lambda: torch.tensor(R["value"]),
-                                    min_coherence=0.2, gating_strength=1.0)
+    gated = _gated(_adamw(m, fused=fused), lambda: torch.tensor(R["value"]),
+                   min_coherence=0.2, gating_strength=1.0)
     for step in range(3):                     # warm up: state exists and is non-trivial
         _backward(m, step)
         gated.step()
@@ -167,9 +189,10 @@ def test_gate_zero_leaves_params_and_state_bitwise_untouched():
     assert not torch.equal(params[0], next(m.parameters()).detach())
 
 
-def test_gate_zero_on_the_first_step_creates_no_state():
+@PATHS
+def test_gate_zero_on_the_first_step_creates_no_state(fused):
     m = _model()
-    gated = CoherenceGatedOptimizer(_adamw(m), lambda: 0.0, gating_strength=1.0)
+    gated = _gated(_adamw(m, fused=fused), lambda: 0.0, gating_strength=1.0)
     params = _params(m)
     _backward(m, 0)
     gated.step()
@@ -177,10 +200,12 @@ def test_gate_zero_on_the_first_step_creates_no_state():
     assert all(torch.equal(a, b.detach()) for a, b in zip(params, m.parameters()))
 
 
-def test_disabled_and_zero_strength_are_the_plain_optimizer():
+@PATHS
+def test_disabled_and_zero_strength_are_the_plain_optimizer(fused):
     for kw in ({"enabled": False}, {"gating_strength": 0.0}):
         plain_m, gated_m = _model(), _model()
-        plain, gated = _adamw(plain_m), CoherenceGatedOptimizer(_adamw(gated_m), lambda: 0.0, **kw)
+        plain = _adamw(plain_m, fused=fused)
+        gated = _gated(_adamw(gated_m, fused=fused), lambda: 0.0, **kw)
         for step in range(3):
             _backward(plain_m, step)
             _backward(gated_m, step)
@@ -190,16 +215,17 @@ def test_disabled_and_zero_strength_are_the_plain_optimizer():
         assert all(torch.equal(a, b) for a, b in zip(plain_m.parameters(), gated_m.parameters()))
 
 
-def test_params_without_grad_are_untouched_and_closure_works():
+@PATHS
+def test_params_without_grad_are_untouched_and_closure_works(fused):
     m = _model()
     frozen = nn.Parameter(torch.randn(4, dtype=torch.float64))
-    opt = torch.optim.AdamW([{"params": list(m.parameters())}, {"params": [frozen]}], lr=1e-2)
-    gated = CoherenceGatedOptimizer(opt, lambda: torch.tensor(_r_for_gate(0.75),
-                                                                dtype=torch.float64))
+    opt = torch.optim.AdamW([{"params": list(m.parameters())}, {"params": [frozen]}], lr=1e-2,
+                            fused=fused)
+    gated = _gated(opt, lambda: torch.tensor(_r_for_gate(0.75), dtype=torch.float64))
     f0 = frozen.detach().clone()
     before = _params(m)
     plain_m = copy.deepcopy(m)
-    plain = torch.optim.AdamW(plain_m.parameters(), lr=1e-2)
+    plain = torch.optim.AdamW(plain_m.parameters(), lr=1e-2, fused=fused)
 
     def closure():
         _backward(m, 0)
@@ -216,8 +242,9 @@ def test_params_without_grad_are_untouched_and_closure_works():
 
 # ---------------------------------------------------------------- LR schedulers
 
+@PATHS
 @pytest.mark.parametrize("sched", ["lambda", "cosine"])
-def test_lr_schedulers_drive_the_wrapped_optimizer(sched):
+def test_lr_schedulers_drive_the_wrapped_optimizer(sched, fused):
     def make_sched(o):
         if sched == "lambda":
             return torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s))
@@ -225,8 +252,8 @@ def test_lr_schedulers_drive_the_wrapped_optimizer(sched):
 
     gate = 0.8
     plain_m, gated_m = _model(), _model()
-    plain = _adamw(plain_m)
-    gated = CoherenceGatedOptimizer(_adamw(gated_m), lambda: torch.tensor(_r_for_gate(gate),
+    plain = _adamw(plain_m, fused=fused)
+    gated = _gated(_adamw(gated_m, fused=fused), lambda: torch.tensor(_r_for_gate(gate),
                                                                        dtype=torch.float64))
     s_plain, s_gated = make_sched(plain), make_sched(gated)
     for step in range(6):
@@ -240,6 +267,7 @@ def test_lr_schedulers_drive_the_wrapped_optimizer(sched):
         s_gated.step()
         assert gated.param_groups[0]["lr"] == plain.param_groups[0]["lr"]
         assert gated.optimizer.param_groups[0]["lr"] == plain.param_groups[0]["lr"]
+        assert type(gated.param_groups[0]["lr"]) is float    # the lr path puts the float back
         for p0, pp, pg in zip(before, plain_m.parameters(), gated_m.parameters()):
             torch.testing.assert_close(pg.detach() - p0, gate * (pp.detach() - p0), rtol=1e-12,
                                        atol=1e-15)
@@ -249,12 +277,13 @@ def test_lr_schedulers_drive_the_wrapped_optimizer(sched):
 
 # ---------------------------------------------------------------- state dicts
 
-def test_state_dict_roundtrip_resumes_exactly():
+@PATHS
+def test_state_dict_roundtrip_resumes_exactly(fused):
     R = iter([0.3, 0.5, 0.9, 0.7, 0.4, 0.95, 0.6, 0.35])
     Rs = list(R)
     a_m = _model()
-    a = CoherenceGatedOptimizer(_adamw(a_m), lambda: torch.tensor(Rs[a.num_steps % len(Rs)]),
-                                min_coherence=0.3, gating_strength=0.8)
+    a = _gated(_adamw(a_m, fused=fused), lambda: torch.tensor(Rs[a.num_steps % len(Rs)]),
+               min_coherence=0.3, gating_strength=0.8)
     for step in range(3):
         _backward(a_m, step)
         a.step()
@@ -262,7 +291,7 @@ def test_state_dict_roundtrip_resumes_exactly():
     assert set(sd) == {"state", "param_groups", "coherence_gate"}
     assert sd["coherence_gate"]["min_coherence"] == 0.3 and sd["coherence_gate"]["num_steps"] == 3
     b_m = copy.deepcopy(a_m)
-    b = CoherenceGatedOptimizer(_adamw(b_m), lambda: torch.tensor(Rs[b.num_steps % len(Rs)]))
+    b = _gated(_adamw(b_m, fused=fused), lambda: torch.tensor(Rs[b.num_steps % len(Rs)]))
     b.load_state_dict(sd)
     assert b.min_coherence == 0.3 and b.gating_strength == 0.8 and b.num_steps == 3
     assert torch.equal(b.last_gate_value, a.last_gate_value)
@@ -273,7 +302,7 @@ def test_state_dict_roundtrip_resumes_exactly():
         b.step()
     assert all(torch.equal(x, y) for x, y in zip(a_m.parameters(), b_m.parameters()))
     # A plain optimizer state dict loads too (the gate state is kept).
-    b.load_state_dict(_adamw(b_m).state_dict())
+    b.load_state_dict(_adamw(b_m, fused=fused).state_dict())
     assert b.min_coherence == 0.3
     bad = copy.deepcopy(sd)
     bad["coherence_gate"]["gating_strength"] = 2.0
@@ -286,10 +315,11 @@ def test_state_dict_roundtrip_resumes_exactly():
 
 # ---------------------------------------------------------------- hooks and the controller
 
-def test_hooks_pass_through_and_the_controller_ticks_before_the_gate():
+@PATHS
+def test_hooks_pass_through_and_the_controller_ticks_before_the_gate(fused):
     ctrl = PxTController(2, 4, ControllerConfig(coupling=2.0), dtype=torch.float64)
     m = _model()
-    gated = CoherenceGatedOptimizer(_adamw(m), ctrl, min_coherence=0.1, gating_strength=1.0)
+    gated = _gated(_adamw(m, fused=fused), ctrl, min_coherence=0.1, gating_strength=1.0)
     calls = []
     ctrl.register_on(gated)
     h_pre = gated.register_step_pre_hook(lambda o, a, k: calls.append(("pre", ctrl.num_ticks)))
@@ -327,3 +357,92 @@ def test_passthrough_attributes():
     assert all(p.grad is None for p in m.parameters())
     assert "CoherenceGatedOptimizer" in repr(gated) and "AdamW" in repr(gated)
     assert float(gated.last_gate_value) == 1.0                    # before any step
+
+
+# ---------------------------------------------------------------- the two paths
+
+def test_gate_via_is_chosen_from_the_wrapped_optimizer():
+    m = _model()
+    assert lr_gating_supported(_adamw(m, fused=True))
+    assert lr_gating_supported(torch.optim.Adam(m.parameters(), fused=True))
+    assert not lr_gating_supported(_adamw(m))                      # foreach/single-tensor
+    assert not lr_gating_supported(torch.optim.SGD(m.parameters(), lr=0.1))
+    assert CoherenceGatedOptimizer(_adamw(m, fused=True), lambda: 1.0).gate_via == "lr"
+    assert CoherenceGatedOptimizer(_adamw(m), lambda: 1.0).gate_via == "snapshot"
+    forced = CoherenceGatedOptimizer(_adamw(m, fused=True), lambda: 1.0, gate_via="snapshot")
+    assert forced.gate_via == "snapshot" and "gate_via='snapshot'" in repr(forced)
+    with pytest.raises(ValueError, match="gate_via='lr' needs .*fused=True, got AdamW"):
+        CoherenceGatedOptimizer(_adamw(m), lambda: 1.0, gate_via="lr")
+    with pytest.raises(ValueError, match="gate_via='lerp': allowed values"):
+        CoherenceGatedOptimizer(_adamw(m), lambda: 1.0, gate_via="lerp")
+    assert LrGatedAdamW(_adamw(m, fused=True), lambda: 1.0).gate_via == "lr"
+    with pytest.raises(ValueError, match="fused=True"):
+        LrGatedAdamW(torch.optim.SGD(m.parameters(), lr=0.1), lambda: 1.0)
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_lr_path_equals_the_snapshot_path(strength):
+    """Same fused AdamW, same R sequence: the lr-scaled step and the snapshot blend agree (to
+    rounding), with the same gates; a closed gate moves nothing on the lr path either."""
+    Rs = iter([0.9, 0.5, 0.1, 1.0, 0.35] * 2)      # gates (strength 1): 0.875, 0.375, 0, 1, ...
+    R = torch.zeros((), dtype=torch.float64)
+
+    def make(gate_via):
+        g = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(torch.randn(40, 30, generator=g)),
+              nn.Parameter(torch.randn(30, generator=g))]
+        inner = torch.optim.AdamW([{"params": ps[:1], "weight_decay": 0.1},
+                                   {"params": ps[1:], "weight_decay": 0.0}], lr=1e-2, fused=True)
+        opt = CoherenceGatedOptimizer(inner, lambda: R, min_coherence=0.2,
+                                      gating_strength=strength, gate_via=gate_via)
+        assert opt.gate_via == gate_via
+        return ps, opt
+
+    (pa, a), (pb, b) = make("snapshot"), make("lr")
+    closed_seen = False
+    for step in range(8):
+        R.fill_(next(Rs))
+        g = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(pa, pb):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        before = [q.detach().clone() for q in pb]
+        st_before = [v.clone() for s in b.state.values() for v in s.values()]
+        a.step()
+        b.step()
+        assert torch.equal(a.last_gate_value, b.last_gate_value)
+        for p, q in zip(pa, pb):
+            torch.testing.assert_close(q, p)
+        if float(b.last_gate_value) == 0.0 and st_before:   # closed gate: nothing moves
+            closed_seen = True
+            assert all(torch.equal(x, y.detach()) for x, y in zip(before, pb))
+            after = [v for s in b.state.values() for v in s.values()]
+            assert all(torch.equal(x, y) for x, y in zip(st_before, after))
+        assert b.param_groups[0]["lr"] == 1e-2 and not hasattr(b.optimizer, "found_inf")
+    assert closed_seen == (strength == 1.0)
+    assert a.state_dict()["coherence_gate"]["num_steps"] == b.state_dict()["coherence_gate"][
+        "num_steps"] == 8
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_lr_path_keeps_the_optimizers_own_found_inf(strength):
+    """The trainer skips bad steps through fused AdamW's ``found_inf``: the lr path honours it
+    (with an open gate too) and leaves the attribute as it found it."""
+    m = _model()
+    inner = _adamw(m, fused=True)
+    gated = CoherenceGatedOptimizer(inner, lambda: torch.tensor(1.0, dtype=torch.float64),
+                                    gating_strength=strength)
+    _backward(m, 0)
+    gated.step()                                   # state exists
+    params, state = _params(m), _state_tensors(gated)
+    fi = torch.ones(())
+    inner.found_inf, inner.grad_scale = fi, None
+    _backward(m, 1)
+    gated.step()
+    assert inner.found_inf is fi and inner.grad_scale is None
+    assert all(torch.equal(a, b.detach()) for a, b in zip(params, m.parameters()))
+    after = _state_tensors(gated)
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    inner.found_inf = torch.zeros(())              # a good step: it moves
+    gated.step()
+    assert not torch.equal(params[0], next(m.parameters()).detach())

@@ -550,42 +550,41 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# the lr-scaled gate equals the wrapper's snapshot blend
+# the gate's path, the train stream on its own
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strength", [0.5, 1.0])
-def test_lr_gated_adamw_matches_the_snapshot_blend(strength):
+def test_the_gate_goes_through_fused_adamws_lr(tmp_path):
+    """The trainer's fused AdamW puts the CoherenceGatedOptimizer on its "lr" path (both
+    paths are compared in test_optim.py); the former class name still imports."""
     from chronomoe_torch.optim import CoherenceGatedOptimizer
     from chronomoe_torch.trainer import LrGatedAdamW
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path), loader())
+    assert isinstance(tr.optimizer, CoherenceGatedOptimizer) and tr.optimizer.gate_via == "lr"
+    assert issubclass(LrGatedAdamW, CoherenceGatedOptimizer)
+    tr.train_step(tr._next_micro_batches())
+    assert type(tr.base_optimizer.param_groups[0]["lr"]) is float
+    assert not hasattr(tr.base_optimizer, "found_inf")
 
-    Rs = iter([0.9, 0.5, 0.1, 1.0, 0.35] * 2)      # gates (strength 1): 0.875, 0.375, 0, 1, ...
-    R = torch.zeros((), dtype=torch.float64)
-    def make(cls):
-        g = torch.Generator().manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(40, 30, generator=g)),
-              torch.nn.Parameter(torch.randn(30, generator=g))]
-        inner = torch.optim.AdamW([{"params": ps[:1], "weight_decay": 0.1},
-                                   {"params": ps[1:], "weight_decay": 0.0}], lr=1e-2, fused=True)
-        return ps, cls(inner, lambda: R, min_coherence=0.2, gating_strength=strength)
-    (pa, a), (pb, b) = make(CoherenceGatedOptimizer), make(LrGatedAdamW)
-    for step in range(5):
-        R.fill_(next(Rs))
-        g = torch.Generator().manual_seed(100 + step)
-        for p, q in zip(pa, pb):
-            p.grad = torch.randn(p.shape, generator=g)
-            q.grad = p.grad.clone()
-        before = [q.detach().clone() for q in pb]
-        st_before = [v.clone() for s in b.state.values() for v in s.values()]
-        a.step()
-        b.step()
-        assert torch.equal(a.last_gate_value, b.last_gate_value)
-        for p, q in zip(pa, pb):
-            torch.testing.assert_close(q, p)
-        if float(b.last_gate_value) == 0.0 and st_before:   # closed gate: nothing moves
-            assert equal_lists([q.detach() for q in pb], before)
-            assert equal_lists([v for s in b.state.values() for v in s.values()], st_before)
-        assert b.param_groups[0]["lr"] == 1e-2 and not hasattr(b.optimizer, "found_inf")
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa["coherence_gate"]["num_steps"] == sb["coherence_gate"]["num_steps"] == 5
+
+def test_train_stream_state_dict_resumes_mid_epoch():
+    from chronomoe_torch._batches import TrainStream, prepare_batch
+
+    def stream():
+        return TrainStream(loader(40, batch_size=4), 2, 3, 7,
+                           lambda raw, where: prepare_batch(raw, where, torch.device("cpu"), V))
+
+    a = stream()
+    first = [a.next_group() for _ in range(3)]
+    sd = a.state_dict()
+    assert (sd["epoch"], sd["batch_in_epoch"], sd["epoch_open"]) == (0, 6, True)
+    rest = [a.next_group() for _ in range(5)]               # 5 groups per epoch: crosses one
+    b = stream()
+    b.load_state_dict(sd)
+    again = [b.next_group() for _ in range(5)]
+    ids = lambda groups: [mb.input_ids for g in groups for mb in g]  # noqa: E731
+    assert equal_lists(ids(rest), ids(again)) and not equal_lists(ids(first), ids(rest)[:6])
+    assert (a.epoch, b.epoch) == (1, 1)
+    c = stream()                                            # no resume: a different position
+    assert not equal_lists(ids([c.next_group()]), ids(rest[:1]))
 
 
 def test_tensorboard_scalars_when_asked(tmp_path):
