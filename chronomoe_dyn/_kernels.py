@@ -11,7 +11,7 @@ Three groups:
   sin/cos are computed once per oscillator per step) and accumulates the next S, C. sin/cos come
   from a branch-free polynomial (``_sincos``) that LLVM vectorises (llvmlite ships no SVML);
 * the controller simulator (``simulate_batch``): per system, per tick the environment routes
-  (``env.py``), then ``_controller_step`` (``law.step`` in the same order of operations, with
+  (``env.py``), then ``controller_step`` (``law.step`` in the same order of operations, with
   the hull-clipped EMAs and the same phase noise), then the router learns. Systems run in
   ``prange``; each system is sequential, so results do not depend on the number of threads.
 
@@ -106,15 +106,16 @@ def normal_into(seed, stream, tick, index_N, out_N):
 
 # --------------------------------------------------------------------------------------------
 # sin and cos together, branch-free so that loops over oscillators vectorise.
-# x = k·π/2 + r with |r| <= π/4 (Cody–Waite: π/2 split in a 33-bit head, so k·head is exact
-# for the |k| < 2**20 we meet, and a tail); then Taylor polynomials of sin r (to r^17) and
+# x = k·π/2 + r with |r| <= π/4 (Cody–Waite: π/2 split in a 26-bit head, so k·head is exact
+# for |k| < 2**27, and a tail); then Taylor polynomials of sin r (to r^17) and
 # cos r (to r^18), whose truncation error on |r| <= π/4 is below 1e-19; the quadrant k mod 4
 # swaps and signs them. Accuracy: a few ulp of np.sin/np.cos (tested).
 _PI_50 = Decimal("3.14159265358979323846264338327950288419716939937510")
 
 
 def _head(x: float) -> float:
-    """x with the low 27 bits of its mantissa cleared: k·head is exact for |k| < 2**26."""
+    """x with the low 27 bits of its mantissa cleared (26 significant bits are left), so k·head
+    is exact for |k| < 2**27."""
     bits = np.array([x]).view(np.uint64) & np.uint64(0xFFFFFFFFF8000000)
     return float(bits.view(np.float64)[0])
 
@@ -126,12 +127,12 @@ with localcontext() as _ctx:
     _LN2_HI = _head(math.log(2.0))
     _LN2_LO = float(Decimal(2).ln() - Decimal(_LN2_HI))
 _TWO_OVER_PI = 2.0 / math.pi
-_S3, _S5, _S7, _S9 = -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0
-_S11, _S13, _S15, _S17 = (-1.0 / 39916800.0, 1.0 / 6227020800.0, -1.0 / 1307674368000.0,
-                          1.0 / 355687428096000.0)
-_C2_, _C4, _C6, _C8 = -0.5, 1.0 / 24.0, -1.0 / 720.0, 1.0 / 40320.0
-_C10, _C12, _C14, _C16, _C18 = (-1.0 / 3628800.0, 1.0 / 479001600.0, -1.0 / 87178291200.0,
-                                1.0 / 20922789888000.0, -1.0 / 6402373705728000.0)
+_SIN3, _SIN5, _SIN7, _SIN9 = -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0
+_SIN11, _SIN13 = -1.0 / 39916800.0, 1.0 / 6227020800.0
+_SIN15, _SIN17 = -1.0 / 1307674368000.0, 1.0 / 355687428096000.0
+_COS2, _COS4, _COS6, _COS8 = -0.5, 1.0 / 24.0, -1.0 / 720.0, 1.0 / 40320.0
+_COS10, _COS12, _COS14 = -1.0 / 3628800.0, 1.0 / 479001600.0, -1.0 / 87178291200.0
+_COS16, _COS18 = 1.0 / 20922789888000.0, -1.0 / 6402373705728000.0
 
 
 @njit(cache=True, inline="always")
@@ -139,10 +140,10 @@ def _sincos(x):
     k = math.floor(x * _TWO_OVER_PI + 0.5)
     r = (x - k * _PIO2_HI) - k * _PIO2_LO
     z = r * r
-    s = r + r * z * (_S3 + z * (_S5 + z * (_S7 + z * (_S9 + z * (_S11 + z * (_S13 + z * (
-        _S15 + z * _S17)))))))
-    c = 1.0 + z * (_C2_ + z * (_C4 + z * (_C6 + z * (_C8 + z * (_C10 + z * (_C12 + z * (
-        _C14 + z * (_C16 + z * _C18))))))))
+    s = r + r * z * (_SIN3 + z * (_SIN5 + z * (_SIN7 + z * (_SIN9 + z * (
+        _SIN11 + z * (_SIN13 + z * (_SIN15 + z * _SIN17)))))))
+    c = 1.0 + z * (_COS2 + z * (_COS4 + z * (_COS6 + z * (_COS8 + z * (
+        _COS10 + z * (_COS12 + z * (_COS14 + z * (_COS16 + z * _COS18))))))))
     q = np.int64(k) & 3
     odd = (q & 1) == 1
     sin_sign = 1.0 - 2.0 * ((q >> 1) & 1)

@@ -5,9 +5,9 @@ One frozen dataclass. Each field is validated in ``__post_init__``; a bad value 
 
 Defaults marked "seed" come from the original design note and prototype. The Kuramoto
 constants (coupling, omega0, omega_disorder_std, drift_gain, phase_noise, dt) and lens_max are
-ours; they were calibrated against the simulator's default environment and κ schedule
-(the "Calibration" paragraph of ``chronomoe_dyn.simulate`` says how) and checked with the ``phases`` and
-``kuramoto`` studies (see README, "Calibration").
+ours; they were calibrated against the simulator's default environment and κ schedule (the
+"Calibration" paragraph of ``chronomoe_dyn.simulate`` says how) and checked with the ``phases``
+and ``kuramoto`` studies (see README, "Calibration").
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ class ControllerConfig:
     Against K it sets the R that perfectly stable routing reaches."""
     drift_gain: float = 4.0
     """α: frequency shift per unit of signed routing drift δ = E·(frac − u). Calibrated (see
-    "Calibration" in ``chronomoe_dyn.simulate``): with α = 4 the drift of an unsettled router keeps
-    R near the incoherent 1/sqrt(L·E) level, while the token-sampling drift of a settled one
-    (δ ≈ 0.1 per tick at 256 tokens) still leaves R ≈ 0.85–0.9; α = 1 kept R ≈ 0.95 throughout."""
+    "Calibration" in ``chronomoe_dyn.simulate``): with α = 4 the drift of an unsettled router
+    keeps R near the incoherent 1/sqrt(L·E) level, while the token-sampling drift of a settled
+    one (δ std ≈ 0.12 per tick at 256 tokens) still leaves R ≈ 0.88; with α = 1, R ≥ 0.95 from
+    tick ≈ 1000 whatever the router does."""
     phase_noise: float = 0.0
     """σ: phase-diffusion noise amplitude (θ += σ·sqrt(dt)·ξ, ξ ~ N(0,1) from the counter RNG)."""
     dt: float = 0.5

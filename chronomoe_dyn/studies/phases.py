@@ -49,6 +49,8 @@ CONFIG = {
     "exploitation_from": 0.7,      # the seed's "70 % – end"
     "formed_min_records": 10,      # consecutive records above the variance threshold
     "unhealthy_reliability": 0.3,  # valley health threshold (ControllerConfig default)
+    "control_kappas": [0.5, -0.3],  # controls: the same systems under a constant κ (same seeds)
+    "kappa_effect_tolerance": 0.05,  # |ΔR| below which the schedule "does not matter"
 }
 
 QUICK = {"num_systems": 2, "ticks": 800, "record_every": 10, "formed_min_records": 3}
@@ -105,6 +107,16 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     traj = simulate(config=cc, env=ec, schedule=sched, num_systems=int(cfg["num_systems"]),
                     ticks=ticks, seed=seed, record_every=int(cfg["record_every"]),
                     progress=progress)
+    # Controls: is it κ that makes the phases? Same seeds, κ held at one value all along.
+    controls = {}
+    for k in cfg["control_kappas"] or []:
+        const = knob_schedule({"kind": "constant", "initial_kappa": float(k),
+                               "final_kappa": float(k), "warmup_steps": 0, "total_steps": ticks})
+        ct = simulate(config=cc, env=ec, schedule=const, num_systems=int(cfg["num_systems"]),
+                      ticks=ticks, seed=seed, record_every=int(cfg["record_every"]),
+                      progress=progress, record_layers=False)
+        controls[float(k)] = {"R": ct.R_BT, "var_local": ct.variance_local_BTL.mean(-1),
+                              "var_global": ct.variance_global_BT, "loss": ct.loss_BT}
 
     # ---- per-record metrics, [B, T] ---------------------------------------------------------
     tick_T = traj.tick_T
@@ -254,6 +266,34 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             f"range: {hf('exploitation', 'all_local')}"),
     }
 
+    # Does the schedule cause the phases? Compare with the constant-κ controls per phase.
+    control_summary = {}
+    tol = float(cfg["kappa_effect_tolerance"])
+    max_dR = 0.0
+    for k, c in controls.items():
+        d = {}
+        for ph, mk in masks.items():
+            if not mk.any():
+                continue
+            dR = float(np.mean(m["R"][:, mk]) - np.mean(c["R"][:, mk]))
+            d[ph] = {"R_mean": float(np.mean(c["R"][:, mk])), "R_schedule_minus_control": dR,
+                     "var_local_mean": float(np.mean(c["var_local"][:, mk])),
+                     "var_local_schedule_minus_control":
+                         float(np.mean(m["var_local"][:, mk]) - np.mean(c["var_local"][:, mk])),
+                     "loss_mean": float(np.mean(c["loss"][:, mk]))}
+            max_dR = max(max_dR, abs(dR))
+        d["tick_local_forms_median"] = _median_tick(
+            _formation_tick(c["var_local"], tick_T, formed_var, run_min))
+        control_summary[str(k)] = d
+    if controls:
+        claims["phases_driven_by_kappa"] = claim(
+            max_dR > tol,
+            f"largest |mean R (schedule) − mean R (constant κ)| over phases and controls "
+            f"{max_dR:.3f} (tolerance {tol}); controls: " + "; ".join(
+                f"κ≡{k}: R " + ", ".join(f"{ph} {v['R_mean']:.3f}" for ph, v in d.items()
+                                       if isinstance(v, dict))
+                for k, d in control_summary.items()))
+
     headline = []
     for ph in PHASES:
         d = per_phase.get(ph)
@@ -268,13 +308,20 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     headline.append(f"landscape forms (median tick): local {formation['tick_local_mean_median']}"
                     f", global {formation['tick_global_median']} "
                     f"({formation['systems_formed_global']}/{formation['num_systems']} systems)")
+    if control_summary:
+        parts = []
+        for ph in PHASES:
+            vals = [f"κ≡{k} {d[ph]['R_mean']:.3f}" for k, d in control_summary.items() if ph in d]
+            if per_phase.get(ph) is not None:
+                parts.append(f"{ph} {per_phase[ph]['R_mean']:.3f} ({', '.join(vals)})")
+        headline.append("mean R, schedule (constant-κ controls): " + "; ".join(parts))
     held = [k for k, c in claims.items() if c["holds"]]
     failed = [k for k, c in claims.items() if c["holds"] is False]
     headline.append(f"claims holding: {len(held)}/{len(claims)}; not holding: "
                     f"{', '.join(failed) or 'none'}")
 
     summary = {"phases": per_phase, "formation": formation, "claims": claims,
-               "headline": headline,
+               "controls_constant_kappa": control_summary, "headline": headline,
                "final": {"R_median": float(np.median(traj.R_BT[:, -1])),
                          "var_global_median": float(np.median(m["var_global"][:, -1])),
                          "var_local_median": float(np.median(m["var_local"][:, -1])),
@@ -284,7 +331,8 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     bounds = {"exploration": (0, sched.warmup_steps),
               "formation": (sched.warmup_steps, exploit_start),
               "exploitation": (exploit_start, int(tick_T[-1]))}
-    figs = [_fig_phases(out, tick_T, m, bounds, formation, sched), _fig_healthy(out, per_phase)]
+    figs = [_fig_phases(out, tick_T, m, bounds, formation, sched, controls),
+            _fig_healthy(out, per_phase)]
     figs += plot_run(traj, out_dir=out / "run", system=0)
     return finish(out, NAME, cfg, summary, figs, t0)
 
@@ -302,7 +350,7 @@ def _band(ax, x, a_BT, label, color=None):
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
 
 
-def _fig_phases(out, tick_T, m, bounds, formation, sched):
+def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
     fig, axes = new_figure(6, 1, sharex=True, width=8.0, height=1.75)
     panels = [
         ("κ", [("kappa", "κ")], None, False),
@@ -326,6 +374,11 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched):
             shade_band(ax, *band, label=None)
         for key, label in series:
             _band(ax, tick_T, m[key], label)
+        for (k, c), ls in zip(controls.items(), ("--", ":", "-.")):
+            for key, label in series:
+                if key in c:
+                    ax.plot(tick_T, np.median(c[key], axis=0), ls=ls, lw=0.9, color="0.35",
+                            label=f"{label}, κ ≡ {k:+g}")
         if logy:
             ax.set_yscale("log")
         if title == "valley health":
@@ -334,7 +387,7 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched):
         if t_form is not None:
             ax.axvline(t_form, color="k", ls=":", lw=0.9)
         ax.set_title(title, fontsize=9, loc="left")
-        if len(series) > 1:
+        if len(ax.get_legend_handles_labels()[0]) > 1:
             ax.legend(fontsize=6, loc="best", ncol=2)
     ax0 = axes[0, 0]
     for ph, (a, b) in bounds.items():
@@ -345,7 +398,8 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched):
     fig.suptitle(f"phases under the {sched.kind} κ schedule ({sched.initial_kappa:+g} → "
                  f"{sched.final_kappa:+g}, warm-up {sched.warmup_steps} ticks)\nmedian and "
                  f"10–90 % over {m['R'].shape[0]} systems; green: the seed's healthy range; "
-                 f"dotted: the local landscape forms", fontsize=9)
+                 f"vertical dotted: the local landscape forms; grey: constant-κ controls",
+                 fontsize=9)
     return save_figure(fig, out / "phases.png")
 
 

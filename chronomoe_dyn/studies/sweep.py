@@ -14,8 +14,9 @@ are not seed noise.
 Run:  chronomoe-dyn study sweep [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/sweep.py
 Outputs (studies/out/sweep/): sweep_heatmaps.png (late R, var T̄_local, var T̄_global, valleys
-per layer, global valleys, loss), sweep_healthy.png (fraction of late records with R, var T̄_local
-and local valleys all healthy), summary.json (every cell's numbers), config.json.
+per layer, global valleys, loss), sweep_healthy.png (fraction of late records with R, var T̄_local,
+local valleys, and all three, inside the healthy ranges), summary.json (every cell's numbers),
+config.json.
 """
 
 from __future__ import annotations
@@ -32,16 +33,25 @@ NAME = "sweep"
 
 CONFIG = {
     "kappa": [-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0],
-    "coupling": [0.0, 0.05, 0.1, 0.25, 0.5, 1.0],
-    "num_systems": 6,               # seeds per cell
-    "ticks": 2000,                  # T̄_local: 500 ticks per e-fold, so ~4 e-folds
+    "coupling": [0.0, 0.1, 0.25, 0.5, 1.0, 2.0],
+    "num_systems": 8,               # seeds per cell
+    "ticks": 4000,                  # the default run length: the router settles by ~3000 ticks
+                                    # and T̄_local (500 ticks per e-fold) has formed
     "record_every": 20,
     "late_fraction": 0.25,
     "controller": {},               # other ControllerConfig changes
     "env": {},
 }
 
-QUICK = {"kappa": [-0.6, 0.0, 0.6], "coupling": [0.05, 0.25], "num_systems": 2, "ticks": 400}
+QUICK = {"kappa": [-0.6, 0.0, 0.6], "coupling": [0.0, 2.0], "num_systems": 2, "ticks": 400}
+
+HEALTHY = {
+    "healthy_R": "R in 0.3–0.8",
+    "healthy_var_local": "var T̄_local in 0.01–0.1",
+    "healthy_valleys_local": "valleys per layer in 1–3",
+    "healthy": "all three at once",
+}
+"""Fractions of late records inside the seed's healthy ranges."""
 
 METRICS = {
     "R": "late R",
@@ -71,8 +81,11 @@ def _late_metrics(traj, late_fraction: float) -> dict:
     R = traj.R_BT[:, s]
     vl = traj.variance_local_BTL[:, s].mean(-1)
     nv = traj.valley_local_BTLE[:, s].sum(-1).mean(-1)
-    ok = (R >= rlo) & (R <= rhi) & (vl >= vlo) & (vl <= vhi) & (nv >= nlo) & (nv <= nhi)
-    per_sys["healthy"] = ok.mean(1)
+    ok_R, ok_v, ok_n = (R >= rlo) & (R <= rhi), (vl >= vlo) & (vl <= vhi), (nv >= nlo) & (nv <= nhi)
+    per_sys["healthy_R"] = ok_R.mean(1)
+    per_sys["healthy_var_local"] = ok_v.mean(1)
+    per_sys["healthy_valleys_local"] = ok_n.mean(1)
+    per_sys["healthy"] = (ok_R & ok_v & ok_n).mean(1)
     out = {k: float(v.mean()) for k, v in per_sys.items()}
     out.update({f"{k}_sd": float(v.std()) for k, v in per_sys.items() if k in METRICS})
     return out
@@ -106,7 +119,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
 
     # ---- numbers ------------------------------------------------------------------------------
     arrays = {k: np.array([[grid[(K, kap)][k] for kap in kappas] for K in Ks])
-              for k in list(METRICS) + ["healthy", "ridges_local", "R_std_time"]}
+              for k in list(METRICS) + list(HEALTHY) + ["ridges_local", "R_std_time"]}
     cells = [{"coupling": K, "kappa": kap, **grid[(K, kap)]} for K in Ks for kap in kappas]
     dflt = controller_config({})
 
@@ -115,14 +128,22 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
 
     best = max(cells, key=lambda c: c["healthy"])
     loss_best = min(cells, key=lambda c: c["loss"])
+    k_effect = {m: float(np.max(np.abs(arrays[m][:, -1] - arrays[m][:, 0]))) for m in METRICS}
     headline = [
         f"late R spans {arrays['R'].min():.3f}–{arrays['R'].max():.3f}; var T̄_local "
         f"{arrays['var_local'].min():.4f}–{arrays['var_local'].max():.4f}; var T̄_global "
-        f"{arrays['var_global'].min():.5f}–{arrays['var_global'].max():.5f}; loss "
+        f"{arrays['var_global'].min():.5f}–{arrays['var_global'].max():.5f}; valleys per layer "
+        f"{arrays['valleys_local'].min():.2f}–{arrays['valleys_local'].max():.2f}; loss "
         f"{arrays['loss'].min():.3f}–{arrays['loss'].max():.3f}",
-        f"most time all-healthy (R, var T̄_local, local valleys): K={best['coupling']:g}, "
-        f"κ={best['kappa']:+g} ({best['healthy']:.2f}); lowest loss: "
-        f"K={loss_best['coupling']:g}, κ={loss_best['kappa']:+g} ({loss_best['loss']:.3f})",
+        f"κ from {kappas[0]:+g} to {kappas[-1]:+g} changes (largest over K): R by "
+        f"{k_effect['R']:.3f}, var T̄_local by {k_effect['var_local']:.4f}, loss by "
+        f"{k_effect['loss']:.4f}; K from {Ks[0]:g} to {Ks[-1]:g} changes R by "
+        f"{float(np.max(np.abs(arrays['R'][-1] - arrays['R'][0]))):.3f}",
+        "time in healthy ranges (best cell): " + ", ".join(
+            f"{label} {float(arrays[k].max()):.2f}" for k, label in HEALTHY.items())
+        + (f" at K={best['coupling']:g}, κ={best['kappa']:+g}" if best["healthy"] > 0 else ""),
+        f"lowest loss: K={loss_best['coupling']:g}, κ={loss_best['kappa']:+g} "
+        f"({loss_best['loss']:.3f})",
     ]
     if dflt.coupling in Ks:
         row = Ks.index(dflt.coupling)
@@ -141,13 +162,14 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     summary = {"kappa": kappas, "coupling": Ks, "cells": cells,
                "grids": {k: v for k, v in arrays.items()}, "kappa_trends": trends,
                "best_healthy_cell": best, "lowest_loss_cell": loss_best, "headline": headline,
+               "kappa_effect_max_abs": k_effect,
                "default_coupling": dflt.coupling,
                "R_at_default_coupling": {str(k): at("R", dflt.coupling, k) for k in kappas}
                if dflt.coupling in Ks else None}
 
     # ---- figures ------------------------------------------------------------------------------
     figs = [_fig_heatmaps(out, arrays, kappas, Ks, B, ticks, cfg["late_fraction"]),
-            _fig_healthy(out, arrays["healthy"], kappas, Ks)]
+            _fig_healthy(out, arrays, kappas, Ks)]
     return finish(out, NAME, cfg, summary, figs, t0)
 
 
@@ -191,9 +213,9 @@ def _fig_heatmaps(out, arrays, kappas, Ks, B, ticks, late):
     return save_figure(fig, out / "sweep_heatmaps.png")
 
 
-def _fig_healthy(out, a, kappas, Ks):
-    fig, axes = new_figure(1, 1, width=5.5, height=3.8)
-    _heat(axes[0, 0], fig, a, kappas, Ks,
-          "fraction of late records with R, var T̄_local and\nvalleys per layer all in the "
-          "seed's healthy ranges", "{:.2f}", False, "Greens")
+def _fig_healthy(out, arrays, kappas, Ks):
+    fig, axes = new_figure(1, len(HEALTHY), width=3.6, height=3.6)
+    for ax, (k, label) in zip(axes[0], HEALTHY.items()):
+        _heat(ax, fig, arrays[k], kappas, Ks, label, "{:.2f}", False, "Greens")
+    fig.suptitle("fraction of late records inside the seed's healthy ranges", fontsize=10)
     return save_figure(fig, out / "sweep_healthy.png")

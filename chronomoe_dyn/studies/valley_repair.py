@@ -187,7 +187,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
         est = [s["estimate"] for s in res["samples"]]
         st = _stats(meas)
         both = [(m, x) for m, x in zip(meas, est) if math.isfinite(m) and math.isfinite(x)
-                and m > 0]
+                and m > 0 and x > 0]
         smp = res["samples"]
 
         def med(key, rows=smp):
@@ -199,7 +199,9 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             "depth_std_median": med("depth_std"),
             "deep_valleys": _stats([r["ticks"] for r in deep]),
             "jump_from_reliability_median": med("jump_from_reliability"),
-            "estimate_median": _stats(est)["median"],
+            # over the samples the EMA picture applies to (not 0/inf: threshold moved)
+            "estimate_median": float(np.median([x for x in est if 0 < x < math.inf]))
+            if any(0 < x < math.inf for x in est) else None,
             "estimate_over_measured_median": float(np.median([x / m for m, x in both]))
             if both else None,
             "valleys_before": res["valleys_before"], "pairs": res["pairs"],
@@ -217,8 +219,16 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             if res["samples"] else None,
             "global": _stats(res["global"]),
         })
+    # estimate 0: the threshold at the fill had dropped below the expert's T̄ at the collapse,
+    # i.e. the rest of the layer moved, not the collapsed expert (no EMA estimate applies)
     all_pairs = [(s["ticks"], s["estimate"]) for r in cells.values() for s in r["samples"]
-                 if math.isfinite(s["ticks"]) and math.isfinite(s["estimate"]) and s["ticks"] > 0]
+                 if math.isfinite(s["ticks"]) and math.isfinite(s["estimate"]) and s["ticks"] > 0
+                 and s["estimate"] > 0]
+    # estimate inf: T_fast's plateau stayed below the threshold at the fill, so again the fill
+    # came from the threshold moving down to the expert
+    n_moved = sum(1 for r in cells.values() for s in r["samples"]
+                  if math.isfinite(s["ticks"]) and (s["estimate"] == 0.0
+                                                    or math.isinf(s["estimate"])))
     ratio = np.array([x / m for m, x in all_pairs]) if all_pairs else np.array([])
     # fitted exponents: median repair ∝ η^a (at each β), ∝ β^b (at each η)
     slopes_eta, slopes_beta = {}, {}
@@ -244,6 +254,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             "median": float(np.median(ratio)) if ratio.size else None,
             "q10": float(np.quantile(ratio, 0.1)) if ratio.size else None,
             "q90": float(np.quantile(ratio, 0.9)) if ratio.size else None, "n": int(ratio.size)},
+        "filled_by_threshold_moving": n_moved,
         "loglog_slope_vs_eta": slopes_eta, "loglog_slope_vs_beta": slopes_beta,
     }
     headline = []
@@ -266,7 +277,8 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     eom = summary["estimate_over_measured"]
     headline.append(f"all cells: {n_all - n_cens}/{n_all} valleys filled within "
                     f"{ticks - t_col + 1} ticks; geometric-EMA estimate / measured: median "
-                    f"{_f(eom['median'])} (10–90 %: {_f(eom['q10'])}–{_f(eom['q90'])})")
+                    f"{_f(eom['median'])} (10–90 %: {_f(eom['q10'])}–{_f(eom['q90'])}, n={eom['n']}; "
+                    f"{n_moved} filled because the layer's threshold moved instead)")
     if slopes_eta:
         headline.append("log-log slope of repair time vs η_local (−1 = ∝ 1/η): " + ", ".join(
             f"β={k}: {v:.2f}" for k, v in slopes_eta.items()))
@@ -303,9 +315,11 @@ def _fig_vs(out, table, xs, groups, xkey, gkey, xlabel, glabel, fname):
         ax.vlines(x[fin], lo[fin], hi_plot[fin], color=line.get_color(), lw=1)
         ax.plot(x, np.where(np.isfinite(est), est, np.nan), "--", color=line.get_color(),
                 lw=0.9, alpha=0.8)
+    from matplotlib.ticker import NullFormatter
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("ticks until the valley fills")
     ax.set_title(f"valley repair time vs {xlabel} (median, IQR; dashed: geometric-EMA estimate)",

@@ -121,3 +121,18 @@ def test_thin_scripts_run_the_cli():
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "--quick" in r.stdout and "--seed" in r.stdout
+
+
+def test_study_runs_from_the_cli_with_overrides(tmp_path, capsys):
+    out = tmp_path / "k"
+    rc = cli.main(["study", "kuramoto", "--quick", "--no-progress", "--seed", "3", "--out", str(out),
+                   "--set", "lorentzian.N=[300]", "--set", "lorentzian.K=[0.5, 2.0]",
+                   "--set", "gaussian.K=[0.25]"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "kuramoto: done" in text and "Lorentzian N=300" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["seed"] == 3 and cfg["lorentzian"]["N"] == [300]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lorentzian"]["300"]["K"] == [0.5, 2.0]
+    assert (out / "R_vs_K.png").stat().st_size > 10_000

@@ -108,6 +108,61 @@ def test_z_loss_known_answer():
     torch.testing.assert_close(lo.z, torch.tensor(math.log(E) ** 2))
 
 
+def test_router_probs_are_reused_and_z_is_skipped_when_its_weight_is_zero():
+    """With ``router_probs`` on the output the routing terms use them (not a softmax of the
+    logits), and with λ_z = 0 the logits are not read at all: NaN logits change nothing."""
+    N = 8
+    idx = torch.arange(N * K).remainder(E).view(N, K)          # even slots: f_e = 1/E
+    probs = torch.zeros(N, E)
+    probs[:, 0] = 1.0                                           # p̄ = [1, 0, 0, 0]
+    out = fake_output([torch.full((N, E), math.nan)], [idx])
+    out.router_probs = (probs,)
+    labels = torch.zeros(1, N, dtype=torch.long)
+    lo = ChronoMoELoss()(out, labels)                           # λ_z = 0 by default
+    torch.testing.assert_close(lo.balance, torch.tensor(1.0))   # E·(1/E)·1, from the probs
+    assert lo.z == 0 and torch.isfinite(lo.total)
+    assert torch.isnan(ChronoMoELoss(lambda_z=1e-3)(out, labels).z)   # computed when weighted
+
+
+def test_model_router_probs_give_the_recomputed_softmax_loss():
+    model = tiny_model()
+    with_unhealthy_valley(model.controller)
+    out = model.train()(ids())
+    assert out.router_probs is not None
+    loss = ChronoMoELoss(lambda_z=1e-3)
+    a = loss(out, ids(), model.controller, observe=False)
+    out.router_probs = None                                     # the fallback path
+    b = loss(out, ids(), model.controller, observe=False)
+    for k, v in a.as_dict().items():
+        torch.testing.assert_close(v, b.as_dict()[k], msg=k)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_loss_under_bf16_autocast_is_the_float32_loss(masked):
+    """Called inside ``torch.autocast`` (bf16) the loss runs (it used to fail in the balance
+    term's scatter), every term is float32 and equal to the loss outside autocast, and each
+    auxiliary term still reaches the routers."""
+    model = tiny_model()
+    with_unhealthy_valley(model.controller)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if masked:
+        mask[1, 6:] = 0
+    kw = dict(lambda_z=1e-3, lambda_coherence=1.0, lambda_valley=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train()(ids(), attention_mask=mask)
+        assert out.logits.dtype == torch.bfloat16
+        lo = ChronoMoELoss(**kw)(out, ids(), model.controller, attention_mask=mask,
+                                 observe=False)
+    ref = ChronoMoELoss(**kw)(out, ids(), model.controller, attention_mask=mask, observe=False)
+    for k, v in lo.as_dict().items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+        assert torch.equal(v, ref.as_dict()[k]), k
+    assert lo.coherence > 0 and lo.valley > 0 and lo.z > 0
+    (lo.balance + lo.coherence + lo.valley + lo.z).backward()
+    for g in router_grads(model):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
 # --- gradients from each auxiliary term alone ---------------------------------------------------
 
 @pytest.mark.parametrize("term", ["balance", "coherence", "valley", "z"])

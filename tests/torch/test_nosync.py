@@ -4,7 +4,8 @@ A ``TorchDispatchMode`` counts the ops that need the host to see device data
 (``aten._local_scalar_dense`` is what ``.item()``, ``bool(t)``, ``float(t)`` call; the others
 have data-dependent output shapes or return host values). The wrapped AdamW itself reads its step
 count with ``.item()`` on CPU (torch's non-capturable path), so counting pauses inside it, using
-the wrapped optimizer's own step hooks; with SGD nothing is paused at all.
+the wrapped optimizer's own step hooks; with SGD and with fused AdamW (the gate's "lr" path)
+nothing is paused at all.
 """
 
 from __future__ import annotations
@@ -103,15 +104,17 @@ def test_counter_sees_syncs():
     assert len(c.syncs) == 3
 
 
-@pytest.mark.parametrize("inner_name,strength", [("sgd", 0.5), ("adamw", 0.5), ("adamw", 1.0)])
+@pytest.mark.parametrize("inner_name,strength", [("sgd", 0.5), ("adamw", 0.5), ("adamw", 1.0),
+                                                 ("adamw_fused", 0.5), ("adamw_fused", 1.0)])
 def test_training_step_has_no_sync(inner_name, strength):
     ctrl = PxTController(2, 4, ControllerConfig(phase_noise=0.1, kappa_smoothing=0.5))
     model = TinyMoE(ctrl)
     if inner_name == "sgd":
         inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
-        inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=inner_name == "adamw_fused")
     gated = CoherenceGatedOptimizer(inner, ctrl, min_coherence=0.2, gating_strength=strength)
+    assert gated.gate_via == ("lr" if inner_name == "adamw_fused" else "snapshot")
     ctrl.register_on(gated)
     counter = SyncCounter()
     if inner_name == "adamw":
