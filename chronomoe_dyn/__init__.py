@@ -25,14 +25,11 @@ __all__ = [
     "adaptive_update", "simulate", "simulate_kuramoto", "EnvConfig", "Trajectory",
 ]
 
-# The simulator imports numba; load it only when used.
-_LAZY = {"simulate": ".simulate", "simulate_kuramoto": ".kuramoto", "EnvConfig": ".env",
-         "Trajectory": ".simulate"}
+# The simulator modules import numba only inside the functions that compile kernels, so these
+# eager imports keep `import chronomoe_dyn` fast and numba-free. (Eager, not lazy: a lazily
+# imported submodule named `simulate` would rebind `chronomoe_dyn.simulate` to the module.)
+from .env import EnvConfig, Event  # noqa: E402
+from .kuramoto import KuramotoResult, simulate_kuramoto  # noqa: E402
+from .simulate import Trajectory, simulate  # noqa: E402
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        mod = importlib.import_module(_LAZY[name], __name__)
-        return getattr(mod, name)
-    raise AttributeError(f"module 'chronomoe_dyn' has no attribute {name!r}")
+__all__ += ["Event", "KuramotoResult"]

@@ -41,8 +41,10 @@ ignored (so writers may add fields). Numbers may be ``null`` (missing); ``NaN`` 
   tbar_global_E    [float]    [E] global structural temperature T̄_global
   maxvio           float      mean over layers of (max_e load − mean load) / mean load
                               (computed from ``load_LE`` when absent)
+  maxvio_L         [float]    [L] the same per layer (computed from ``load_LE`` when absent)
 
-Shapes of ``load_LE``, ``tbar_local_LE`` and ``tbar_global_E`` must not change within a file.
+Shapes of ``load_LE``, ``tbar_local_LE``, ``tbar_global_E`` and ``maxvio_L`` must not change
+within a file.
 Records are sorted by step; when a step appears twice (a resumed run re-logging it), the later
 line wins. A line that is not a JSON object, lacks ``step`` or has a field of the wrong type or
 shape raises ``MetricsFormatError`` naming the file, the line number and the field.
@@ -76,7 +78,7 @@ TRAJECTORY_FILE = "trajectory.npz"
 _SCALARS = ("loss", "lr", "R", "dR", "kappa", "gate", "tbar_variance", "tbar_variance_local",
             "maxvio")
 _STRINGS = ("split", "phase")
-_MATRICES = {"load_LE": 2, "tbar_local_LE": 2, "tbar_global_E": 1}
+_MATRICES = {"load_LE": 2, "tbar_local_LE": 2, "tbar_global_E": 1, "maxvio_L": 1}
 _INDEX_LISTS = ("valleys", "ridges")
 
 
@@ -105,6 +107,8 @@ class RunSeries:
     """[T, L, E] per-layer structural temperature."""
     tbar_global_TE: np.ndarray | None = None
     """[T, E] global structural temperature."""
+    maxvio_TL: np.ndarray | None = None
+    """[T, L] MaxVio of each layer."""
     eval_step: np.ndarray | None = None
     eval_loss: np.ndarray | None = None
     step_label: str = "step"
@@ -264,27 +268,39 @@ def read_metrics_jsonl(path: str | Path) -> RunSeries:
                    or k in _INDEX_LISTS})
     scalars = {k: np.array([float(r.get(k, math.nan)) for r in recs]) for k in keys}
     load = _stack([r.get("load_LE") for r in recs], "load_LE", p, lines)
+    maxvio_L = _stack([r.get("maxvio_L") for r in recs], "maxvio_L", p, lines)
     if load is not None:
         tot = load.sum(axis=-1, keepdims=True)
         load = np.divide(load, tot, out=np.full_like(load, np.nan), where=tot > 0)
         if "maxvio" not in scalars or not np.any(np.isfinite(scalars["maxvio"])):
             scalars["maxvio"] = _maxvio(load)
+        if maxvio_L is None:
+            maxvio_L = _maxvio_L(load)
     es = sorted(evals)
     return RunSeries(
         source=str(p), step_T=np.array(steps, dtype=np.int64), scalars=scalars, load_TLE=load,
         tbar_local_TLE=_stack([r.get("tbar_local_LE") for r in recs], "tbar_local_LE", p, lines),
         tbar_global_TE=_stack([r.get("tbar_global_E") for r in recs], "tbar_global_E", p, lines),
-        eval_step=np.array(es, dtype=np.int64) if es else None,
+        maxvio_TL=maxvio_L, eval_step=np.array(es, dtype=np.int64) if es else None,
         eval_loss=np.array([evals[s] for s in es]) if es else None,
     )
 
 
-def _maxvio(load_TLE: np.ndarray) -> np.ndarray:
-    """[T] mean over layers of (max − mean)/mean of each layer's load."""
+def _maxvio_L(load_TLE: np.ndarray) -> np.ndarray:
+    """[T, L] (max − mean)/mean of each layer's load (NaN for a layer without load)."""
     mean = load_TLE.mean(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         v = (load_TLE.max(axis=-1) - mean) / mean
-    return np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=-1) if v.size else v
+    return np.where(np.isfinite(v), v, np.nan)
+
+
+def _maxvio(load_TLE: np.ndarray) -> np.ndarray:
+    """[T] mean over layers of (max − mean)/mean of each layer's load."""
+    v = _maxvio_L(load_TLE)
+    out = np.full(v.shape[0], np.nan)
+    ok = np.isfinite(v).any(axis=-1)
+    out[ok] = np.nanmean(v[ok], axis=-1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,13 +348,15 @@ def series_from_trajectory(traj: Any, system: int = 0, source: str = "trajectory
             put(name, m.sum(axis=-1))
     usage = _get(traj, "usage_BTLE")
     load = None
+    maxvio_L = None
     if usage is not None:
         load = usage[system].astype(np.float64)
         scalars["maxvio"] = _maxvio(load)
+        maxvio_L = _maxvio_L(load)
     tl = _get(traj, "Tbar_local_BTLE")
     tg = _get(traj, "Tbar_global_BTE")
     return RunSeries(source=source, step_T=tick.astype(np.int64), scalars=scalars, bands=bands,
-                     load_TLE=load, load_label="usage EMA u",
+                     load_TLE=load, load_label="usage EMA u", maxvio_TL=maxvio_L,
                      tbar_local_TLE=None if tl is None else tl[system].astype(np.float64),
                      tbar_global_TE=None if tg is None else tg[system].astype(np.float64),
                      step_label="tick")
@@ -522,9 +540,10 @@ def _fig_tbar_snapshots(s: RunSeries, out: Path, n: int = 6) -> Path | None:
 def _rows_image(ax: Any, s: RunSeries, a_TLE: np.ndarray, cmap: str, norm: Any) -> Any:
     T, L, E = a_TLE.shape
     img = a_TLE.reshape(T, L * E).T  # rows: (layer, expert), columns: time
-    x0, x1 = float(s.step_T[0]), float(s.step_T[-1]) if T > 1 else float(s.step_T[0]) + 1
+    x0, x1 = float(s.step_T[0]), float(s.step_T[-1])
+    half = 0.5 * (x1 - x0) / (T - 1) if T > 1 else 0.5   # each column centred on its step
     im = ax.imshow(img, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
-                   extent=(x0, x1, L * E - 0.5, -0.5))
+                   extent=(x0 - half, x1 + half, L * E - 0.5, -0.5))
     for l in range(1, L):
         ax.axhline(l * E - 0.5, color="k", lw=0.4)
     if L > 1:
@@ -572,7 +591,12 @@ def _fig_load(s: RunSeries, out: Path) -> Path | None:
     ax.set_title(f"per-expert {s.load_label} per layer", fontsize=9, loc="left")
     if has_mv:
         ax = axes[1, 0]
-        _line(ax, s, "maxvio", "MaxVio")
+        if s.maxvio_TL is not None and s.maxvio_TL.shape[1] > 1:
+            for l in range(s.maxvio_TL.shape[1]):
+                ax.plot(s.step_T, s.maxvio_TL[:, l], lw=0.6, alpha=0.5, color="0.5",
+                        label="per layer" if l == 0 else None)
+        _line(ax, s, "maxvio", "MaxVio (layer mean)", color="tab:red")
+        ax.legend(fontsize=7, loc="upper right")
         ax.set_ylabel("MaxVio")
         ax.set_title("(max − mean)/mean load, mean over layers", fontsize=9, loc="left")
     axes[-1, 0].set_xlabel(s.step_label)

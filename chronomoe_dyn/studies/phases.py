@@ -396,10 +396,9 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
                      color=_PHASE_COLORS[ph], transform=ax0.get_xaxis_transform())
     axes[-1, 0].set_xlabel("tick")
     fig.suptitle(f"phases under the {sched.kind} κ schedule ({sched.initial_kappa:+g} → "
-                 f"{sched.final_kappa:+g}, warm-up {sched.warmup_steps} ticks)\nmedian and "
-                 f"10–90 % over {m['R'].shape[0]} systems; green: the seed's healthy range; "
-                 f"vertical dotted: the local landscape forms; grey: constant-κ controls",
-                 fontsize=9)
+                 f"{sched.final_kappa:+g}, warm-up {sched.warmup_steps} ticks)\nmedian, "
+                 f"10–90 % of {m['R'].shape[0]} systems; green: healthy range; dotted: local "
+                 f"landscape forms; grey: κ held constant", fontsize=9)
     return save_figure(fig, out / "phases.png")
 
 

@@ -173,9 +173,10 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     return finish(out, NAME, cfg, summary, figs, t0)
 
 
-def _heat(ax, fig, a, kappas, Ks, title, fmt="{:.2f}", log=False, cmap="viridis"):
-    from matplotlib.colors import LogNorm
-    norm = None
+def _heat(ax, fig, a, kappas, Ks, title, fmt="{:.2f}", log=False, cmap="viridis",
+          limits=None):
+    from matplotlib.colors import LogNorm, Normalize
+    norm = None if limits is None else Normalize(*limits)
     if log:
         pos = a[a > 0]
         if pos.size:
@@ -216,6 +217,6 @@ def _fig_heatmaps(out, arrays, kappas, Ks, B, ticks, late):
 def _fig_healthy(out, arrays, kappas, Ks):
     fig, axes = new_figure(1, len(HEALTHY), width=3.6, height=3.6)
     for ax, (k, label) in zip(axes[0], HEALTHY.items()):
-        _heat(ax, fig, arrays[k], kappas, Ks, label, "{:.2f}", False, "Greens")
+        _heat(ax, fig, arrays[k], kappas, Ks, label, "{:.2f}", False, "Greens", (0.0, 1.0))
     fig.suptitle("fraction of late records inside the seed's healthy ranges", fontsize=10)
     return save_figure(fig, out / "sweep_healthy.png")

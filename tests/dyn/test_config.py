@@ -21,7 +21,7 @@ DESIGN_DEFAULTS = {
     "lens_rate": 0.05, "beta_pressure": 0.5, "beta_temperature": 0.4, "beta_lens": 0.7,
     "pressure_scale": 0.1, "temperature_scale": 1.0, "landscape_threshold_std": 0.5,
     "landscape_formed_variance": 0.01, "unhealthy_reliability": 0.3,
-    "coupling": 0.25, "drift_gain": 1.0, "omega_disorder_std": 0.05,
+    "coupling": 0.25, "drift_gain": 4.0, "omega_disorder_std": 0.05,
 }
 
 

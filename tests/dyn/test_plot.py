@@ -59,7 +59,17 @@ def test_reader_values_and_derived_maxvio(tmp_path):
     np.testing.assert_allclose(s.load_TLE.sum(-1), 1.0)
     mv = (s.load_TLE.max(-1) - 1 / E) * E
     np.testing.assert_allclose(s.scalars["maxvio"], mv.mean(-1))
+    np.testing.assert_allclose(s.maxvio_TL, mv)
     assert s.eval_step.tolist() == [100] and s.eval_loss.tolist() == [4.0]
+
+
+def test_explicit_maxvio_L_and_raw_counts(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    write_metrics_record(f, {"step": 1, "load_LE": [[3, 1], [2, 2]], "maxvio_L": [0.5, None]})
+    s = read_metrics_jsonl(f)
+    np.testing.assert_allclose(s.load_TLE[0], [[0.75, 0.25], [0.5, 0.5]])  # counts → shares
+    assert s.maxvio_TL[0, 0] == 0.5 and np.isnan(s.maxvio_TL[0, 1])       # as written
+    assert s.scalars["maxvio"][0] == pytest.approx(0.25)                  # derived: (0.5 + 0)/2
 
 
 def test_repeated_step_later_line_wins_and_sorted(tmp_path):
