@@ -168,7 +168,8 @@ def validate_metrics_record(rec: Any, where: str = "record") -> dict:
             continue
         if key in _STRINGS:
             if not isinstance(v, str):
-                raise MetricsFormatError(f"{where}: field {key!r} must be a string, got {_short(v)}")
+                raise MetricsFormatError(f"{where}: field {key!r} must be a string, got "
+                                         f"{_short(v)}")
             if key == "split" and v not in ("train", "eval"):
                 raise MetricsFormatError(f"{where}: field 'split' must be 'train' or 'eval', "
                                          f"got {v!r}")
@@ -221,7 +222,8 @@ def write_metrics_record(path: str | Path, record: dict) -> None:
         fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
 
-def _stack(rows: list[np.ndarray | None], name: str, path: Path, lines: list[int]) -> np.ndarray | None:
+def _stack(rows: list[np.ndarray | None], name: str, path: Path,
+           lines: list[int]) -> np.ndarray | None:
     shape = next((r.shape for r in rows if r is not None), None)
     if shape is None:
         return None

@@ -1,4 +1,4 @@
-"""Do the seed's three training phases and healthy ranges appear under the default cosine κ schedule, and when?
+"""Do the seed's three training phases and healthy ranges appear under the cosine κ schedule?
 
 Thin script around `chronomoe_dyn.studies.phases` (its docstring has the details).
 

@@ -48,7 +48,7 @@ CONFIG = {
     "collapse_quality": 0.0,
     "collapse_tick": 2001,          # the landscape has formed by then (T̄_local: 500 ticks/e-fold)
     "ticks": 6000,
-    "record_every": 5,              # = micro_period: T̄ moves only on micro ticks, so this is exact;
+    "record_every": 5,              # = micro_period: T̄ moves only on micro ticks (exact timing);
                                     # collapse_tick − 1 must be a multiple (the pre-collapse record)
     "kappa": -0.3,                  # constant κ (the seed's exploitation value)
     "controller": {},               # other ControllerConfig changes
@@ -134,7 +134,8 @@ def _stats(x: list[float]) -> dict:
     out = {"n": n, "filled": int(fin.size), "censored": n - int(fin.size)}
     if n:
         # censored samples count as +inf: the quantiles stay honest (inf when > half censored)
-        q = np.quantile(np.sort(a), [0.25, 0.5, 0.75], method="lower") if fin.size else [math.inf] * 3
+        q = np.quantile(np.sort(a), [0.25, 0.5, 0.75], method="lower") if fin.size \
+            else [math.inf] * 3
         out.update(q25=float(q[0]), median=float(q[1]), q75=float(q[2]))
     else:
         out.update(q25=None, median=None, q75=None)
@@ -277,7 +278,8 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     eom = summary["estimate_over_measured"]
     headline.append(f"all cells: {n_all - n_cens}/{n_all} valleys filled within "
                     f"{ticks - t_col + 1} ticks; geometric-EMA estimate / measured: median "
-                    f"{_f(eom['median'])} (10–90 %: {_f(eom['q10'])}–{_f(eom['q90'])}, n={eom['n']}; "
+                    f"{_f(eom['median'])} (10–90 %: {_f(eom['q10'])}–{_f(eom['q90'])}, "
+                    f"n={eom['n']}; "
                     f"{n_moved} filled because the layer's threshold moved instead)")
     if slopes_eta:
         headline.append("log-log slope of repair time vs η_local (−1 = ∝ 1/η): " + ", ".join(

@@ -125,7 +125,8 @@ def test_thin_scripts_run_the_cli():
 
 def test_study_runs_from_the_cli_with_overrides(tmp_path, capsys):
     out = tmp_path / "k"
-    rc = cli.main(["study", "kuramoto", "--quick", "--no-progress", "--seed", "3", "--out", str(out),
+    rc = cli.main(["study", "kuramoto", "--quick", "--no-progress", "--seed", "3",
+                   "--out", str(out),
                    "--set", "lorentzian.N=[300]", "--set", "lorentzian.K=[0.5, 2.0]",
                    "--set", "gaussian.K=[0.25]"])
     assert rc == 0

@@ -153,7 +153,8 @@ def _tiny_trajectory(B: int = 2, T: int = 12) -> dict:
     mean, std = tg.mean(-1, keepdims=True), tg.std(-1, keepdims=True)
     return {
         "tick_T": np.arange(T) * 10, "R_BT": rng.uniform(0, 1, (B, T)),
-        "dR_BT": rng.normal(0, 0.01, (B, T)), "kappa_BT": np.tile(np.linspace(0.5, -0.3, T), (B, 1)),
+        "dR_BT": rng.normal(0, 0.01, (B, T)),
+        "kappa_BT": np.tile(np.linspace(0.5, -0.3, T), (B, 1)),
         "gate_BT": rng.uniform(0.5, 1, (B, T)), "Tbar_global_BTE": tg, "Tbar_local_BTLE": tl,
         "usage_BTLE": usage, "variance_global_BT": var_g, "variance_local_BTL": tl.var(-1),
         "valley_global_BTE": tg < mean - 0.5 * std, "ridge_global_BTE": tg > mean + 0.5 * std,

@@ -59,8 +59,8 @@ def test_kuramoto_gaussian_self_consistency_known_values():
     # near K_c: R ≈ sqrt(16 (K − K_c) / (π K_c⁴ |g''(0)|)), g''(0) = −1/(σ³ sqrt(2π))
     K = 1.01 * Kc
     g2 = 1.0 / (sigma ** 3 * math.sqrt(2 * math.pi))
-    assert gaussian_R(K, sigma) == pytest.approx(math.sqrt(16 * (K - Kc) / (math.pi * Kc ** 4 * g2)),
-                                                 rel=0.05)
+    expected = math.sqrt(16 * (K - Kc) / (math.pi * Kc ** 4 * g2))
+    assert gaussian_R(K, sigma) == pytest.approx(expected, rel=0.05)
     assert gaussian_R(10.0, sigma) > 0.99
     np.testing.assert_allclose(lorentzian_R([0.5, 1.0, 2.0, 4.0], 0.5),
                                [0.0, 0.0, math.sqrt(0.5), math.sqrt(0.75)])
@@ -88,7 +88,8 @@ def test_phases_study(tmp_path):
     for c in s["claims"].values():
         assert c["holds"] in (True, False, None) and isinstance(c["evidence"], str)
     f = s["formation"]
-    assert f["num_systems"] == cfg["num_systems"] and len(f["tick_global_per_system"]) == f["num_systems"]
+    assert f["num_systems"] == cfg["num_systems"]
+    assert len(f["tick_global_per_system"]) == f["num_systems"]
 
 
 def test_valley_repair_study(tmp_path):
