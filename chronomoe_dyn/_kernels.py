@@ -522,15 +522,20 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
                 bd = base_LDE[l, d, e]
                 for t in range(T):
                     s_T[t] = bd + s_T[t] if dom_T[t] == d else s_T[t]
-            # insert expert e into each token's descending top-k list with selects (random
-            # scores would mispredict branches); strict '>' keeps ties in index order
+            # insert expert e into each token's top-k list with selects (random scores would
+            # mispredict branches). The list is ordered by (score descending, index ascending),
+            # the order of env.route's stable sort, and the candidate is compared in that
+            # order: the new expert e (the highest index so far) loses ties, but an entry
+            # pushed down from slot j−1 may tie with slot j's and has the lower index, so it
+            # must win that tie (a plain 's > sj' would keep the later expert ahead of it).
+            # -0.0 == 0.0 here as in NumPy's sort; the scores are finite (T >= 0.1).
             for j in range(K):
                 for t in range(T):
                     s = s_T[t]
                     sj = top_KT[j, t]
                     b = b_T[t]
                     bj = sel_KT[j, t]
-                    gt = s > sj
+                    gt = (s > sj) | ((s == sj) & (b < bj))
                     top_KT[j, t] = s if gt else sj
                     sel_KT[j, t] = b if gt else bj
                     s_T[t] = sj if gt else s

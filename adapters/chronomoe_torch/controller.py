@@ -85,14 +85,14 @@ _ACC_COUNTS, _ACC_WSUM, _ACC_LOSS = 0, 1, 2
 
 
 def _ema(old: torch.Tensor, new: torch.Tensor, rate: float) -> torch.Tensor:
-    """(1 − rate)·old + rate·new, clamped to the hull of old and new (as the reference)."""
-    out = old * (1.0 - rate) + new * rate
-    return torch.clamp(out, torch.minimum(old, new), torch.maximum(old, new))
+    """(1 − rate)·old + rate·new, clamped to the hull of old and new (as the reference).
 
-
-def _safe_div(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """num / den where ``ok``, else 0, without evaluating a division by zero."""
-    return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+    Six kernels, the reference's roundings. Where ``new`` equals ``old`` the result is ``old``
+    exactly (the hull is a point), which the tick uses to leave entries unchanged without a
+    separate ``where``."""
+    out = old * (1.0 - rate)
+    out.add_(new * rate)
+    return out.clamp_(torch.minimum(old, new), torch.maximum(old, new))
 
 
 def _sync_after_load(module: "PxTController", incompatible_keys: Any) -> None:
@@ -157,8 +157,20 @@ class PxTController(nn.Module):
         self.register_buffer("_temperature_LE",
                              torch.ones((L, E), dtype=torch.float32, device=device),
                              persistent=False)
+        # Constants of the tick (0-d, so a where() takes them without a scalar→tensor kernel).
+        self.register_buffer("_inf", torch.full((), math.inf, **fkw), persistent=False)
+        self.register_buffer("_inf64", torch.full((), math.inf, dtype=PHASE_DTYPE, device=device),
+                             persistent=False)
         self._buffer_dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
-        self._max_entry = torch.finfo(dtype).max / E   # E·entry < max: sums stay finite
+        # Accepted entries are < finfo.max / E (E·entry < max: a layer's sum stays finite),
+        # checked as x ≤ the largest value of ``dtype`` below that bound.
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        bound = np_dtype(torch.finfo(dtype).max / E)
+        self._max_entry_incl = float(np.nextafter(bound, np_dtype(0)))
+        self._tiny = float(torch.finfo(dtype).tiny)
+        self._acc_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._drive0_key: tuple[torch.Tensor, int] | None = None
+        self._drive0_val: torch.Tensor | None = None
 
         # Host-side mirrors (deterministic; re-synced from the buffers on load).
         self._tick_host = 0
@@ -260,6 +272,13 @@ class PxTController(nn.Module):
         return self._acc_FLE
 
     # ------------------------------------------------------------------ the tick
+    # Cost model: the tick is ~50–100 small kernels on [L, E] tensors, so its time is the number
+    # of kernels (each a few µs of dispatch, more with cold caches inside a training step), not
+    # arithmetic. Hence: no scalar→tensor conversions (constants are cached 0-d buffers), divisions
+    # guarded by an ∞ denominator (x/∞ = 0) instead of a where on each side, idle rows left
+    # unchanged by the EMA's hull clamp, in-place chains, and cached views. Every value is
+    # computed with the reference's operations in the reference's order (float64 state is
+    # bitwise the previous implementation's).
     @torch.no_grad()
     def tick(self) -> None:
         """One control step on the accumulated observation, with the κ set by ``set_knob``.
@@ -269,12 +288,10 @@ class PxTController(nn.Module):
         t = self._tick_host + 1
         micro = t % cfg.micro_period == 0
         macro = t % cfg.macro_period == 0
-        acc = self._acc_FLE
-        counts, loss = acc[_ACC_COUNTS], acc[_ACC_LOSS]
-        lo, hi = torch.aminmax(acc)
-        # Non-negative, finite, and small enough that no sum over a layer's E experts overflows
-        # (the reference rejects those too); NaN fails both comparisons.
-        valid = (lo >= 0) & (hi < self._max_entry)
+        acc, counts, loss = self._acc_rows()
+        # Bad observation (non-finite, negative, or ≥ max_entry so that a layer's sum could
+        # overflow; what the reference rejects): the clamp changes such an entry, NaN included.
+        bad = (acc.clamp(0.0, self._max_entry_incl) != acc).any()
 
         # κ smoothing first, so this tick's lens sees it.
         r = cfg.kappa_smoothing
@@ -285,38 +302,39 @@ class PxTController(nn.Module):
             kap = torch.clamp(kap_old * (1.0 - r) + kap_in * r,
                               torch.minimum(kap_old, kap_in), torch.maximum(kap_old, kap_in))
 
-        # Usage and signed drift (layers without tokens keep their state).
+        # Usage and signed drift. An idle layer (no tokens) gets frac = u: its δ is exactly 0 and
+        # its EMA stays at u (hull of u and u), the reference's where(active, ·, u).
         rho = cfg.usage_decay
         u = self.usage_LE                                           # float64 (phase input)
-        counts64 = counts.to(PHASE_DTYPE)
+        counts64 = counts if counts.dtype == PHASE_DTYPE else counts.to(PHASE_DTYPE)
         tot64_L1 = counts64.sum(dim=1, keepdim=True)
         active_L1 = tot64_L1 > 0
-        frac = counts64 / torch.where(active_L1, tot64_L1, 1.0)     # 0 for an empty layer
-        delta = torch.where(active_L1, (frac - u) * E, 0.0)
-        usage = torch.where(active_L1, _ema(u, frac, 1.0 - rho), u)
-        usage_s = usage.to(self.dtype)
+        frac = torch.where(active_L1, counts64 / tot64_L1, u)
+        delta = (frac - u).mul_(E)
+        usage = _ema(u, frac, 1.0 - rho)
 
-        # Reliability (experts that got tokens move).
-        target, target_ok = self._reliability_target(counts, loss, usage_s)
-        if target_ok is not None:
-            valid = valid & target_ok
+        # Reliability (experts that got tokens move; the others keep s through the hull clamp).
+        seen = counts > 0
+        target, bad_target = self._reliability_target(counts, loss, seen, active_L1,
+                                                      tot64_L1, usage)
+        if bad_target is not None:
+            bad = bad | bad_target
         s = self.reliability_LE
-        reliability = torch.where(counts > 0, _ema(s, target, 1.0 - rho), s)
+        reliability = _ema(s, torch.where(seen, target, s), 1.0 - rho)
 
         # Kuramoto phases, mean field of the previous tick.
         R0, psi0, th = self.R, self.psi, self.theta_LE
-        drive = self.omega_disorder_LE + cfg.omega0
-        drive = drive + delta * cfg.drift_gain
-        drive = drive + torch.sin(psi0 - th) * (R0 * cfg.coupling)
-        th_new = th + drive * cfg.dt
+        drive = (delta * cfg.drift_gain).add_(self._drive0())   # (ω₀ + ω_dis) + α·δ
+        drive.add_(torch.sub(psi0, th).sin_().mul_(R0 * cfg.coupling))
+        th_new = drive.mul_(cfg.dt).add_(th)
         if cfg.phase_noise > 0.0:
             h1 = _rng.key_prefix(self._seed_host, STREAM_PHASE, t)
             xi = _rng.normal_from_pairs(h1, self._noise_index_2N).view_as(th)
-            th_new = th_new + xi * (cfg.phase_noise * math.sqrt(cfg.dt))
-        th_new = torch.remainder(th_new, TWO_PI)
-        th_new = torch.where(th_new >= TWO_PI, 0.0, th_new)   # mod can round up to 2π
+            th_new.add_(xi.mul_(cfg.phase_noise * math.sqrt(cfg.dt)))
+        th_new.remainder_(TWO_PI)
+        th_new.masked_fill_(th_new >= TWO_PI, 0.0)                # mod can round up to 2π
         c, sn = torch.cos(th_new).mean(), torch.sin(th_new).mean()
-        R = torch.clamp(torch.hypot(c, sn), max=1.0)
+        R = torch.hypot(c, sn).clamp_(max=1.0)
         psi = torch.atan2(sn, c)
         dR = R - R0
 
@@ -327,19 +345,25 @@ class PxTController(nn.Module):
         # Micro tick: temperatures.
         pressure = self.pressure_LE
         if micro:
-            Tf_old = self.T_fast_LE
-            Tbar_g = _ema(self.Tbar_global_E, Tf_old.mean(dim=0), cfg.eta_structural_T_global)
+            Tbar_g = _ema(self.Tbar_global_E, self.T_fast_LE.mean(dim=0),
+                          cfg.eta_structural_T_global)
             share = usage / usage.sum(dim=1, keepdim=True)          # float64, then cast
-            pressure = torch.clamp((1.0 / E - share) * 2.0, -1.0, 1.0).to(self.dtype)
-            d = torch.abs(share - 1.0 / E)
+            dev = share - 1.0 / E
+            # P = clip(2(1/E − share)) and d = |share − 1/E|: 1/E − x = −(x − 1/E) exactly.
+            pressure = dev.mul(-2.0).clamp_(-1.0, 1.0).to(self.dtype)
+            d = dev.abs_()
             dmax = d.amax(dim=1, keepdim=True)
-            d_hat = _safe_div(d, dmax, dmax > DRIFT_EPS).to(self.dtype)   # ~uniform: d̂ = 0
-            base = (((1.0 - R) * cfg.beta_R + 1.0) * cfg.T_base).to(self.dtype)
-            T_fast = torch.clamp(base * (d_hat * cfg.beta_drift + 1.0)
-                                 * ((1.0 - reliability) * cfg.beta_reliability + 1.0),
-                                 cfg.T_min, cfg.T_max)
+            # ~uniform (dmax ≤ ε): d̂ = d/∞ = 0.
+            d_hat = d.div_(torch.where(dmax > DRIFT_EPS, dmax, self._inf64)).to(self.dtype)
+            base = (1.0 - R).mul_(cfg.beta_R).add_(1.0)
+            if cfg.T_base != 1.0:
+                base = base.mul_(cfg.T_base)
+            base = base.to(self.dtype)
+            T_fast = d_hat.mul(cfg.beta_drift).add_(1.0).mul_(base)   # fresh: d_hat may be d
+            T_fast.mul_((1.0 - reliability).mul_(cfg.beta_reliability).add_(1.0))
+            T_fast.clamp_(cfg.T_min, cfg.T_max)
             Tbar_l = _ema(self.Tbar_local_LE, T_fast, cfg.eta_structural_T_local)
-            T_eff = T_fast * Tbar_g[None, :] * Tbar_l
+            T_eff = (T_fast * Tbar_g).mul_(Tbar_l)
             updates += [(self.Tbar_global_E, Tbar_g), (self.pressure_LE, pressure),
                         (self.T_fast_LE, T_fast), (self.Tbar_local_LE, Tbar_l),
                         (self.T_eff_LE, T_eff)]
@@ -353,41 +377,65 @@ class PxTController(nn.Module):
 
         # Commit: a bad observation leaves every law buffer as it was.
         for buf, new in updates:
-            torch.where(valid, new, buf, out=buf)
-        self.skipped_ticks.add_((~valid).to(torch.int64))
+            torch.where(bad, buf, new, out=buf)
+        self.skipped_ticks.add_(bad)
         self.tick_counter.fill_(t)
         slot = (t - 1) % self.history_length
         self.coherence_history[slot] = self.R
         self.meta_knob_history[slot] = self.kappa
         self._tick_host = t
         self.clear_observations()
-        if micro or macro or cfg.kappa_smoothing != 1.0:
+        if micro or macro or r != 1.0:
             # Otherwise nothing the fields read has changed (set_knob refreshed them already).
             self._refresh_fields()
 
-    def _reliability_target(self, counts: torch.Tensor, loss: torch.Tensor, usage: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[L, E] target reliability: loss-based for layers that got losses, else u / max(u).
+    def _reliability_target(self, counts: torch.Tensor, loss: torch.Tensor, seen: torch.Tensor,
+                            active_L1: torch.Tensor, tot64_L1: torch.Tensor,
+                            usage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[L, E] target reliability (read where ``seen``): loss-based for layers that got
+        losses, else u / max(u).
 
-        Also returns, on the loss path, a 0-d flag that the mean losses per token were finite
-        (tiny counts can overflow loss / counts; the reference rejects such observations)."""
+        Also returns, on the loss path, a 0-d flag that the relative loss was not finite (tiny
+        counts can overflow loss / counts; the reference rejects such observations)."""
         nl = len(self._loss_layers)
         proxy = None
         if nl < self.num_layers:
-            umax = usage.amax(dim=1, keepdim=True)
-            proxy = usage / torch.where(umax > 0, umax, 1.0)    # usage = 0 where umax = 0
+            us = usage.to(self.dtype)
+            # u / max(u), 0 for an all-zero row. max(u) ≥ ~1/E for any state the law reaches;
+            # the clamp only turns a zero maximum into a harmless denominator.
+            proxy = us.div_(us.amax(dim=1, keepdim=True).clamp_min_(self._tiny))
             if nl == 0:
                 return proxy, None
-        tot_c = counts.sum(dim=1, keepdim=True)
+        inf = self._inf
+        tot_c = tot64_L1 if counts.dtype == PHASE_DTYPE else counts.sum(dim=1, keepdim=True)
         tot_l = loss.sum(dim=1, keepdim=True)
-        mbar = _safe_div(tot_l, tot_c, tot_c > 0)          # token-weighted mean loss
-        m = _safe_div(loss, counts, counts > 0)            # per-expert mean loss
-        rel = _safe_div(mbar - m, mbar, mbar > 0)
-        ok = torch.isfinite(rel).all()
-        from_loss = torch.clamp(torch.sigmoid(rel * self.config.reliability_sharpness), 0.0, 1.0)
+        # Guarded divisions, x/∞ = 0 where the reference's safe division gives 0.
+        mbar = tot_l.div_(torch.where(active_L1, tot_c, inf))     # token-weighted mean loss
+        m = loss / torch.where(seen, counts, inf)                  # per-expert mean loss
+        rel = (mbar - m).div_(torch.where(mbar > 0, mbar, inf))
+        bad = (rel * 0.0).any()                                    # inf·0 = NaN: not finite
+        from_loss = rel.mul_(self.config.reliability_sharpness).sigmoid_()   # in [0, 1]
         if proxy is None:
-            return from_loss, ok
-        return torch.where(self._acc_has_loss_L[:, None], from_loss, proxy), ok
+            return from_loss, bad
+        return torch.where(self._acc_has_loss_L.unsqueeze(1), from_loss, proxy), bad
+
+    def _acc_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(accumulator, its counts row, its loss row), the rows as cached views."""
+        acc = self._acc_FLE
+        cached = self._acc_cache
+        if cached is None or cached[0] is not acc:
+            cached = self._acc_cache = (acc, acc[_ACC_COUNTS], acc[_ACC_LOSS])
+        return cached
+
+    def _drive0(self) -> torch.Tensor:
+        """ω₀ + ω_dis [L, E] (float64), cached while the ω_dis buffer is not modified."""
+        om = self.omega_disorder_LE
+        key = (om, om._version)
+        if self._drive0_key is None or self._drive0_key[0] is not om \
+                or self._drive0_key[1] != key[1]:
+            self._drive0_val = om + self.config.omega0
+            self._drive0_key = key
+        return self._drive0_val
 
     # ------------------------------------------------------------------ outputs
     def _refresh_fields(self) -> None:
