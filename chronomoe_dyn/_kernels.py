@@ -16,8 +16,9 @@ Three groups:
   ``prange``; each system is sequential, so results do not depend on the number of threads.
 
 Compiled lazily on first call, cached on disk (``cache=True``). Numba keys the cache on this
-file: the stream ids imported from ``env`` and ``schedule.adaptive_offset_update`` are baked
-into the cached machine code, so clear ``__pycache__/*.nbi|*.nbc`` after changing those.
+file: the stream ids imported from ``env``, the constants imported from ``law`` (DRIFT_EPS,
+LENS_DR_GAIN, the temperature clamps) and ``schedule.adaptive_offset_update`` are baked into the
+cached machine code, so clear ``__pycache__/*.nbi|*.nbc`` after changing those.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from .env import STREAM_BATCH, STREAM_DOMAIN, STREAM_LOSS, STREAM_TOKEN
+from .law import DRIFT_EPS, LENS_DR_GAIN, TEMPERATURE_MAX, TEMPERATURE_MIN
 from .rng import GOLDEN32, MASK32, STREAM_PHASE
 from .schedule import adaptive_offset_update
 
@@ -426,7 +428,8 @@ def controller_step(cp, seed, tick, theta_LE, omega_LE, usage_LE, rel_LE, delta_
                 d_E[e] = abs(share - inv_E)
                 dmax = max(dmax, d_E[e])
             for e in range(E):
-                d_hat = d_E[e] / dmax if dmax > 0 else 0.0
+                # law.step: a drift up to DRIFT_EPS is rounding noise of a uniform usage
+                d_hat = d_E[e] / dmax if dmax > DRIFT_EPS else 0.0
                 tf = fR * (1.0 + cp.beta_drift * d_hat) \
                     * (1.0 + cp.beta_reliability * (1.0 - rel_LE[l, e]))
                 tf = _clip(tf, cp.T_min, cp.T_max)
@@ -436,7 +439,7 @@ def controller_step(cp, seed, tick, theta_LE, omega_LE, usage_LE, rel_LE, delta_
 
     # 6. macro tick: lens
     if macro:
-        rate = cp.lens_rate * math.exp(cp.beta_lens * kap) * _sigmoid(5.0 * dR)
+        rate = cp.lens_rate * math.exp(cp.beta_lens * kap) * _sigmoid(LENS_DR_GAIN * dR)
         for l in range(L):
             for e in range(E):
                 lens_LE[l, e] = _clip(lens_LE[l, e] + rate * pressure_LE[l, e], -cp.lens_max,
@@ -460,7 +463,8 @@ def routing_fields_into(cp, kappa, pressure_LE, lens_LE, T_eff_LE, bias_LE, temp
     for l in range(L):
         for e in range(E):
             bias_LE[l, e] = a * (pressure_LE[l, e] + lens_LE[l, e])
-            temp_LE[l, e] = _clip(T_eff_LE[l, e] * cp.temperature_scale * f_t, 0.1, 10.0)
+            temp_LE[l, e] = _clip(T_eff_LE[l, e] * cp.temperature_scale * f_t,
+                                  TEMPERATURE_MIN, TEMPERATURE_MAX)
 
 
 @njit(cache=True)

@@ -38,7 +38,11 @@ seed, a stream of this module (never ``rng.STREAM_PHASE``), the tick and an inde
 drawn by comparing a uniform with the cumulative mixture and the noise on the logits is uniform,
 so the environment itself puts no transcendental function in front of a discrete choice; the
 controller's fields (through R) agree between backends to rounding, so the NumPy reference below
-and the Numba kernel make the same top-k choices except at exact ties (measure zero).
+and the Numba kernel make the same top-k choices. Exact ties are not rare: with no noise and a
+flat router (sharpness 0, or equal estimates) experts the controller treats alike get
+bit-identical scores; both backends order the selection by (score descending, index
+ascending), -0.0 equal to 0.0, so they pick the same experts into the same slots. Only a score
+difference within the rounding of the controller's fields (a near-tie) could split them.
 
 Events (scripted): ``Event("collapse", tick, expert=e, layer=l|None, quality=q)`` sets the
 quality of expert e on every domain to q in one layer (or all) from that tick on;

@@ -161,6 +161,8 @@ class PxTController(nn.Module):
         self.register_buffer("_inf", torch.full((), math.inf, **fkw), persistent=False)
         self.register_buffer("_inf64", torch.full((), math.inf, dtype=PHASE_DTYPE, device=device),
                              persistent=False)
+        self.register_buffer("_beta_pt_2", torch.tensor(
+            [config.beta_pressure, config.beta_temperature], **fkw), persistent=False)
         self._buffer_dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
         # Accepted entries are < finfo.max / E (E·entry < max: a layer's sum stays finite),
         # checked as x ≤ the largest value of ``dtype`` below that bound.
@@ -171,6 +173,7 @@ class PxTController(nn.Module):
         self._acc_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._drive0_key: tuple[torch.Tensor, int] | None = None
         self._drive0_val: torch.Tensor | None = None
+        self._field_rows: tuple | None = None
 
         # Host-side mirrors (deterministic; re-synced from the buffers on load).
         self._tick_host = 0
@@ -400,10 +403,10 @@ class PxTController(nn.Module):
         nl = len(self._loss_layers)
         proxy = None
         if nl < self.num_layers:
-            us = usage.to(self.dtype)
+            us = usage.to(self.dtype)                   # ``usage`` itself in float64: no div_
             # u / max(u), 0 for an all-zero row. max(u) ≥ ~1/E for any state the law reaches;
             # the clamp only turns a zero maximum into a harmless denominator.
-            proxy = us.div_(us.amax(dim=1, keepdim=True).clamp_min_(self._tiny))
+            proxy = us / us.amax(dim=1, keepdim=True).clamp_min_(self._tiny)
             if nl == 0:
                 return proxy, None
         inf = self._inf
@@ -441,12 +444,12 @@ class PxTController(nn.Module):
     def _refresh_fields(self) -> None:
         """Recompute the cached router fields from the state and the κ in effect."""
         cfg = self.config
-        k = self.kappa
-        bias = (torch.exp(k * cfg.beta_pressure) * cfg.pressure_scale) \
-            * (self.pressure_LE + self.lens_LE)
-        temp = torch.clamp(self.T_eff_LE * cfg.temperature_scale
-                           * torch.exp(k * cfg.beta_temperature),
-                           TEMPERATURE_MIN, TEMPERATURE_MAX)
+        f_2 = torch.exp(self.kappa * self._beta_pt_2)         # exp(β_p κ), exp(β_T κ)
+        f_p = f_2[0] if cfg.pressure_scale == 1.0 else f_2[0] * cfg.pressure_scale
+        bias = torch.add(self.pressure_LE, self.lens_LE).mul_(f_p)
+        temp = self.T_eff_LE if cfg.temperature_scale == 1.0 \
+            else self.T_eff_LE * cfg.temperature_scale
+        temp = torch.mul(temp, f_2[1]).clamp_(TEMPERATURE_MIN, TEMPERATURE_MAX)
         # New tensors each time (see module docstring), float32 for the router.
         self._bias_LE = bias.to(torch.float32)
         self._temperature_LE = temp.to(torch.float32)
@@ -458,7 +461,12 @@ class PxTController(nn.Module):
     def layer_fields(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(bias_E, temperature_E) of one layer (views of the cached fields)."""
         li = self._check_layer(layer)
-        return self._bias_LE[li], self._temperature_LE[li]
+        bias, temp = self._bias_LE, self._temperature_LE
+        rows = self._field_rows
+        if rows is None or rows[0] is not bias or rows[1] is not temp:
+            # One unbind per refresh instead of two selects per router call.
+            rows = self._field_rows = (bias, temp, bias.unbind(0), temp.unbind(0))
+        return rows[2][li], rows[3][li]
 
     def coherence(self) -> torch.Tensor:
         """Kuramoto coherence R after the last tick, a 0-d tensor (a copy; no sync)."""

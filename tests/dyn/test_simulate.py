@@ -11,8 +11,8 @@ import pytest
 
 from chronomoe_dyn import (ControllerConfig, RoutingObservation, coherence_gate, init_state,
                            landscape, routing_fields, step)
-from chronomoe_dyn import _kernels
-from chronomoe_dyn.env import EnvConfig, Event, init_env, learn, route
+from chronomoe_dyn import _kernels, rng
+from chronomoe_dyn.env import STREAM_LOSS, EnvConfig, Event, init_env, learn, route
 from chronomoe_dyn.schedule import AdaptiveRule, KnobSchedule
 from chronomoe_dyn.simulate import Trajectory, _ctrl_params, default_schedule, simulate
 
@@ -123,6 +123,77 @@ def test_env_route_kernel_makes_the_numpy_choices(top_k):
         assert counts.sum() == 3 * 64 * top_k
 
 
+def _slot_experts(env, es, bias, temp, seed, tick, kernel):
+    """[L, T, K] expert of every slot, read back from the per-slot loss sums: each slot has its
+    own loss noise u[(l·T + t)·K + k], so with one token and one domain sumx[l, 0, e] identifies
+    the slot expert e filled (tests below use T = D = 1)."""
+    assert env.tokens_per_tick == 1 and env.num_domains == 1
+    L, E, K = env.num_layers, env.num_experts, env.top_k
+    if kernel:
+        _, _, sumx, cnt, _ = _route_kernel(env, es, bias, temp, seed, tick)
+    else:
+        ref = route(env, es, bias, temp, seed, tick)
+        sumx, cnt = ref.sumx_LDE, ref.cnt_LDE
+    # the expected slot loss of expert e in slot k (the reference's formula, same operations)
+    u = rng.uniform(seed, STREAM_LOSS, tick, np.arange(L * K)).reshape(L, K)
+    q = es.quality_LED[:, :, 0]                                            # [L, E]
+    x_LEK = env.loss_floor + env.loss_range * (1.0 - q[:, :, None]) \
+        + env.loss_noise * (2.0 * u[:, None, :] - 1.0)
+    out = np.full((L, 1, K), -1)
+    for li in range(L):
+        for k in range(K):
+            hit = np.flatnonzero((cnt[li, 0] == 1) & (sumx[li, 0] == x_LEK[li, :, k]))
+            assert hit.size == 1, (li, k, hit)
+            out[li, 0, k] = hit[0]
+    return out
+
+
+def test_env_route_kernel_breaks_exact_ties_like_the_stable_sort():
+    """Regression: with a flat router and no noise, experts the controller treats alike get
+    bit-identical scores. The kernel's top-k insertion compared with a plain '>', so an expert
+    pushed down a slot by a better one lost its tie against the later expert below it: scores
+    (s, s, s + 1) selected experts (2, 1) where the stable sort (ties to the lower index)
+    selects (2, 0). The slot order matters too: slot k draws its own loss noise."""
+    env = EnvConfig(num_layers=1, num_experts=3, top_k=2, tokens_per_tick=1, num_domains=1,
+                    token_noise=0.0, batch_noise=0.0, router_sharpness=0.0,
+                    router_prior_count=0.0, router_memory=1000.0)
+    es = init_env(env, seed=0)
+    bias, temp = np.array([[-0.25, -0.25, 0.5]]), np.array([[2.0, 2.0, 2.5]])
+    for kernel in (False, True):
+        np.testing.assert_array_equal(_slot_experts(env, es, bias, temp, 0, 2, kernel),
+                                      [[[2, 0]]], err_msg=f"kernel={kernel}")
+    # deeper: expert 4 pushes expert 0 down onto its tie with expert 2, and 2's push-down of
+    # expert 1 meets 1's tie with expert 3 (the old kernel gave (4, 2, 0, 1))
+    bias = np.array([[0.5, 0.0, 0.5, 0.0, 1.0]])
+    env5 = EnvConfig(num_layers=1, num_experts=5, top_k=4, tokens_per_tick=1, num_domains=1,
+                     token_noise=0.0, batch_noise=0.0, router_sharpness=0.0)
+    es5 = init_env(env5, seed=3)
+    for kernel in (False, True):
+        np.testing.assert_array_equal(_slot_experts(env5, es5, bias, np.ones((1, 5)), 3, 7,
+                                                    kernel), [[[4, 0, 2, 1]]],
+                                      err_msg=f"kernel={kernel}")
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5, 6])
+def test_env_route_kernel_makes_the_numpy_choices_among_many_ties(top_k):
+    """Scores drawn from three values, so most tokens see ties at every rank (and pushed-down
+    entries meet tied entries below them): the same experts in the same slots."""
+    env = EnvConfig(num_layers=3, num_experts=6, top_k=top_k, tokens_per_tick=1, num_domains=1,
+                    token_noise=0.0, batch_noise=0.0, router_sharpness=0.0)
+    es = init_env(env, seed=11)
+    r = np.random.default_rng(7)
+    for tick in range(1, 41):
+        bias = r.choice([-0.5, 0.0, 0.5], size=(3, 6))
+        temp = np.ones((3, 6))
+        ref = _slot_experts(env, es, bias, temp, 11, tick, kernel=False)
+        got = _slot_experts(env, es, bias, temp, 11, tick, kernel=True)
+        np.testing.assert_array_equal(got, ref, err_msg=f"tick {tick}")
+        # and the reference is the documented rule: descending score, ties to the lower index
+        expect = np.array([sorted(range(6), key=lambda e: (-bias[li, e], e))[:top_k]
+                           for li in range(3)])
+        np.testing.assert_array_equal(ref[:, 0], expect)
+
+
 def test_env_route_counts_slots_and_domains():
     env = EnvConfig(num_layers=2, num_experts=4, top_k=2, tokens_per_tick=1000, num_domains=2,
                     domain_weights=(3.0, 1.0))
@@ -164,6 +235,42 @@ def test_numba_matches_the_numpy_reference():
     a = simulate(**kw)
     b = simulate(**kw, backend="numpy")
     assert_trajectories_close(a, b, atol=1e-10)
+
+
+def test_numba_matches_the_numpy_reference_on_exact_top_k_ties():
+    """Regression (Hypothesis find): one token, a flat router (sharpness 0, prior count 0) and
+    no logit noise, so the scores of experts the controller treats alike tie exactly. Before
+    the fix the kernel broke a tie against an expert pushed down from the slot above, loss_BT
+    differed by up to 0.22 from the first recorded point on."""
+    env = EnvConfig(num_layers=1, num_experts=3, top_k=2, tokens_per_tick=1, num_domains=1,
+                    domain_weights=None, quality_home=(0.75, 0.95), quality_other=(0.15, 0.55),
+                    loss_floor=1.0, loss_range=3.0, loss_noise=0.5, token_noise=0.0,
+                    batch_noise=0.0, router_sharpness=0.0, router_memory=1000.0,
+                    router_prior_count=0.0, router_prior=None)
+    cfg = ControllerConfig(micro_period=1, macro_period=1, drift_gain=0.0, phase_noise=0.0,
+                           kappa_smoothing=1.0, lens_max=0.05)
+    events = (Event("collapse", 50, expert=2, layer=None, quality=0.1),
+              Event("domain_shift", 75, weights=(1.0,)))
+    kw = dict(config=cfg, env=env, num_systems=2, ticks=150, seed=0, record_every=5,
+              events=events)
+    a = simulate(**kw)
+    b = simulate(**kw, backend="numpy")
+    assert_trajectories_close(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("num_experts", [6, 7])
+def test_numba_matches_the_numpy_reference_on_uniform_usage(num_experts):
+    """Regression: with top_k = E every expert gets every token, usage stays exactly 1/E and
+    u/Σu carries only rounding noise (Σu ≠ 1 for E = 6, 7). law.step reads a drift up to
+    DRIFT_EPS as none (d̂ = 0); the kernel divided by any max drift > 0, so d̂ became 1 and
+    T_fast took the full β_drift boost (0.43 apart)."""
+    env = EnvConfig(num_layers=2, num_experts=num_experts, top_k=num_experts,
+                    tokens_per_tick=4, num_domains=2)
+    kw = dict(env=env, num_systems=2, ticks=40, seed=1, record_every=1)
+    a = simulate(**kw)
+    b = simulate(**kw, backend="numpy")
+    assert_trajectories_close(a, b, atol=1e-10)
+    np.testing.assert_array_equal(a.usage_BTLE, 1.0 / num_experts)
 
 
 def test_numba_matches_the_numpy_reference_with_smoothing_and_adaptive_schedule():
