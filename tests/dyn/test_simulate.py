@@ -128,7 +128,7 @@ def _slot_experts(env, es, bias, temp, seed, tick, kernel):
     own loss noise u[(l·T + t)·K + k], so with one token and one domain sumx[l, 0, e] identifies
     the slot expert e filled (tests below use T = D = 1)."""
     assert env.tokens_per_tick == 1 and env.num_domains == 1
-    L, E, K = env.num_layers, env.num_experts, env.top_k
+    L, K = env.num_layers, env.top_k
     if kernel:
         _, _, sumx, cnt, _ = _route_kernel(env, es, bias, temp, seed, tick)
     else:

@@ -14,7 +14,7 @@ import sys
 import numba
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chronomoe_dyn import ControllerConfig, _kernels, rng
@@ -47,7 +47,8 @@ def assert_landscape_masks_agree(a, b, atol: float) -> None:
     that are symmetric in exact arithmetic, whose T̄ differ by an ulp or two) has rounding-noise
     "valleys" in either backend. mean and std are 1-Lipschitz in the max-norm, so the margin
     T̄ − (mean ∓ c·std) of an entry moves by at most (2 + c)·atol between the two: an entry may
-    differ only where both margins are within that; any other difference fails."""
+    differ only where its two margins (of opposite signs then) are that close; any other
+    difference fails."""
     c = a.config.landscape_threshold_std
     tol = (2.0 + c) * atol
     for vals, *masks in LANDSCAPES:
@@ -56,7 +57,7 @@ def assert_landscape_masks_agree(a, b, atol: float) -> None:
             xa, xb = getattr(a, name), getattr(b, name)
             np.testing.assert_array_equal(xa, ma > 0, err_msg=name)    # masks are of own T̄
             np.testing.assert_array_equal(xb, mb > 0, err_msg=name)
-            bad = (xa != xb) & ~((np.abs(ma) <= tol) & (np.abs(mb) <= tol))
+            bad = (xa != xb) & ~(np.abs(ma - mb) <= tol)
             assert not np.any(bad), (f"{name} differs away from its threshold at "
                                      f"{np.argwhere(bad)[:5].tolist()}")
 
@@ -101,8 +102,19 @@ def _digest(tr) -> str:
 
 # --- numba = reference ---------------------------------------------------------------------------
 
+_TIES = dict(num_experts=3, top_k=2, tokens_per_tick=1, num_domains=1, token_noise=0.0,
+             batch_noise=0.0, router_sharpness=0.0, router_prior_count=0.0, router_memory=1000.0)
+"""Hypothesis finds: one token, a flat router and no logit noise make exact score ties."""
+_TIES_CFG = ControllerConfig(micro_period=1, macro_period=1, drift_gain=0.0, phase_noise=0.0,
+                             kappa_smoothing=1.0, lens_max=0.05)
+
+
 @FEW
 @given(env=envs(), cfg=configs(), seed=st.integers(0, 2**32 - 8))
+# an expert pushed down a slot lost its tie against a later expert in the kernel (loss_BT 0.22)
+@example(env=EnvConfig(num_layers=1, **_TIES), cfg=_TIES_CFG, seed=0)
+# T̄ flat up to rounding: the masks flip on rounding-noise "valleys" (near-ties only)
+@example(env=EnvConfig(num_layers=2, **{**_TIES, "num_experts": 4}), cfg=_TIES_CFG, seed=0)
 def test_numba_equals_the_numpy_reference(env, cfg, seed):
     kw = dict(config=cfg, env=env, num_systems=2, ticks=150, seed=seed, record_every=5,
               events=_events(env, 150))
