@@ -23,13 +23,6 @@ from chronomoe_torch.checkpoint import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _dead_pid() -> int:

@@ -36,13 +36,6 @@ from chronomoe_torch.checkpoint import (
     trees_equal,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------

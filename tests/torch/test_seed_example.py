@@ -106,13 +106,6 @@ def test_embedded_example_is_the_seed_verbatim():
     assert block == SEED_EXAMPLE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

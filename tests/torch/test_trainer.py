@@ -27,13 +27,6 @@ LANDSCAPE_RE = re.compile(r"^  Landscape: var=\d+\.\d{4}, valleys=\[(\d+(, \d+)*
                           r"ridges=\[(\d+(, \d+)*)?\]$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny kernels on a shared 2-core machine: OpenMP spin-waiting makes >1 thread far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Progressions(Dataset):
