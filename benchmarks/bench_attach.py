@@ -6,13 +6,17 @@ fields, observes its routing and ticks the controller in the optimizer's step pr
 ≤ 5 %. And does the routing path (router + hook forward, its backward, the tick) ever synchronise
 with the host (``aten._local_scalar_dense``: ``.item()``, ``bool(tensor)``, ``.tolist()``)?
 
-Method: two copies of the same model (same weights), one attached; blocks of steps timed
-alternately (the order flips every repeat) in one process. The headline overhead is the median
-over repeats of (attached block / adjacent plain block) − 1 in process CPU time, which is robust
-to a machine shared with other jobs; wall-clock figures and ratios of medians and minima are
-printed too. Syncs are counted with a TorchDispatchMode.
+Method: two copies of the same model (same weights), one attached; short blocks of steps (one
+step by default) timed alternately (the order flips every repeat) in one process. The headline
+overhead is the median over repeats of (attached block / adjacent plain block) − 1 in process
+CPU time, which is robust to a machine shared with other jobs (adjacent blocks share its load);
+its interquartile range, wall-clock figures and ratios of medians and minima are printed too.
+Also reported: the CPU time of the controller tick inside the attached step (where it runs with
+caches cold from the backward pass, several times its cost in a loop) and the aten ops one step
+dispatches with and without the attachment (a count that does not depend on the machine's load).
+Syncs are counted with a TorchDispatchMode.
 
-Run: ``python benchmarks/bench_attach.py [--repeats 15] [--steps 5] [--threads N] [--json OUT]``.
+Run: ``python benchmarks/bench_attach.py [--repeats 100] [--steps 1] [--threads N] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ BUDGET = 0.05
 
 
 class SyncCounter(TorchDispatchMode):
-    """Counts ops that copy a device value to the host."""
+    """Counts ops that copy a device value to the host (``count``) and all aten ops (``ops``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
         return func(*args, **(kwargs or {}))
@@ -82,11 +88,17 @@ def measure_overhead(repeats: int, steps: int) -> dict:
     plain = copy.deepcopy(base)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
     opt_att = torch.optim.AdamW(base.parameters(), lr=1e-4)
+    # The tick's CPU time inside the step: step pre-hooks run in registration order, so these
+    # two bracket the one attach() registers.
+    tick_cpu: list[float] = []
+    opt_att.register_step_pre_hook(lambda *a: tick_cpu.append(-time.process_time()))
     handle = attach(base, optimizer=opt_att)
+    opt_att.register_step_pre_hook(lambda *a: tick_cpu.append(tick_cpu.pop() + time.process_time()))
     xs = batches(steps)
-    for _ in range(2):                                   # warm-up both paths
+    for _ in range(max(2, 10 // steps)):                 # warm-up both paths
         time_block(plain, opt_plain, xs)
         time_block(base, opt_att, xs)
+    tick_cpu.clear()
     t_plain, t_att = [], []
     for r in range(repeats):
         order = [(plain, opt_plain, t_plain), (base, opt_att, t_att)]
@@ -94,16 +106,20 @@ def measure_overhead(repeats: int, steps: int) -> dict:
             order.reverse()
         for model, opt, out in order:
             out.append(time_block(model, opt, xs))
-    res = {"ticks": handle.controller.num_ticks}
+    res = {"ticks": handle.controller.num_ticks,
+           "tick_cpu_ms_median": 1e3 * statistics.median(tick_cpu)}
     for i, clock in enumerate(("wall", "cpu")):
         p = [t[i] for t in t_plain]
         a = [t[i] for t in t_att]
         med_p, med_a = statistics.median(p), statistics.median(a)
         # Paired: each repeat's two adjacent blocks share the machine's load at that moment.
-        paired = statistics.median(ta / tp for ta, tp in zip(a, p)) - 1.0
+        ratios = [ta / tp - 1.0 for ta, tp in zip(a, p)]
+        paired = statistics.median(ratios)
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
         res.update({f"{clock}_ms_plain_median": 1e3 * med_p,
                     f"{clock}_ms_attached_median": 1e3 * med_a,
                     f"{clock}_overhead_paired": paired,
+                    f"{clock}_overhead_paired_iqr": [q1, q3],
                     f"{clock}_overhead_median": med_a / med_p - 1.0,
                     f"{clock}_overhead_min": min(a) / min(p) - 1.0})
     handle.detach()
@@ -135,17 +151,19 @@ def count_syncs() -> dict:
     with SyncCounter() as c:
         train_step(model, opt, x)
     out["attached_step"] = c.count
+    out["ops_attached_step"] = c.ops
     handle.detach()
     with SyncCounter() as c:
         train_step(model, opt, x)
     out["plain_step"] = c.count
+    out["ops_plain_step"] = c.ops
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=1, help="steps per timed block")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--json", type=str, default=None, help="write the results here")
     args = ap.parse_args()
@@ -159,12 +177,17 @@ def main() -> None:
           f"{MODEL['num_local_experts']} experts top-{MODEL['num_experts_per_tok']}, "
           f"hidden {MODEL['hidden_size']}, batch {BATCH}x{SEQ}, {res['threads']} threads")
     for clock in ("wall", "cpu"):
+        q1, q3 = res[f"{clock}_overhead_paired_iqr"]
         print(f"{clock:>4} time per step (median of {args.repeats} blocks): plain "
               f"{res[f'{clock}_ms_plain_median']:.2f} ms, attached "
               f"{res[f'{clock}_ms_attached_median']:.2f} ms; overhead: median of paired ratios "
-              f"{100 * res[f'{clock}_overhead_paired']:+.2f}%, ratio of medians "
+              f"{100 * res[f'{clock}_overhead_paired']:+.2f}% (IQR {100 * q1:+.2f}% .. "
+              f"{100 * q3:+.2f}%), ratio of medians "
               f"{100 * res[f'{clock}_overhead_median']:+.2f}%, ratio of minima "
               f"{100 * res[f'{clock}_overhead_min']:+.2f}% (budget {100 * BUDGET:.0f}%)")
+    print(f"controller tick inside the attached step: {res['tick_cpu_ms_median']:.3f} ms CPU "
+          f"(median); aten ops per step: attached {syncs['ops_attached_step']} vs plain "
+          f"{syncs['ops_plain_step']}")
     print(f"host syncs: routing path {syncs['routing_path']} (must be 0); whole step attached "
           f"{syncs['attached_step']} vs plain {syncs['plain_step']} (HF experts' own loop)")
     if args.json:

@@ -1,15 +1,22 @@
 """Benchmark: PxTController tick and CoherenceGatedOptimizer overhead.
 
-Question: does a controller tick at L = 32, E = 64 stay under 1 ms on CPU (the prototype took
-57–86 ms), in float32 and float64; and what does coherence gating add to a plain AdamW step?
+Question: what does a controller tick cost on CPU (the prototype took 57–86 ms at L = 32,
+E = 64), in kernels and in time, at a small (L = 8, E = 8) and a large (L = 32, E = 64) size, in
+float32 and float64, with and without phase noise and loss observations; and what does coherence
+gating add to a plain AdamW step?
 
 Run:  python benchmarks/bench_controller.py [--device cpu|cuda] [--ticks 2000] [--threads N]
+      [--sizes 8x8,32x64]
 
-Tick times are per tick over a run that cycles through plain, micro (every 5th) and macro (every
-20th) ticks; medians are reported for each kind, both as wall time and as the CPU time of the
-calling thread (``time.thread_time``). On a machine shared with other jobs the wall time mostly
-measures waiting for a core; the thread CPU time is the work the tick really does (torch runs
-these [L, E]-sized ops on the calling thread). On CUDA the ticks are queued without syncs, so the
+Tick figures cycle through plain, micro (every 5th) and macro (every 20th) ticks and report,
+per kind, the number of aten ops one tick dispatches (counted with a TorchDispatchMode; it does
+not depend on the machine's load) and the median time, both as the CPU time of the calling
+thread (``time.thread_time``) and as wall time; "mean" is the thread CPU time averaged over all
+ticks (what a training run pays per step). On a machine shared with other jobs the wall time
+mostly measures waiting for a core; the thread CPU time is the work the tick really does (torch
+runs these [L, E]-sized ops on the calling thread). The tick is latency bound: its time is the
+number of kernels times a few µs of dispatch, more inside a training step, where caches are cold
+(``bench_attach.py`` measures it there). On CUDA the ticks are queued without syncs, so the
 figure that matters is the wall time of the whole run divided by the ticks (one synchronize at
 the end). The optimizer figures time ``step()`` alone and a full forward/backward/step on a small
 MLP, likewise in wall and thread CPU time.
@@ -23,12 +30,26 @@ import time
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chronomoe_dyn import ControllerConfig
 from chronomoe_torch.controller import PxTController
 from chronomoe_torch.optim import CoherenceGatedOptimizer
 
-L, E = 32, 64
+SIZES = ((8, 8), (32, 64))
+KINDS = ("plain", "micro", "macro")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _sync(device: torch.device) -> None:
@@ -36,33 +57,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_tick(dtype: torch.dtype, device: torch.device, ticks: int, noise: float) -> dict:
+def _kind(cfg: ControllerConfig, t: int) -> str:
+    return "macro" if t % cfg.macro_period == 0 else \
+        "micro" if t % cfg.micro_period == 0 else "plain"
+
+
+def bench_tick(L: int, E: int, dtype: torch.dtype, device: torch.device, ticks: int,
+               noise: float, with_loss: bool) -> dict:
     cfg = ControllerConfig(phase_noise=noise)
     ctrl = PxTController(L, E, cfg, dtype=dtype, device=device)
     g = torch.Generator(device="cpu").manual_seed(0)
     counts = torch.randint(0, 200, (8, L, E), generator=g).to(device=device, dtype=torch.float32)
     loss = counts * 2.5
+
+    def observe(i: int) -> None:
+        ctrl.observe_all(counts[i % 8], counts[i % 8], loss[i % 8] if with_loss else None)
+
     for i in range(40):                                   # warm-up (allocator, kernels)
-        ctrl.observe_all(counts[i % 8], counts[i % 8], loss[i % 8])
+        observe(i)
         ctrl.tick()
-    wall: dict[str, list[float]] = {"plain": [], "micro": [], "macro": []}
-    cpu: dict[str, list[float]] = {"plain": [], "micro": [], "macro": []}
+    ops: dict[str, int] = {}
+    for i in range(cfg.macro_period):                     # one tick of each kind
+        observe(i)
+        kind = _kind(cfg, ctrl.num_ticks + 1)
+        with OpCounter() as c:
+            ctrl.tick()
+        ops.setdefault(kind, c.count)
+    wall: dict[str, list[float]] = {k: [] for k in KINDS}
+    cpu: dict[str, list[float]] = {k: [] for k in KINDS}
     _sync(device)
     t_all = time.perf_counter()
     for i in range(ticks):
-        ctrl.observe_all(counts[i % 8], counts[i % 8], loss[i % 8])
-        t = ctrl.num_ticks + 1
-        kind = "macro" if t % cfg.macro_period == 0 else \
-            "micro" if t % cfg.micro_period == 0 else "plain"
+        observe(i)
+        kind = _kind(cfg, ctrl.num_ticks + 1)
         c0, t0 = time.thread_time(), time.perf_counter()
         ctrl.tick()
         wall[kind].append(time.perf_counter() - t0)
         cpu[kind].append(time.thread_time() - c0)
     _sync(device)
-    out: dict = {"run_wall_per_tick_ms": 1e3 * (time.perf_counter() - t_all) / ticks}
+    out: dict = {"run_wall_per_tick_ms": 1e3 * (time.perf_counter() - t_all) / ticks, "ops": ops}
     for name, d in (("wall", wall), ("cpu", cpu)):
         every = [x for v in d.values() for x in v]
-        out[name] = {"all": 1e3 * statistics.median(every),
+        out[name] = {"all": 1e3 * statistics.median(every), "mean": 1e3 * statistics.mean(every),
                      **{k: 1e3 * statistics.median(v) for k, v in d.items()}}
     return out
 
@@ -115,18 +151,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1, so thread CPU time is all the work)")
+    ap.add_argument("--sizes", default=",".join(f"{L}x{E}" for L, E in SIZES),
+                    help="comma-separated LxE sizes (default 8x8,32x64)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    print(f"\nController tick, L={L}, E={E}: median ms per tick, thread CPU time [wall time]")
-    for dtype in (torch.float32, torch.float64):
-        for noise in (0.0, 0.1):
-            r = bench_tick(dtype, device, args.ticks, noise)
-            label = f"{str(dtype).replace('torch.', ''):8s} phase_noise={noise}"
-            kinds = "  ".join(f"{k} {r['cpu'][k]:.3f} [{r['wall'][k]:.3f}]"
-                              for k in ("all", "plain", "micro", "macro"))
-            print(f"  {label}: {kinds}  | run wall/tick {r['run_wall_per_tick_ms']:.3f}")
+    print("\nController tick: aten ops per tick, median ms per tick as thread CPU time "
+          "[wall time], by kind (plain / micro / macro), and the mean over all ticks")
+    for L, E in sizes:
+        print(f" L={L}, E={E}")
+        for dtype in (torch.float32, torch.float64):
+            for noise, with_loss in ((0.0, False), (0.0, True), (0.1, True)):
+                r = bench_tick(L, E, dtype, device, args.ticks, noise, with_loss)
+                label = (f"{str(dtype).replace('torch.', ''):7s} noise={noise} "
+                         f"{'loss   ' if with_loss else 'no loss'}")
+                ops = "/".join(str(r["ops"][k]) for k in KINDS)
+                kinds = " ".join(f"{r['cpu'][k]:.3f} [{r['wall'][k]:.3f}]" for k in KINDS)
+                print(f"  {label}: ops {ops:11s} ms {kinds}  mean {r['cpu']['mean']:.3f}"
+                      f"  | run wall/tick {r['run_wall_per_tick_ms']:.3f}")
     r = bench_optimizer(device, args.steps)
     print(f"\nAdamW on an MLP ({r['params']:,} parameters in {r['tensors']} tensors): median ms, "
           f"thread CPU time [wall time]")

@@ -15,18 +15,20 @@ consume the modified top-k, gradients reach the router weight through l' (the bi
 constant, the temperature a detached divisor), and transformers' own output recorder, whose hook
 runs after ours, records l' for its load-balancing loss. For the Hugging Face routers the gate rule
 is the router's own (same ops in the same order), so identity fields (b = 0, T = 1) reproduce the
-unattached model bit for bit; the one exception is the softmax on CPU with E < 16 experts, taken
-with a faster kernel that agrees to float32 rounding (``FAST_CPU_SOFTMAX_BELOW``). The router's
-own softmax/top-k still runs (a hook cannot skip it): the attachment costs about one more router
-per layer, plus the tick.
+unattached model bit for bit; the one exception is CPU with E < 16 experts, where the softmax and
+the renormalised gates are taken in a faster form that agrees to float32 rounding
+(``FAST_CPU_SOFTMAX_BELOW``). The router's own softmax/top-k still runs (a hook cannot skip it):
+the attachment costs about one more top-k per layer, plus the tick.
 
-Observation: in training mode each hook adds, on device and without a host sync, the layer's
-top-k slot counts and gate-weight sums to the controller's pending observation (one
-``index_add_`` each into ``controller.observation_buffer()``: the sums ``controller.observe``
-would add); the loss adds per-expert token-loss sums (``controller.observe_loss``). Padding is
-excluded when the model was called with a 2-D ``attention_mask`` keyword (read by a forward
-pre-hook on the model). A forward re-run inside backward (activation checkpointing) is not
-observed twice.
+Observation: in training mode each hook records the layer's top-k selection, and at the end of
+the model's forward (a forward hook on the model) the top-k slot counts and gate-weight sums of
+all layers are added, on device and without a host sync, to the controller's pending observation
+(two ``scatter_add_`` into ``controller.observation_buffer()`` for all layers: the sums
+``controller.observe`` would add, in the same order); ``handle.tick()`` and
+``handle.observation_buffer`` add anything still recorded (e.g. routers called on their own).
+The loss adds per-expert token-loss sums (``controller.observe_loss``). Padding is excluded when
+the model was called with a 2-D ``attention_mask`` keyword (read by a forward pre-hook on the
+model). A forward re-run inside backward (activation checkpointing) is not observed twice.
 
 Tick: once per optimizer step. ``attach(..., optimizer=opt)`` registers ``handle.tick`` as the
 optimizer's step pre-hook (it runs after every micro-batch's backward, so gradient accumulation
@@ -71,32 +73,52 @@ RouteFn = Callable[[nn.Module, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]
 
 # On CPU, torch's last-dim softmax kernel is not vectorised for rows shorter than this: for E = 8
 # it is ~6x slower than the same softmax taken along dim 0 of the transposed logits. Below it we
-# use the latter: the same function, equal to within an ulp, not bit for bit. (0 disables it.)
+# take that softmax, and renormalised top-k gates as the softmax over the k largest logits
+# (p_i / Σ_topk p_j = e^{l_i} / Σ_topk e^{l_j}: the same function, without the [N, E] softmax,
+# the division and their backward). Equal to within float32 rounding, not bit for bit; the same
+# selections. (0 disables it.)
 FAST_CPU_SOFTMAX_BELOW = 16
 
 
+def _fast_cpu(logits_NE: torch.Tensor) -> bool:
+    return logits_NE.device.type == "cpu" and logits_NE.shape[-1] < FAST_CPU_SOFTMAX_BELOW
+
+
 def _softmax_f32(logits_NE: torch.Tensor) -> torch.Tensor:
-    """float32 softmax over experts, as the transformers routers take it."""
+    """float32 softmax over the last dim, as the transformers routers take it."""
     x_NE = logits_NE if logits_NE.dtype == torch.float32 else logits_NE.float()
     if x_NE.device.type == "cpu" and x_NE.shape[-1] < FAST_CPU_SOFTMAX_BELOW:
         return F.softmax(x_NE.t(), dim=0).t()
     return F.softmax(x_NE, dim=-1)
 
 
+def _renormalised_topk(logits_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k of the float32 softmax renormalised over the k, their indices) [N, K].
+
+    On the fast CPU path: the softmax over the k largest logits (same function, fewer kernels
+    forward and backward; taken along the rows, which gives contiguous gates the experts read
+    without a copy). Otherwise the transformers rule op for op: softmax, top-k, divide by the
+    sum (bit for bit the router's own gates)."""
+    if _fast_cpu(logits_NE):
+        x_NE = logits_NE if logits_NE.dtype == torch.float32 else logits_NE.float()
+        top_NK, idx_NK = torch.topk(x_NE, k, dim=-1)
+        return F.softmax(top_NK, dim=-1), idx_NK
+    top_NK, idx_NK = torch.topk(_softmax_f32(logits_NE), k, dim=-1)
+    return top_NK / top_NK.sum(dim=-1, keepdim=True), idx_NK
+
+
 def _route_mixtral(router: nn.Module, logits_NE: torch.Tensor):
     """MixtralTopKRouter's rule: float32 softmax, top-k, always renormalised, gates stay float32."""
-    probs_NE = _softmax_f32(logits_NE)
-    top_NK, idx_NK = torch.topk(probs_NE, router.top_k, dim=-1)
-    return top_NK / top_NK.sum(dim=-1, keepdim=True), idx_NK
+    return _renormalised_topk(logits_NE, router.top_k)
 
 
 def _route_qwen_olmoe(router: nn.Module, logits_NE: torch.Tensor):
     """Qwen2-MoE / Qwen3-MoE / OLMoE rule: float32 softmax, top-k, renormalised only with
     ``norm_topk_prob``, gates cast back to the logits' dtype."""
-    probs_NE = _softmax_f32(logits_NE)
-    top_NK, idx_NK = torch.topk(probs_NE, router.top_k, dim=-1)
     if router.norm_topk_prob:
-        top_NK = top_NK / top_NK.sum(dim=-1, keepdim=True)
+        top_NK, idx_NK = _renormalised_topk(logits_NE, router.top_k)
+    else:
+        top_NK, idx_NK = torch.topk(_softmax_f32(logits_NE), router.top_k, dim=-1)
     return top_NK.to(logits_NE.dtype), idx_NK
 
 
@@ -112,11 +134,9 @@ SUPPORTED_ROUTERS: dict[str, RouteFn] = {
 def _route_generic(top_k: int, renormalize: bool) -> RouteFn:
     """Softmax → top-k → optional renormalisation: the rule assumed for a user's own router."""
     def route(router: nn.Module, logits_NE: torch.Tensor):
-        probs_NE = _softmax_f32(logits_NE)
-        top_NK, idx_NK = torch.topk(probs_NE, top_k, dim=-1)
         if renormalize:
-            top_NK = top_NK / top_NK.sum(dim=-1, keepdim=True)
-        return top_NK, idx_NK
+            return _renormalised_topk(logits_NE, top_k)
+        return torch.topk(_softmax_f32(logits_NE), top_k, dim=-1)
     return route
 
 
@@ -188,7 +208,8 @@ def _top_k_of(m: nn.Module, top_k: int | None) -> int | None:
 
 
 class _RouterHook:
-    """Forward hook of one router: applies the fields, re-routes, observes."""
+    """Forward hook of one router: applies the fields, re-routes, records the routing for the
+    observation (added by the handle at the end of the model's forward)."""
 
     def __init__(self, handle: "AttachHandle", layer: int, plan: _RouterPlan) -> None:
         self.handle_ref = weakref.ref(handle)
@@ -208,7 +229,7 @@ class _RouterHook:
             mod = (logits + bias_E) / temperature_E
         else:
             mod = ((logits.float() + bias_E) / temperature_E).to(logits.dtype)
-        mod_NE = mod.reshape(-1, mod.shape[-1])
+        mod_NE = mod if mod.dim() == 2 else mod.reshape(-1, mod.shape[-1])
         observing = handle._observing(module)
 
         if plan.output_kind == "hf":
@@ -227,7 +248,7 @@ class _RouterHook:
                 gate_NK, idx_NK = plan.route(module, mod_NE.detach())
             result = mod if is_tensor else (mod, *output[1:])
         if observing:
-            handle._observe_routing(self.layer, idx_NK, gate_NK)
+            handle._pending.append((self.layer, idx_NK, gate_NK, handle._valid_N))
         if handle.record_routing:
             handle._records[self.layer] = (mod_NE, idx_NK, gate_NK)
         if is_tensor or type(output) is tuple:
@@ -266,8 +287,12 @@ class AttachHandle:
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._optimizer_hook: torch.utils.hooks.RemovableHandle | None = None
         self._valid_N: torch.Tensor | None = None
+        # Routing observed since the last flush: (layer, idx_NK, gate_NK, valid_N or None).
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._records: list[tuple | None] = [None] * self.num_layers
         acc_3LE = controller.observation_buffer()
+        self._acc_cache: tuple | None = None
+        self._ones_M: torch.Tensor | None = None
         # Per-expert slot counts summed over the ticks since the last ``pop_load`` (metrics).
         self.load_LE = torch.zeros_like(acc_3LE[0])
 
@@ -280,6 +305,7 @@ class AttachHandle:
                 self._hook_handles.append(h)
             self._hook_handles.append(model.register_forward_pre_hook(
                 self._model_pre_hook, with_kwargs=True))
+            self._hook_handles.append(model.register_forward_hook(self._model_post_hook))
         except Exception:
             for h in self._hook_handles:
                 h.remove()
@@ -291,6 +317,7 @@ class AttachHandle:
 
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Start of a model forward: remember the padding mask, drop the last routing record."""
+        self._flush_observations()        # routers called on their own, or a failed forward
         mask = None
         if self.mask_padding:
             mask = kwargs.get("attention_mask")
@@ -301,6 +328,10 @@ class AttachHandle:
         self._records = [None] * self.num_layers
         return None
 
+    def _model_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._flush_observations()
+        return None
+
     def _observing(self, router: nn.Module) -> bool:
         if not (router.training or self.observe_in_eval):
             return False
@@ -309,24 +340,62 @@ class AttachHandle:
         return torch._C._current_graph_task_id() == -1
 
     @torch.no_grad()
-    def _observe_routing(self, layer: int, idx: torch.Tensor, gate: torch.Tensor) -> None:
-        """Add this call's slot counts and gate sums per expert (M = N·K routed slots) to the
-        controller's pending observation: rows 0 and 1 of ``observation_buffer()`` [3, L, E],
-        the same sums ``controller.observe`` adds."""
+    def _flush_observations(self) -> None:
+        """Add the routing recorded since the last flush to the controller's pending
+        observation: per expert, the top-k slot counts and gate sums (M = N·K routed slots),
+        into rows 0 and 1 of ``observation_buffer()`` [3, L, E], the sums ``controller.observe``
+        would add. A forward's L layers go in together (two scatter-adds), the same sums in the
+        same order as one ``index_add_`` per layer, which is the fallback (e.g. for a router
+        called twice)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        acc_3LE, counts_LE, counts_L, wsum_L = self._acc_rows()
+        idx0, valid0 = pending[0][1], pending[0][3]
+        if [p[0] for p in pending] == list(range(self.num_layers)) \
+                and all(p[1].shape == idx0.shape and p[3] is valid0 for p in pending):
+            L, M = len(pending), idx0.numel()
+            idx_LM = torch.stack([p[1] for p in pending]).view(L, M)
+            gate_LM = torch.stack([p[2] for p in pending]).view(L, M).to(acc_3LE.dtype)
+            w_M, masked = self._slot_weights(valid0, idx0.shape[-1], M, acc_3LE)
+            if masked:
+                gate_LM = gate_LM * w_M
+            counts_LE.scatter_add_(1, idx_LM, w_M.expand(L, M))
+            acc_3LE[1].scatter_add_(1, idx_LM, gate_LM)
+            return
+        for layer, idx_NK, gate_NK, valid_N in pending:
+            idx_M = idx_NK.reshape(-1)
+            gate_M = gate_NK.reshape(-1).to(acc_3LE.dtype)
+            w_M, masked = self._slot_weights(valid_N, idx_NK.shape[-1], idx_M.numel(), acc_3LE)
+            if masked:
+                gate_M = gate_M * w_M
+            counts_L[layer].index_add_(0, idx_M, w_M)
+            wsum_L[layer].index_add_(0, idx_M, gate_M)
+
+    def _slot_weights(self, valid_N: torch.Tensor | None, K: int, M: int, like: torch.Tensor
+                      ) -> tuple[torch.Tensor, bool]:
+        """([M] what each routed slot adds to its expert's count, whether it is a mask): 1 per
+        slot (a cached row of ones), or with a padding mask of N = M / K tokens, the mask
+        repeated for each token's K slots (0 for padding)."""
+        if valid_N is not None and valid_N.numel() * K == M:
+            return valid_N.to(like.device, like.dtype).repeat_interleave(K), True
+        ones = self._ones_M
+        if ones is None or ones.shape[0] != M or ones.device != like.device \
+                or ones.dtype != like.dtype:
+            ones = self._ones_M = torch.ones(M, dtype=like.dtype, device=like.device)
+        return ones, False
+
+    def _acc_rows(self) -> tuple:
+        """(observation buffer, its counts row [L, E], per-layer count rows, per-layer gate-sum
+        rows): views cached while the controller keeps the same buffer (no per-call selects)."""
         acc_3LE = self.controller.observation_buffer()
-        idx_M = idx.reshape(-1)
-        gate_M = gate.detach().reshape(-1)
-        if gate_M.dtype != acc_3LE.dtype:
-            gate_M = gate_M.to(acc_3LE.dtype)
-        valid = self._valid_N
-        K = idx.shape[-1]
-        if valid is not None and valid.numel() * K == idx_M.numel():
-            ones_M = valid.to(acc_3LE.device, acc_3LE.dtype).repeat_interleave(K)
-            gate_M = gate_M * ones_M
-        else:
-            ones_M = acc_3LE.new_ones(()).expand(idx_M.shape[0])   # a view: no allocation
-        acc_3LE[0, layer].index_add_(0, idx_M, ones_M)
-        acc_3LE[1, layer].index_add_(0, idx_M, gate_M)
+        cached = self._acc_cache
+        if cached is None or cached[0] is not acc_3LE:
+            counts_LE = acc_3LE[0]
+            cached = self._acc_cache = (acc_3LE, counts_LE, counts_LE.unbind(0),
+                                        acc_3LE[1].unbind(0))
+        return cached
 
     def routing_output(self, logits: torch.Tensor | None = None) -> "RoutingRecord":
         """The routing of the last forward (needs ``record_routing=True``), shaped like our
@@ -352,16 +421,18 @@ class AttachHandle:
     @property
     def observation_buffer(self) -> torch.Tensor:
         """The pending observation [3, L, E] (counts, gate sums, loss sums) the next tick uses."""
+        self._flush_observations()
         return self.controller.observation_buffer()
 
     @torch.no_grad()
     def tick(self) -> None:
         """One controller step on the observation gathered since the last tick, summed over the
         data-parallel ranks first. No host sync."""
-        acc_3LE = self.controller.observation_buffer()
+        self._flush_observations()
+        acc_3LE, counts_LE, _, _ = self._acc_rows()
         if self._is_distributed():
             _dist.all_reduce_observation(acc_3LE, self.process_group)
-        self.load_LE.add_(acc_3LE[0])
+        self.load_LE.add_(counts_LE)
         self.controller.tick()
         self.ticks += 1
 
@@ -434,6 +505,7 @@ class AttachHandle:
                 del _ATTACHED[plan.module]
         self._records = [None] * self.num_layers
         self._valid_N = None
+        self._pending = []
         self.controller.clear_observations()
         self.attached = False
 
@@ -472,6 +544,7 @@ class AttachHandle:
             raise AttachError(f"attach state routers {routers} differ from this attachment's "
                               f"{self.router_names}")
         self.controller.load_state_dict(state["controller"])
+        self._pending = []
         self.controller.clear_observations()
         self.ticks = int(state.get("ticks", 0))
 

@@ -81,18 +81,17 @@ _STATE_FIELDS = {
     "T_eff_LE": ("LE", "state"), "kappa": ("", "state"),
 }
 PHASE_DTYPE = torch.float64
+_BELOW_TWO_PI = float(np.nextafter(TWO_PI, 0.0))   # x ≥ 2π ⟺ x > this
 _ACC_COUNTS, _ACC_WSUM, _ACC_LOSS = 0, 1, 2
 
 
 def _ema(old: torch.Tensor, new: torch.Tensor, rate: float) -> torch.Tensor:
     """(1 − rate)·old + rate·new, clamped to the hull of old and new (as the reference).
 
-    Six kernels, the reference's roundings. Where ``new`` equals ``old`` the result is ``old``
-    exactly (the hull is a point), which the tick uses to leave entries unchanged without a
-    separate ``where``."""
-    out = old * (1.0 - rate)
-    out.add_(new * rate)
-    return out.clamp_(torch.minimum(old, new), torch.maximum(old, new))
+    Where ``new`` equals ``old`` the result is ``old`` exactly (the hull is a point): the tick
+    uses that to leave entries unchanged without a separate ``where``."""
+    out = old * (1.0 - rate) + new * rate
+    return torch.clamp(out, torch.minimum(old, new), torch.maximum(old, new))
 
 
 def _sync_after_load(module: "PxTController", incompatible_keys: Any) -> None:
@@ -161,6 +160,8 @@ class PxTController(nn.Module):
         self.register_buffer("_inf", torch.full((), math.inf, **fkw), persistent=False)
         self.register_buffer("_inf64", torch.full((), math.inf, dtype=PHASE_DTYPE, device=device),
                              persistent=False)
+        self.register_buffer("_zero64", torch.zeros((), dtype=PHASE_DTYPE, device=device),
+                             persistent=False)
         self.register_buffer("_beta_pt_2", torch.tensor(
             [config.beta_pressure, config.beta_temperature], **fkw), persistent=False)
         self._buffer_dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
@@ -206,6 +207,8 @@ class PxTController(nn.Module):
     # ------------------------------------------------------------------ observations
     def _check_layer(self, layer: Any) -> int:
         L = self.num_layers
+        if type(layer) is int and 0 <= layer < L:      # the common case, on every router call
+            return layer
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
                 or not -L <= layer < L:
             raise ValueError(f"layer={layer!r}: expected an integer in [0, {L})")
@@ -275,126 +278,141 @@ class PxTController(nn.Module):
         return self._acc_FLE
 
     # ------------------------------------------------------------------ the tick
-    # Cost model: the tick is ~50–100 small kernels on [L, E] tensors, so its time is the number
-    # of kernels (each a few µs of dispatch, more with cold caches inside a training step), not
-    # arithmetic. Hence: no scalar→tensor conversions (constants are cached 0-d buffers), divisions
-    # guarded by an ∞ denominator (x/∞ = 0) instead of a where on each side, idle rows left
-    # unchanged by the EMA's hull clamp, in-place chains, and cached views. Every value is
-    # computed with the reference's operations in the reference's order (float64 state is
-    # bitwise the previous implementation's).
+    # Cost model: the tick is ~60 small kernels on [L, E] tensors, so its time is dispatch, not
+    # arithmetic: a few µs per kernel in a loop, and several times that inside a training step,
+    # where it runs with caches evicted by the backward pass and each distinct op (Python
+    # binding, kernel) pays for it again. Hence few kernels and few distinct ops: no
+    # scalar→tensor conversions (constants are cached 0-d buffers), divisions guarded by an ∞
+    # denominator (x/∞ = 0) instead of a where on each side, idle rows left unchanged by the
+    # EMA's hull clamp instead of a where, cached views, and the same few operators throughout.
+    # Buffers are read from ``self._buffers`` (``b``): through ``Module.__getattr__`` each read
+    # costs ~0.7 µs, and a tick reads ~40.
+    # Every value keeps the reference's operations and order: float64 state is bitwise the
+    # previous implementation's (and float32 state too, on CPU).
     @torch.no_grad()
     def tick(self) -> None:
         """One control step on the accumulated observation, with the κ set by ``set_knob``.
         No host sync. Clears the accumulators."""
-        cfg = self.config
-        E = self.num_experts
+        cfg, b = self.config, self._buffers
         t = self._tick_host + 1
         micro = t % cfg.micro_period == 0
         macro = t % cfg.macro_period == 0
         acc, counts, loss = self._acc_rows()
         # Bad observation (non-finite, negative, or ≥ max_entry so that a layer's sum could
-        # overflow; what the reference rejects): the clamp changes such an entry, NaN included.
-        bad = (acc.clamp(0.0, self._max_entry_incl) != acc).any()
+        # overflow: what the reference rejects): the clamp moves it (NaN − NaN is NaN, nonzero).
+        bad = (torch.clamp(acc, 0.0, self._max_entry_incl) - acc).any()
 
         # κ smoothing first, so this tick's lens sees it.
         r = cfg.kappa_smoothing
-        kap_old, kap_in = self.kappa, self.kappa_target
+        kap_old, kap_in = b["kappa"], b["kappa_target"]
         if r == 1.0:
             kap = kap_in
         else:
             kap = torch.clamp(kap_old * (1.0 - r) + kap_in * r,
                               torch.minimum(kap_old, kap_in), torch.maximum(kap_old, kap_in))
 
-        # Usage and signed drift. An idle layer (no tokens) gets frac = u: its δ is exactly 0 and
-        # its EMA stays at u (hull of u and u), the reference's where(active, ·, u).
-        rho = cfg.usage_decay
-        u = self.usage_LE                                           # float64 (phase input)
-        counts64 = counts if counts.dtype == PHASE_DTYPE else counts.to(PHASE_DTYPE)
-        tot64_L1 = counts64.sum(dim=1, keepdim=True)
-        active_L1 = tot64_L1 > 0
-        frac = torch.where(active_L1, counts64 / tot64_L1, u)
-        delta = (frac - u).mul_(E)
-        usage = _ema(u, frac, 1.0 - rho)
+        usage, delta, active_L1 = self._usage_step(counts)
 
-        # Reliability (experts that got tokens move; the others keep s through the hull clamp).
+        # Reliability: experts that got tokens move; the others get target = s, which the EMA's
+        # hull clamp keeps exactly (the reference's where(counts > 0, ·, s)).
         seen = counts > 0
-        target, bad_target = self._reliability_target(counts, loss, seen, active_L1,
-                                                      tot64_L1, usage)
+        target, bad_target = self._reliability_target(counts, loss, seen, active_L1, usage)
         if bad_target is not None:
             bad = bad | bad_target
-        s = self.reliability_LE
-        reliability = _ema(s, torch.where(seen, target, s), 1.0 - rho)
+        s = b["reliability_LE"]
+        reliability = _ema(s, torch.where(seen, target, s), 1.0 - cfg.usage_decay)
 
-        # Kuramoto phases, mean field of the previous tick.
-        R0, psi0, th = self.R, self.psi, self.theta_LE
-        drive = (delta * cfg.drift_gain).add_(self._drive0())   # (ω₀ + ω_dis) + α·δ
-        drive.add_(torch.sub(psi0, th).sin_().mul_(R0 * cfg.coupling))
-        th_new = drive.mul_(cfg.dt).add_(th)
-        if cfg.phase_noise > 0.0:
-            h1 = _rng.key_prefix(self._seed_host, STREAM_PHASE, t)
-            xi = _rng.normal_from_pairs(h1, self._noise_index_2N).view_as(th)
-            th_new.add_(xi.mul_(cfg.phase_noise * math.sqrt(cfg.dt)))
-        th_new.remainder_(TWO_PI)
-        th_new.masked_fill_(th_new >= TWO_PI, 0.0)                # mod can round up to 2π
-        c, sn = torch.cos(th_new).mean(), torch.sin(th_new).mean()
-        R = torch.hypot(c, sn).clamp_(max=1.0)
-        psi = torch.atan2(sn, c)
-        dR = R - R0
-
-        updates = [(self.kappa, kap), (self.usage_LE, usage), (self.delta_LE, delta),
-                   (self.reliability_LE, reliability), (self.theta_LE, th_new),
-                   (self.R, R), (self.psi, psi), (self.dR, dR)]
-
-        # Micro tick: temperatures.
-        pressure = self.pressure_LE
+        th_new, R, psi, dR = self._phase_step(delta, t)
+        updates = [(b["kappa"], kap), (b["usage_LE"], usage), (b["delta_LE"], delta),
+                   (b["reliability_LE"], reliability), (b["theta_LE"], th_new),
+                   (b["R"], R), (b["psi"], psi), (b["dR"], dR)]
+        pressure = b["pressure_LE"]
         if micro:
-            Tbar_g = _ema(self.Tbar_global_E, self.T_fast_LE.mean(dim=0),
-                          cfg.eta_structural_T_global)
-            share = usage / usage.sum(dim=1, keepdim=True)          # float64, then cast
-            dev = share - 1.0 / E
-            # P = clip(2(1/E − share)) and d = |share − 1/E|: 1/E − x = −(x − 1/E) exactly.
-            pressure = dev.mul(-2.0).clamp_(-1.0, 1.0).to(self.dtype)
-            d = dev.abs_()
-            dmax = d.amax(dim=1, keepdim=True)
-            # ~uniform (dmax ≤ ε): d̂ = d/∞ = 0.
-            d_hat = d.div_(torch.where(dmax > DRIFT_EPS, dmax, self._inf64)).to(self.dtype)
-            base = (1.0 - R).mul_(cfg.beta_R).add_(1.0)
-            if cfg.T_base != 1.0:
-                base = base.mul_(cfg.T_base)
-            base = base.to(self.dtype)
-            T_fast = d_hat.mul(cfg.beta_drift).add_(1.0).mul_(base)   # fresh: d_hat may be d
-            T_fast.mul_((1.0 - reliability).mul_(cfg.beta_reliability).add_(1.0))
-            T_fast.clamp_(cfg.T_min, cfg.T_max)
-            Tbar_l = _ema(self.Tbar_local_LE, T_fast, cfg.eta_structural_T_local)
-            T_eff = (T_fast * Tbar_g).mul_(Tbar_l)
-            updates += [(self.Tbar_global_E, Tbar_g), (self.pressure_LE, pressure),
-                        (self.T_fast_LE, T_fast), (self.Tbar_local_LE, Tbar_l),
-                        (self.T_eff_LE, T_eff)]
-
-        # Macro tick: lens (integral of pressure), rate scaled by κ and by σ(5ΔR).
+            pressure, micro_updates = self._micro_step(usage, reliability, R)
+            updates += micro_updates
         if macro:
+            # Lens: integral of pressure, rate scaled by κ and by σ(5ΔR).
             rate = (torch.exp(kap * cfg.beta_lens) * cfg.lens_rate
                     * torch.sigmoid(dR.to(self.dtype) * LENS_DR_GAIN))
-            lens = torch.clamp(self.lens_LE + pressure * rate, -cfg.lens_max, cfg.lens_max)
-            updates.append((self.lens_LE, lens))
+            lens = torch.clamp(b["lens_LE"] + pressure * rate, -cfg.lens_max, cfg.lens_max)
+            updates.append((b["lens_LE"], lens))
 
         # Commit: a bad observation leaves every law buffer as it was.
         for buf, new in updates:
             torch.where(bad, buf, new, out=buf)
-        self.skipped_ticks.add_(bad)
-        self.tick_counter.fill_(t)
+        b["skipped_ticks"].add_(bad)
+        b["tick_counter"].fill_(t)
         slot = (t - 1) % self.history_length
-        self.coherence_history[slot] = self.R
-        self.meta_knob_history[slot] = self.kappa
+        b["coherence_history"][slot] = b["R"]
+        b["meta_knob_history"][slot] = b["kappa"]
         self._tick_host = t
         self.clear_observations()
         if micro or macro or r != 1.0:
             # Otherwise nothing the fields read has changed (set_knob refreshed them already).
             self._refresh_fields()
 
+    def _usage_step(self, counts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(usage, δ, active_L1), in float64 (the counts promoted exactly). An idle layer (no
+        tokens) gets frac = u: its δ is exactly 0 and its EMA stays at u (the hull of u and u),
+        the reference's where(active, ·, u) and where(active, ·, 0)."""
+        u = self._buffers["usage_LE"]                               # float64 (phase input)
+        tot64_L1 = counts.sum(dim=1, keepdim=True, dtype=PHASE_DTYPE)
+        active_L1 = tot64_L1 > 0
+        frac = torch.where(active_L1, counts / tot64_L1, u)
+        delta = (frac - u) * self.num_experts
+        usage = _ema(u, frac, 1.0 - self.config.usage_decay)
+        return usage, delta, active_L1
+
+    def _phase_step(self, delta: torch.Tensor, t: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kuramoto phases driven by δ, with the mean field of the previous tick: (θ, R, ψ, ΔR)."""
+        cfg, b = self.config, self._buffers
+        R0, psi0, th = b["R"], b["psi"], b["theta_LE"]
+        drive = self._drive0() + delta * cfg.drift_gain            # (ω₀ + ω_dis) + α·δ
+        drive = drive + torch.sin(psi0 - th) * (R0 * cfg.coupling)
+        th_new = th + drive * cfg.dt
+        if cfg.phase_noise > 0.0:
+            h1 = _rng.key_prefix(self._seed_host, STREAM_PHASE, t)
+            xi = _rng.normal_from_pairs(h1, b["_noise_index_2N"]).view_as(th)
+            th_new = th_new + xi * (cfg.phase_noise * math.sqrt(cfg.dt))
+        th_new = torch.remainder(th_new, TWO_PI)
+        th_new = torch.where(th_new > _BELOW_TWO_PI, b["_zero64"], th_new)  # mod can give 2π
+        # Means as sum / n (what torch's CPU mean computes), sharing the sum kernel.
+        n = th_new.numel()
+        c, sn = torch.cos(th_new).sum() / n, torch.sin(th_new).sum() / n
+        R = torch.clamp(torch.hypot(c, sn), max=1.0)
+        return th_new, R, torch.atan2(sn, c), R - R0
+
+    def _micro_step(self, usage: torch.Tensor, reliability: torch.Tensor, R: torch.Tensor
+                    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Temperatures of a micro tick: (pressure, [(buffer, new value), ...])."""
+        cfg, b, E = self.config, self._buffers, self.num_experts
+        Tbar_g = _ema(b["Tbar_global_E"], b["T_fast_LE"].sum(dim=0) / self.num_layers,
+                      cfg.eta_structural_T_global)                    # EMA of mean_L(T_fast)
+        share = usage / usage.sum(dim=1, keepdim=True)               # float64, then cast
+        dev = share - 1.0 / E
+        # P = clip(2(1/E − share)) and d = |share − 1/E|: 1/E − x = −(x − 1/E) exactly.
+        pressure = torch.clamp(dev * -2.0, -1.0, 1.0).to(self.dtype)
+        d = torch.abs(dev)
+        dmax = d.amax(dim=1, keepdim=True)
+        # ~uniform (dmax ≤ ε): d̂ = d/∞ = 0.
+        d_hat = (d / torch.where(dmax > DRIFT_EPS, dmax, b["_inf64"])).to(self.dtype)
+        base = (1.0 - R) * cfg.beta_R + 1.0
+        if cfg.T_base != 1.0:
+            base = base * cfg.T_base
+        T_fast = torch.clamp(base.to(self.dtype) * (d_hat * cfg.beta_drift + 1.0)
+                             * ((1.0 - reliability) * cfg.beta_reliability + 1.0),
+                             cfg.T_min, cfg.T_max)
+        Tbar_l = _ema(b["Tbar_local_LE"], T_fast, cfg.eta_structural_T_local)
+        T_eff = T_fast * Tbar_g * Tbar_l
+        return pressure, [(b["Tbar_global_E"], Tbar_g), (b["pressure_LE"], pressure),
+                          (b["T_fast_LE"], T_fast), (b["Tbar_local_LE"], Tbar_l),
+                          (b["T_eff_LE"], T_eff)]
+
     def _reliability_target(self, counts: torch.Tensor, loss: torch.Tensor, seen: torch.Tensor,
-                            active_L1: torch.Tensor, tot64_L1: torch.Tensor,
-                            usage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            active_L1: torch.Tensor, usage: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[L, E] target reliability (read where ``seen``): loss-based for layers that got
         losses, else u / max(u).
 
@@ -403,28 +421,29 @@ class PxTController(nn.Module):
         nl = len(self._loss_layers)
         proxy = None
         if nl < self.num_layers:
-            us = usage.to(self.dtype)                   # ``usage`` itself in float64: no div_
+            us = usage.to(self.dtype)
             # u / max(u), 0 for an all-zero row. max(u) ≥ ~1/E for any state the law reaches;
             # the clamp only turns a zero maximum into a harmless denominator.
-            proxy = us / us.amax(dim=1, keepdim=True).clamp_min_(self._tiny)
+            proxy = us / torch.clamp(us.amax(dim=1, keepdim=True), min=self._tiny)
             if nl == 0:
                 return proxy, None
-        inf = self._inf
-        tot_c = tot64_L1 if counts.dtype == PHASE_DTYPE else counts.sum(dim=1, keepdim=True)
+        b = self._buffers
+        inf = b["_inf"]
+        tot_c = counts.sum(dim=1, keepdim=True)
         tot_l = loss.sum(dim=1, keepdim=True)
         # Guarded divisions, x/∞ = 0 where the reference's safe division gives 0.
-        mbar = tot_l.div_(torch.where(active_L1, tot_c, inf))     # token-weighted mean loss
-        m = loss / torch.where(seen, counts, inf)                  # per-expert mean loss
-        rel = (mbar - m).div_(torch.where(mbar > 0, mbar, inf))
-        bad = (rel * 0.0).any()                                    # inf·0 = NaN: not finite
-        from_loss = rel.mul_(self.config.reliability_sharpness).sigmoid_()   # in [0, 1]
+        mbar = tot_l / torch.where(active_L1, tot_c, inf)          # token-weighted mean loss
+        m = loss / torch.where(seen, counts, inf)                   # per-expert mean loss
+        rel = (mbar - m) / torch.where(mbar > 0, mbar, inf)
+        bad = (rel * 0.0).any()                                     # inf·0 = NaN: not finite
+        from_loss = torch.sigmoid(rel * self.config.reliability_sharpness)   # in [0, 1]
         if proxy is None:
             return from_loss, bad
-        return torch.where(self._acc_has_loss_L.unsqueeze(1), from_loss, proxy), bad
+        return torch.where(b["_acc_has_loss_L"].unsqueeze(1), from_loss, proxy), bad
 
     def _acc_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(accumulator, its counts row, its loss row), the rows as cached views."""
-        acc = self._acc_FLE
+        acc = self._buffers["_acc_FLE"]
         cached = self._acc_cache
         if cached is None or cached[0] is not acc:
             cached = self._acc_cache = (acc, acc[_ACC_COUNTS], acc[_ACC_LOSS])
@@ -432,24 +451,25 @@ class PxTController(nn.Module):
 
     def _drive0(self) -> torch.Tensor:
         """ω₀ + ω_dis [L, E] (float64), cached while the ω_dis buffer is not modified."""
-        om = self.omega_disorder_LE
-        key = (om, om._version)
-        if self._drive0_key is None or self._drive0_key[0] is not om \
-                or self._drive0_key[1] != key[1]:
+        om = self._buffers["omega_disorder_LE"]
+        key = self._drive0_key
+        if key is None or key[0] is not om or key[1] != om._version:   # replaced or written
             self._drive0_val = om + self.config.omega0
-            self._drive0_key = key
+            self._drive0_key = (om, om._version)
         return self._drive0_val
 
     # ------------------------------------------------------------------ outputs
     def _refresh_fields(self) -> None:
         """Recompute the cached router fields from the state and the κ in effect."""
-        cfg = self.config
-        f_2 = torch.exp(self.kappa * self._beta_pt_2)         # exp(β_p κ), exp(β_T κ)
-        f_p = f_2[0] if cfg.pressure_scale == 1.0 else f_2[0] * cfg.pressure_scale
-        bias = torch.add(self.pressure_LE, self.lens_LE).mul_(f_p)
-        temp = self.T_eff_LE if cfg.temperature_scale == 1.0 \
-            else self.T_eff_LE * cfg.temperature_scale
-        temp = torch.mul(temp, f_2[1]).clamp_(TEMPERATURE_MIN, TEMPERATURE_MAX)
+        cfg, b = self.config, self._buffers
+        f_p, f_t = torch.exp(b["kappa"] * b["_beta_pt_2"]).unbind()   # exp(β_p κ), exp(β_T κ)
+        if cfg.pressure_scale != 1.0:
+            f_p = f_p * cfg.pressure_scale
+        bias = (b["pressure_LE"] + b["lens_LE"]) * f_p
+        temp = b["T_eff_LE"]
+        if cfg.temperature_scale != 1.0:
+            temp = temp * cfg.temperature_scale
+        temp = torch.clamp(temp * f_t, TEMPERATURE_MIN, TEMPERATURE_MAX)
         # New tensors each time (see module docstring), float32 for the router.
         self._bias_LE = bias.to(torch.float32)
         self._temperature_LE = temp.to(torch.float32)
@@ -461,7 +481,8 @@ class PxTController(nn.Module):
     def layer_fields(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(bias_E, temperature_E) of one layer (views of the cached fields)."""
         li = self._check_layer(layer)
-        bias, temp = self._bias_LE, self._temperature_LE
+        b = self._buffers
+        bias, temp = b["_bias_LE"], b["_temperature_LE"]
         rows = self._field_rows
         if rows is None or rows[0] is not bias or rows[1] is not temp:
             # One unbind per refresh instead of two selects per router call.
