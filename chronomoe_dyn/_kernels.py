@@ -509,6 +509,10 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
     h_tok = _hash_base(seed, STREAM_TOKEN, tick)
     h_loss = _hash_base(seed, STREAM_LOSS, tick)
     total = 0.0
+    top0_T = top_KT[0]
+    sel0_T = sel_KT[0]
+    top1_T = top_KT[min(1, K - 1)]
+    sel1_T = sel_KT[min(1, K - 1)]
     for l in range(L):
         for j in range(K):
             for t in range(T):
@@ -516,16 +520,30 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
                 sel_KT[j, t] = -1
         for e in range(E):
             inv = invT_LE[l, e]
-            for t in range(T):                     # vectorises (no gather in it)
-                u = _uniform_at(h_tok, (l * T + t) * E + e)
-                s_T[t] = ep.token_noise * (2.0 * u - 1.0) * inv
-                b_T[t] = e
-            # + the domain's base score, as env.route adds them. One masked pass per domain
-            # instead of a gather (LLVM does not vectorise gathers on this target).
-            for d in range(D):
-                bd = base_LDE[l, d, e]
+            if D <= 4:
+                # noise and the domain's base score in one pass: the base is picked from up to
+                # four scalars with selects (vectorises; no gather), then added as env.route does
+                bd0 = base_LDE[l, 0, e]
+                bd1 = base_LDE[l, min(1, D - 1), e]
+                bd2 = base_LDE[l, min(2, D - 1), e]
+                bd3 = base_LDE[l, min(3, D - 1), e]
                 for t in range(T):
-                    s_T[t] = bd + s_T[t] if dom_T[t] == d else s_T[t]
+                    u = _uniform_at(h_tok, (l * T + t) * E + e)
+                    dt = dom_T[t]
+                    bd = bd1 if dt == 1 else bd0
+                    bd = bd2 if dt == 2 else bd
+                    bd = bd3 if dt == 3 else bd
+                    s_T[t] = bd + ep.token_noise * (2.0 * u - 1.0) * inv
+            else:
+                for t in range(T):                     # vectorises (no gather in it)
+                    u = _uniform_at(h_tok, (l * T + t) * E + e)
+                    s_T[t] = ep.token_noise * (2.0 * u - 1.0) * inv
+                # + the domain's base score, as env.route adds them. One masked pass per domain
+                # instead of a gather (LLVM does not vectorise gathers on this target).
+                for d in range(D):
+                    bd = base_LDE[l, d, e]
+                    for t in range(T):
+                        s_T[t] = bd + s_T[t] if dom_T[t] == d else s_T[t]
             # insert expert e into each token's top-k list with selects (random scores would
             # mispredict branches). The list is ordered by (score descending, index ascending),
             # the order of env.route's stable sort, and the candidate is compared in that
@@ -533,6 +551,25 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
             # pushed down from slot j−1 may tie with slot j's and has the lower index, so it
             # must win that tie (a plain 's > sj' would keep the later expert ahead of it).
             # -0.0 == 0.0 here as in NumPy's sort; the scores are finite (T >= 0.1).
+            if K == 2:
+                # top-2 insertion of the candidate e, the highest index so far: it needs a
+                # strictly greater score to pass an entry (the pushed-down entry goes straight
+                # to slot 1). Plain selects over 1-D rows: vectorises.
+                for t in range(T):
+                    s = s_T[t]
+                    a0 = top0_T[t]
+                    a1 = top1_T[t]
+                    c0 = sel0_T[t]
+                    c1 = sel1_T[t]
+                    gt0 = s > a0
+                    gt1 = s > a1
+                    top1_T[t] = a0 if gt0 else (s if gt1 else a1)
+                    sel1_T[t] = c0 if gt0 else (e if gt1 else c1)
+                    top0_T[t] = s if gt0 else a0
+                    sel0_T[t] = e if gt0 else c0
+                continue
+            for t in range(T):
+                b_T[t] = e
             for j in range(K):
                 for t in range(T):
                     s = s_T[t]
@@ -548,9 +585,10 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
             for t in range(T):                     # vectorises: the noise term alone
                 u = _uniform_at(h_loss, (l * T + t) * K + j)
                 x_KT[j, t] = ep.loss_noise * (2.0 * u - 1.0)
+            ql_F = quality_LED[l].reshape(E * D)   # flat row, unsigned index: no fix-ups
             for t in range(T):                     # + the quality gather, in env.route's order
-                x_KT[j, t] = ep.loss_floor + ep.loss_range \
-                    * (1.0 - quality_LED[l, sel_KT[j, t], dom_T[t]]) + x_KT[j, t]
+                q = ql_F[np.uint64(sel_KT[j, t] * D + dom_T[t])]
+                x_KT[j, t] = ep.loss_floor + ep.loss_range * (1.0 - q) + x_KT[j, t]
         # gate weights = softmax over the selected scores, token loss = Σ_j g_j x_j: passes
         # over tokens (vectorisable), each token's sums in slot order as in env.route
         for t in range(T):
@@ -567,14 +605,20 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
             for t in range(T):
                 g_KT[j, t] = g_KT[j, t] / tot_T[t]
                 tl_T[t] += g_KT[j, t] * x_KT[j, t]
-        for t in range(T):                         # bincount order: token, then slot
-            d = dom_T[t]
+        # bincount order: token, then slot. Flat rows and unsigned indices (no negative-index
+        # fix-ups in this sequential loop); e = sel < E and d = dom < D by construction.
+        lossl_E = loss_LE[l]
+        sxl_F = sumx_LDE[l].reshape(D * E)
+        cnl_F = cnt_LDE[l].reshape(D * E)
+        for t in range(T):
+            r = np.uint64(dom_T[t] * E)
+            tl = tl_T[t]
             for j in range(K):
-                e = sel_KT[j, t]
-                loss_LE[l, e] += tl_T[t]
-                sumx_LDE[l, d, e] += x_KT[j, t]
-                cnt_LDE[l, d, e] += 1.0
-            total += tl_T[t]
+                e = np.uint64(sel_KT[j, t])
+                lossl_E[e] += tl
+                sxl_F[r + e] += x_KT[j, t]
+                cnl_F[r + e] += 1.0
+            total += tl
         for e in range(E):                         # integer sums: exact in any order
             c = 0.0
             for d in range(D):
