@@ -585,10 +585,9 @@ def env_route(ep, seed, tick, quality_LED, est_LDE, cum_D, bias_LE, temp_LE, cou
             for t in range(T):                     # vectorises: the noise term alone
                 u = _uniform_at(h_loss, (l * T + t) * K + j)
                 x_KT[j, t] = ep.loss_noise * (2.0 * u - 1.0)
-            ql_F = quality_LED[l].reshape(E * D)   # flat row, unsigned index: no fix-ups
             for t in range(T):                     # + the quality gather, in env.route's order
-                q = ql_F[np.uint64(sel_KT[j, t] * D + dom_T[t])]
-                x_KT[j, t] = ep.loss_floor + ep.loss_range * (1.0 - q) + x_KT[j, t]
+                x_KT[j, t] = ep.loss_floor + ep.loss_range \
+                    * (1.0 - quality_LED[l, sel_KT[j, t], dom_T[t]]) + x_KT[j, t]
         # gate weights = softmax over the selected scores, token loss = Σ_j g_j x_j: passes
         # over tokens (vectorisable), each token's sums in slot order as in env.route
         for t in range(T):
