@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from chronomoe_dyn import ControllerConfig
 from chronomoe_dyn.landscape import landscape
@@ -17,6 +16,7 @@ from chronomoe_torch.controller import PxTController
 from chronomoe_torch.loss import (ChronoMoELoss, LossOutput, causal_lm_token_loss,
                                   unhealthy_valley_mask)
 from chronomoe_torch.model import ChronovisorMixtralForCausalLM, MixtralConfig, MoECausalLMOutput
+from _sync import SyncCounter
 
 V, B, S, L, E, K = 48, 2, 10, 2, 4, 2
 
@@ -326,15 +326,6 @@ def test_attention_mask_weights_the_routing_terms():
     torch.testing.assert_close(lo.balance, torch.stack(vals).mean())
 
 
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_loss_returns_tensors_without_host_sync():

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from chronomoe_dyn import ControllerConfig
 from chronomoe_torch.model import (ChronovisorMixtralForCausalLM, GQAttention, MixtralConfig,
                                    RotaryEmbedding)
+from _sync import SyncCounter
 
 V, B, S = 64, 2, 12
 
@@ -330,15 +330,6 @@ def test_a_few_steps_fit_a_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("real_controller", [False, True])

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from chronomoe_torch.moe import Router, SparseMoE, grouped_mm_available
+from _sync import SyncCounter
 
 N, H, I, E, K = 48, 16, 32, 8, 2
 
@@ -238,15 +239,6 @@ def test_observations_exclude_invalid_tokens():
     torch.testing.assert_close(moe.router.load_E, ref)
 
 
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_grouped_path_has_no_host_sync():

@@ -13,29 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from chronomoe_dyn import ControllerConfig
 from chronomoe_torch.controller import PxTController
 from chronomoe_torch.optim import CoherenceGatedOptimizer
-
-SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
-            "_unique2", "unique_dim", "unique_consecutive", "allclose"}
+from _sync import SyncCounter
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts host-sync ops while not paused; records where they came from by op name."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.paused = False
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.paused and name in SYNC_OPS:
-            self.syncs.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 class TinyMoE(nn.Module):

@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 from chronomoe_dyn.plot import read_metrics_jsonl
@@ -19,6 +18,7 @@ from chronomoe_torch.config import TrainingConfig
 from chronomoe_torch.loss import causal_lm_token_loss
 from chronomoe_torch.model import ChronovisorMixtralForCausalLM, MixtralConfig
 from chronomoe_torch.trainer import BadBatchError, ChronoMoETrainer, NonFiniteTrainingError
+from _sync import SyncCounter
 
 V, S = 64, 17
 STEP_RE = re.compile(r"^Step (\d+) \| Loss: (-?\d+\.\d{4}|nan) \| κ: (-?\d\.\d{2}) \(([a-z_]+)\) "
@@ -379,19 +379,8 @@ def test_bad_eval_batch_names_it(tmp_path):
 # ----------------------------------------------------------------------------------------
 # no host sync in a step; one read per log step
 # ----------------------------------------------------------------------------------------
-SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
-            "_unique2", "unique_dim", "unique_consecutive", "allclose"}
 
 
-class SyncCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in SYNC_OPS:
-            self.syncs.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("chronovisor, mode, accum", [(True, "chronomoe", 2), (False, "switch", 1),
