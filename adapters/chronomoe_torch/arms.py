@@ -195,6 +195,9 @@ class BenchmarkSpec:
     """Text files (None: the Python standard library's sources)."""
     eval_fraction: float = 0.1
     device: str = "cpu"
+    shift_at_step: int | None = None
+    """A routing disruption: from this optimizer step on, every byte b of the train and eval
+    text becomes perm[b] for a fixed random permutation (a sudden domain shift). None: off."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "hidden_dim", "num_layers", "num_experts", "top_k", "num_heads",
@@ -203,6 +206,11 @@ class BenchmarkSpec:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ArmError(f"benchmark {name}={v!r}: expected an integer >= 1")
+        if self.shift_at_step is not None and (
+                isinstance(self.shift_at_step, bool) or not isinstance(self.shift_at_step, int)
+                or not 1 <= self.shift_at_step < self.steps):
+            raise ArmError(f"benchmark shift_at_step={self.shift_at_step!r}: expected an "
+                           f"integer in [1, steps={self.steps})")
         if self.data is not None:
             object.__setattr__(self, "data", tuple(str(Path(p)) for p in self.data))
 

@@ -72,7 +72,7 @@ def fingerprint(arm: Arm, spec: BenchmarkSpec, seed: int) -> str:
         tr.pop(k, None)
     doc = {"model": model.to_dict(), "training": tr, "data": spec.data,
            "seq_len": spec.seq_len, "eval_fraction": spec.eval_fraction,
-           "eval_batches": spec.eval_batches, "python": sys.version_info[:2],
+           "eval_batches": spec.eval_batches, "shift_at_step": spec.shift_at_step, "python": sys.version_info[:2],
            "version": chronomoe_dyn.__version__}
     blob = json.dumps(doc, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:20]
@@ -85,6 +85,30 @@ def _datasets(data: tuple[str, ...] | None, seq_len: int, eval_fraction: float):
     split_by = "position" if data is not None and len(data) == 1 else "file"
     kw = dict(seq_len=seq_len, eval_fraction=eval_fraction, split_by=split_by)
     return ByteDataset(data, split="train", **kw), ByteDataset(data, split="eval", **kw)
+
+
+class _ByteShift:
+    """The disruption of ``BenchmarkSpec.shift_at_step``: a loader wrapper that maps every byte
+    b of a batch to perm[b] once ``clock[0]`` (train batches yielded so far) reaches ``start``.
+    The train wrapper advances the clock; the eval wrapper only reads it."""
+
+    SEED = 0x5EED
+
+    def __init__(self, loader: Any, start: int, clock: list[int], counts: bool) -> None:
+        import torch
+        self.loader, self.start, self.clock, self.counts = loader, start, clock, counts
+        self.perm = torch.randperm(256, generator=torch.Generator().manual_seed(self.SEED))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.clock[0] >= self.start:
+                batch = {k: self.perm[v] for k, v in batch.items()}
+            if self.counts:
+                self.clock[0] += 1
+            yield batch
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -117,6 +141,11 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         train_ds, eval_ds = _datasets(spec.data, spec.seq_len, spec.eval_fraction)
         train_dl = byte_dataloader(train_ds, spec.batch_size, seed=seed)
         eval_dl = byte_dataloader(eval_ds, spec.batch_size, shuffle=False, drop_last=False)
+        if spec.shift_at_step is not None:
+            clock = [0]
+            start = spec.shift_at_step * train_cfg.gradient_accumulation_steps
+            train_dl = _ByteShift(train_dl, start, clock, counts=True)
+            eval_dl = _ByteShift(eval_dl, start, clock, counts=False)
         out.mkdir(parents=True, exist_ok=True)
         trainer = ChronoMoETrainer(ChronovisorMixtralForCausalLM(model_cfg), train_cfg,
                                    train_dl, eval_dl)
@@ -333,11 +362,13 @@ def run_comparison(arms: Sequence[str | Arm], seeds: Sequence[int] = (0, 1, 2), 
                    workers: int | None = None, threads: int | None = None,
                    scheduler: str | None = None, in_process: bool = False,
                    overwrite: bool = False, progress: bool = True, plots: bool = True,
-                   spec: BenchmarkSpec | None = None) -> ComparisonResult:
+                   shift_at: int | None = None, spec: BenchmarkSpec | None = None
+                   ) -> ComparisonResult:
     """Run arms × seeds (see the module docstring) and write the table and plots.
 
     arms: names (built-ins, ``kappa=<v>``, or arms of ``arms_file``) or ``Arm`` objects.
-    steps, data: the benchmark's length and text files (``spec`` gives the whole recipe).
+    steps, data, shift_at: the benchmark's length, text files and disruption step (``spec``
+    gives the whole recipe instead).
     workers, threads, scheduler, in_process: where the runs go (``chronomoe_dyn.cluster``).
     Every argument is checked, and the scheduler contacted, before any run starts."""
     named = [a for a in arms if isinstance(a, str)]
@@ -345,7 +376,8 @@ def run_comparison(arms: Sequence[str | Arm], seeds: Sequence[int] = (0, 1, 2), 
     arm_list = [a if isinstance(a, Arm) else next(parsed) for a in arms]
     seeds = _check_seeds(list(seeds))
     if spec is None:
-        spec = BenchmarkSpec(steps=steps, data=tuple(data) if data else None)
+        spec = BenchmarkSpec(steps=steps, data=tuple(data) if data else None,
+                             shift_at_step=shift_at)
     if spec.data is not None:
         for f in spec.data:
             if not Path(f).is_file():
@@ -405,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--arms-file", default=None, help="TOML file defining more arms (see chronomoe_torch.arms)")
     a("--data", nargs="+", default=None, metavar="FILE",
       help="text files (default: the Python standard library's sources)")
+    a("--shift-at", type=int, default=None, metavar="STEP",
+      help="disrupt routing: from STEP on, a fixed byte permutation of the text (domain shift)")
     a("--workers", type=int, default=None, help="LocalCluster workers (default: cores/threads)")
     a("--threads", type=int, default=None, help="torch threads per run (default 1)")
     a("--scheduler", default=None, metavar="tcp://HOST:PORT",
@@ -435,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              arms_file=args.arms_file, data=args.data, workers=args.workers,
                              threads=args.threads, scheduler=args.scheduler,
                              in_process=args.in_process, overwrite=args.overwrite,
+                             shift_at=args.shift_at,
                              progress=not args.no_progress, plots=not args.no_plots)
     except (ArmError, FileExistsError, ValueError, OSError) as e:
         if args.debug:

@@ -238,3 +238,27 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [
         r.stderr.strip().splitlines()[0]] and "unknown arm 'nosuch'" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_byte_shift_permutes_train_batches_from_its_step_and_eval_after_it():
+    import torch
+    from chronomoe_torch.compare import _ByteShift, fingerprint
+    batches = [{"input_ids": torch.arange(4) + 10 * i, "labels": torch.arange(4) + 10 * i}
+               for i in range(4)]
+    clock = [0]
+    train = _ByteShift(batches, start=2, clock=clock, counts=True)
+    evals = _ByteShift(batches[:1], start=2, clock=clock, counts=False)
+    assert torch.equal(next(iter(evals))["input_ids"], batches[0]["input_ids"])
+    got = list(train)
+    perm = train.perm
+    assert sorted(perm.tolist()) == list(range(256)) and not torch.equal(perm, torch.arange(256))
+    for i, b in enumerate(got):
+        want = batches[i]["input_ids"] if i < 2 else perm[batches[i]["input_ids"]]
+        assert torch.equal(b["input_ids"], want) and torch.equal(b["labels"], want)
+    assert clock == [4]
+    assert torch.equal(next(iter(evals))["input_ids"], perm[batches[0]["input_ids"]])
+    spec = _tiny_spec(steps=8)
+    shifted = BenchmarkSpec(**{**spec.__dict__, "shift_at_step": 4})
+    assert fingerprint(builtin_arm("pxt"), spec, 0) != fingerprint(builtin_arm("pxt"), shifted, 0)
+    with pytest.raises(ArmError, match="shift_at_step=8"):
+        BenchmarkSpec(**{**spec.__dict__, "shift_at_step": 8})
