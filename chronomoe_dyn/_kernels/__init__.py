@@ -15,7 +15,7 @@ Modules, by concern:
 Compiled lazily on first call (importing this package imports numba), cached on disk.
 """
 
-from .controller import (DIAGNOSTIC_FIELDS, CtrlParams, controller_step, ctrl_params,
+from .controller import (HOST_ONLY_FIELDS, CtrlParams, controller_step, ctrl_params,
                          routing_fields_into)
 from .driver import AdaptParams, BatchState, Events, Records, simulate_batch, simulate_serial
 from .environment import EnvParams, env_learn, env_params, env_route, route_scratch
@@ -23,7 +23,7 @@ from .kuramoto import kuramoto_batch
 from .libm import (exp_nonpos_into, gumbel_into, hash_into, log_into, normal_into, sincos_into,
                    uniform_into)
 
-__all__ = ["CtrlParams", "ctrl_params", "DIAGNOSTIC_FIELDS", "controller_step",
+__all__ = ["CtrlParams", "ctrl_params", "HOST_ONLY_FIELDS", "controller_step",
            "routing_fields_into", "AdaptParams", "BatchState", "Events", "Records",
            "simulate_batch", "simulate_serial", "EnvParams", "env_params", "env_route",
            "env_learn", "route_scratch", "kuramoto_batch", "exp_nonpos_into", "gumbel_into",

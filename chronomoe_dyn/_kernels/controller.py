@@ -9,7 +9,7 @@ The parameter record is derived from ``dataclasses.fields(ControllerConfig)`` (`
 every field reaches the kernels under its own name, ints as ints, floats as floats, and a
 string field as the index of its value in ``config.CHOICES`` (``lens_clock``: 0 macro, 1 micro).
 A new ControllerConfig field is in the record without any change here; a test checks that every
-field is read by a kernel, or is listed as diagnostics-only.
+field is read by a kernel, or is listed in ``HOST_ONLY_FIELDS`` with the reason.
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ from .jit import helper, kernel
 from .libm import TWO_PI, _hash_base, _normal_at
 
 __all__ = ["CtrlParams", "ctrl_params", "controller_step", "routing_fields_into",
-           "DIAGNOSTIC_FIELDS"]
+           "HOST_ONLY_FIELDS"]
 
 CtrlParams = namedtuple("CtrlParams", [f.name for f in fields(ControllerConfig)])
 """ControllerConfig as a numba-friendly tuple with the same field names."""
 
-DIAGNOSTIC_FIELDS = ("landscape_threshold_std", "unhealthy_reliability")
-"""Fields no kernel reads: they only shape the landscape diagnostics, which ``simulate``
-computes from the records in NumPy (``landscape.landscape_masks``)."""
+HOST_ONLY_FIELDS: dict[str, str] = {
+    "landscape_threshold_std": "landscape diagnostics: simulate computes the valley/ridge "
+                               "masks from the records in NumPy (landscape.landscape_masks)",
+    "unhealthy_reliability": "valley-health diagnostics, computed in NumPy (landscape.py)",
+    "omega_disorder_std": "init_state draws the frequency disorder in NumPy; the kernels "
+                          "receive it as an array",
+}
+"""The fields no kernel reads, and why (a test keeps this list exact)."""
 
 _CASTS = {"int": int, "float": float}
 
@@ -155,10 +160,14 @@ def _temperatures(cp, R, usage_LE, rel_LE, pressure_LE, T_fast_LE, Tbar_local_LE
     the last micro tick, i.e. before this one's update)."""
     L, E = usage_LE.shape
     acc = 0.0
+    lo = T_fast_LE[0, 0]
+    hi = T_fast_LE[0, 0]
     for l in range(L):
         for e in range(E):
             acc += T_fast_LE[l, e]
-    Tbar_g = _ema(Tbar_g, acc / (L * E), cp.eta_structural_T_global)
+            lo = min(lo, T_fast_LE[l, e])
+            hi = max(hi, T_fast_LE[l, e])
+    Tbar_g = _ema(Tbar_g, _clip(acc / (L * E), lo, hi), cp.eta_structural_T_global)
     inv_E = 1.0 / E
     fR = cp.T_base * (1.0 + cp.beta_R * (1.0 - R))
     for l in range(L):
