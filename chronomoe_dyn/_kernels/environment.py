@@ -34,7 +34,7 @@ def env_params(env) -> EnvParams:
                      float(env.router_memory))
 
 
-@helper
+@kernel
 def route_scratch(L, D, E, T, K):
     """Scratch buffers of ``env_route``, in its argument order (allocated once per system)."""
     return (np.zeros(T, dtype=np.int64), np.zeros((L, D, E)), np.zeros((E, T)), np.zeros(T),

@@ -188,3 +188,23 @@ def test_batch_and_serial_drivers_are_one_body(mod):
     assert d.simulate_batch.py_func is d.simulate_serial.py_func
     assert d.simulate_batch.targetoptions.get("parallel") is True
     assert not d.simulate_serial.targetoptions.get("parallel")
+
+
+def test_kernel_caches_are_keyed_on_every_kernel_source():
+    """Numba keys a cache on the function's own file only; the kernels span several files and
+    bake in rng/law/config/schedule/state. Every cached kernel must use the keyed cache, whose
+    key covers all of those files. Mutation caught: ``kernel`` falling back to plain
+    ``njit(cache=True)`` (editing libm.py would then leave a stale driver in the cache)."""
+    from chronomoe_dyn import _kernels
+    from chronomoe_dyn._kernels import jit
+    want = set((PKG / "_kernels").glob("*.py")) | {PKG / n for n in ("rng.py", "law.py",
+                                                                       "config.py", "schedule.py",
+                                                                       "state.py")}
+    assert set(jit.SOURCES) == {p.resolve() for p in want}
+    cached = [getattr(_kernels, n) for n in _kernels.__all__
+              if hasattr(getattr(_kernels, n), "py_func")]
+    assert len(cached) >= 10
+    for d in cached:
+        assert isinstance(d._cache, jit._KeyedCache), d
+        key = d._cache._index_key((), type("C", (), {"magic_tuple": lambda self: ()})())
+        assert key[-1][0] == jit.SOURCE_KEY

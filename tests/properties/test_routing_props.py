@@ -129,9 +129,9 @@ def test_gumbel_max_selection_is_a_sample_from_softmax(T):
     softmax(z̃/T) (Gumbel-max). 200 000 tokens with the same logits and counter-RNG noise (fixed
     seed); Pearson chi-square against softmax with E − 1 = 4 degrees of freedom must stay below
     the 0.1 % quantile 18.47 (a correct sampler fails this one time in a thousand; the seed
-    is fixed, so the test is deterministic). Mutations caught: g = +log(−log u) (sign flipped:
-    chi² in the thousands), g = −log u (exponential noise), noise added before the division by
-    T (a temperature-free sample), τ ignored."""
+    is fixed, so the test is deterministic). Mutations caught (checked): g = +log(−log u) (sign
+    flipped), g = −log u (exponential noise), noise added before the division by T (a sample
+    from softmax(z̃), caught at T ≠ 1)."""
     E, N = 5, 200_000
     z = np.array([0.3, -1.2, 2.0, 0.0, 1.1])
     u = rng.uniform(123, rng.STREAM_GUMBEL, 1, np.arange(N * E)).reshape(N, E)
