@@ -44,6 +44,9 @@ def _kuramoto_one(theta_N, omega_N, coupling, dt, steps, noise, seed, index0, re
     for t in range(1, steps + 1):
         S1 = 0.0
         C1 = 0.0
+        # Two copies of the update that differ only by the noise term (duplication on
+        # purpose): the noiseless loop has no hash in it and vectorises; one loop with the
+        # noise behind a branch did not.
         if noise > 0.0:
             h1 = _hash_base(seed, STREAM_PHASE, t)
             for i in range(N):

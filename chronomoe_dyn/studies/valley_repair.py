@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from ..landscape import landscape_masks
 from ..plot import new_figure, save_figure
 from .common import (controller_config, env_config, finish, out_dir_for, progress_bar,
                      resolve_config)
@@ -90,7 +91,8 @@ def _cell(traj, e: int, t_col: int, eta: float, beta_s: float, micro: int, c: fl
             filled = after.size > 0
             i_fill = pre + 1 + int(after[0]) if filled else T - 1
             row = tl[b, :, l]                         # [T, E]
-            thr_T = row.mean(-1) - c * row.std(-1)
+            lm = landscape_masks(row, c)
+            thr_T = lm.mean - c * lm.std             # the valley threshold per record
             T_hot = float(traj.T_fast_BTLE[b, pre + 1:i_fill + 1, l, e].mean())
             est = ema_estimate(T_hot, float(row[pre, e]), float(thr_T[i_fill]), eta, micro)
             s0 = float(traj.reliability_BTLE[b, pre, l, e])
@@ -360,7 +362,8 @@ def _fig_example(out, example, e, t_col):
     fig, axes = new_figure(3, 1, sharex=True, width=7.5, height=2.1)
     ax = axes[0, 0]
     ax.plot(t, tl[:, e], label=f"T̄_local of expert {e}")
-    ax.plot(t, tl.mean(-1) - c * tl.std(-1), "k--", lw=0.9, label="valley threshold mean − 0.5·std")
+    lm = landscape_masks(tl, c)
+    ax.plot(t, lm.mean - c * lm.std, "k--", lw=0.9, label="valley threshold mean − 0.5·std")
     ax.plot(t, tl.mean(-1), color="0.6", lw=0.8, label="layer mean")
     ax.set_title(f"system {b}, layer {l}: β_rel = {beta:g}, η_local = {eta:g}", fontsize=9,
                  loc="left")
