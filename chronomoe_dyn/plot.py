@@ -42,8 +42,6 @@ ignored (so writers may add fields). Numbers may be ``null`` (missing); ``NaN`` 
   maxvio           float      mean over layers of (max_e load − mean load) / mean load
                               (computed from ``load_LE`` when absent)
   maxvio_L         [float]    [L] the same per layer (computed from ``load_LE`` when absent)
-  tbar_global      float      scalar T̄_global (law version 2)
-  exploration_rate float      share of routed slots outside the noiseless top-k (version 2)
 
 Shapes of ``load_LE``, ``tbar_local_LE``, ``tbar_global_E`` and ``maxvio_L`` must not change
 within a file.
@@ -78,7 +76,7 @@ METRICS_FILE = "metrics.jsonl"
 TRAJECTORY_FILE = "trajectory.npz"
 
 _SCALARS = ("loss", "lr", "R", "dR", "kappa", "gate", "tbar_variance", "tbar_variance_local",
-            "maxvio", "tbar_global", "exploration_rate")
+            "maxvio")
 _STRINGS = ("split", "phase")
 _MATRICES = {"load_LE": 2, "tbar_local_LE": 2, "tbar_global_E": 1, "maxvio_L": 1}
 _INDEX_LISTS = ("valleys", "ridges")
@@ -455,19 +453,18 @@ def _line(ax: Any, s: RunSeries, name: str, label: str | None = None, **kw: Any)
 # The run figures
 # ------------------------------------------------------------------------------------------
 def _fig_curves(s: RunSeries, out: Path) -> Path | None:
-    rows = [n for n in ("R", "kappa", "gate", "dR", "exploration_rate")
-            if s.scalar(n) is not None]
+    rows = [n for n in ("R", "kappa", "gate", "dR") if s.scalar(n) is not None]
     if not rows:
         return None
     fig, axes = new_figure(len(rows), 1, sharex=True, height=1.9)
     titles = {"R": "Kuramoto coherence R", "kappa": "meta-knob κ", "gate": "coherence gate",
-              "dR": "ΔR per tick", "exploration_rate": "explored share of routed slots"}
+              "dR": "ΔR per tick"}
     for ax, n in zip(axes[:, 0], rows):
         _line(ax, s, n)
         if n in HEALTHY_RANGES:
             shade_band(ax, *HEALTHY_RANGES[n])
             ax.legend(loc="lower right", fontsize=7)
-        if n in ("R", "gate", "exploration_rate"):
+        if n in ("R", "gate"):
             ax.set_ylim(-0.02, 1.02)
         if n == "kappa":
             ax.axhline(0.0, color="0.6", lw=0.6)
