@@ -25,10 +25,15 @@ import math
 
 import torch
 
+from chronomoe_dyn import rng as _ref_rng
 from chronomoe_dyn.rng import GOLDEN32, MASK32, STREAM_PHASE
 
-__all__ = ["MASK32", "STREAM_PHASE", "mix32", "mix32_int", "key_prefix", "hash_key",
-           "uniform", "normal", "normal_from_pairs"]
+# TEMPORARY until the v2 reference's registry lands in chronomoe_dyn.rng.
+STREAM_GUMBEL = getattr(_ref_rng, "STREAM_GUMBEL", 4)
+
+__all__ = ["MASK32", "STREAM_PHASE", "STREAM_GUMBEL", "mix32", "mix32_int", "key_prefix",
+           "hash_key", "uniform", "normal", "normal_from_pairs", "gumbel_prefix",
+           "uniform_from_prefix"]
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
@@ -123,3 +128,17 @@ def normal_from_pairs(h1: int | torch.Tensor, index_pairs: torch.Tensor,
     2i+1 (the controller keeps that tensor, saving two ops per tick)."""
     u = (mix32(index_pairs ^ h1).to(dtype) + 0.5) * _INV_2_32          # [2, N]
     return torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos((2.0 * math.pi) * u[1])
+
+
+# --- Gumbel routing noise (routing.py) ----------------------------------------------------------
+def gumbel_prefix(seed: int, tick: int, layer: int, call: int) -> int:
+    """Host-side key of one router call's noise: the reference chain (seed, STREAM_GUMBEL, tick)
+    extended by two more words, ``mix(mix(h1 ^ layer) + call)``. A Python int < 2³²."""
+    h1 = key_prefix(int(seed), STREAM_GUMBEL, int(tick))
+    h2 = mix32_int(h1 ^ (int(layer) & MASK32))
+    return mix32_int((h2 + (int(call) & MASK32)) & MASK32)
+
+
+def uniform_from_prefix(prefix: int, index: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in (0, 1) of ``mix(index ^ prefix)``, one per int64 index."""
+    return (mix32(index ^ prefix).to(torch.float64) + 0.5) * _INV_2_32

@@ -1,0 +1,278 @@
+"""The routing rule of controller law v2, once, for every torch path (the native ``moe.Router``
+and ``attach()``'s router hooks); docs/CONTRACTS.md "Version 2 contracts", DESIGN.md §3 step 8.
+
+Per token with raw router logits z [E] and the layer's fields (bias b, temperature T, scale σ, τ):
+
+    m = Σ_e z_e / E;   z̃ = (z − m) / σ;   s = z̃ / T + b          (this order of ops)
+    score = s + τ·g,   g = −log(−log u) standard Gumbel           (training only)
+    selected = top-k of score (+ the aux-free bias, if any, see below)
+    gates = the model's own gate rule on softmax(z): renormalised over the selected experts
+            (Mixtral) or not (Qwen2-MoE default), cast to ``gate_dtype`` (HF Qwen/OLMoE cast
+            back to the logits' dtype). The controller moves the choice, never the weights.
+    explored = selected experts not in the top-k of s (the noiseless score)
+
+Without fields (``fields=None``: ``controller_fields=False`` or no controller) the selection is
+the plain top-k of z: no centring, no temperature, no noise. The gradient flows through z only
+(gates and the returned probabilities); the score is computed without autograd.
+
+Auxiliary-loss-free bias (DeepSeek-V3), when given: it moves the selection only. Without fields
+it is added to the probabilities softmax(z), DeepSeek-V3's affinity units (the aux-free baseline
+as it has always been measured); with fields it is added to the score (and to the noiseless s that
+defines "explored"). Its sign-rate update adapts to either scale.
+
+Noise. u comes from the counter hash of ``chronomoe_dyn.rng`` (ported in ``_rng``), keyed on
+``NoiseKey.prefix`` = hash(seed, STREAM_GUMBEL, tick, layer, call-in-tick) and on the token's
+position (index (rank·N + n)·E + e). A pure function of the key: exact resume stays bitwise with no
+generator state in the checkpoint (the tick *is* the state), an activation-checkpoint recompute
+draws the same noise as the forward it repeats, and data-parallel ranks draw disjoint noise without
+communicating. DESIGN.md asks for "a seeded generator whose state is checkpointed": a pure function
+of the checkpointed tick is the stronger form of that. u and g are computed in float64 (u is exact
+and never 0 or 1 there), then g is rounded to the score's dtype.
+
+Per call the function also returns a detached row ``stats_F`` [2E + 4] (float32, or float64 for a
+float64 z), on device and without a host sync:
+    [0, E)      counts: top-k slots per expert (padding excluded)
+    [E, 2E)     gate-weight sums per expert
+    2E          Σ over tokens of the population std across experts of z (for σ_L)
+    2E + 1      tokens (non-padding)
+    2E + 2      explored slots               (only with ``full_stats``; else 0)
+    2E + 3      Σ over tokens of the entropy (nats) of softmax(s) with fields, softmax(z)
+                without                      (only with ``full_stats``; else 0)
+The first ``OBS_WIDTH(E)`` = 2E + 2 entries are the controller's per-layer observation; the rest
+feed the run metrics (``RoutingStats``).
+
+Shape legend: N tokens, E experts, K top-k, L layers, F a stats row (2E + 4).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _rng
+
+__all__ = ["LayerFields", "NoiseKey", "Routing", "route", "gumbel_NE", "gumbel_from_uniform",
+           "obs_width", "stats_width", "stats_row", "RoutingStats", "in_backward",
+           "FAST_CPU_SOFTMAX_BELOW"]
+
+# On CPU, torch's last-dim softmax kernel is not vectorised for rows shorter than this: for E = 8
+# it is ~6x slower than the same function taken another way. Below it, when the full probability
+# table is not wanted, renormalised gates are taken as the softmax over the k selected logits
+# (p_i / Σ_sel p_j = e^{z_i} / Σ_sel e^{z_j}: the same function, equal to float32 rounding, not
+# bit for bit). 0 disables it.
+FAST_CPU_SOFTMAX_BELOW = 16
+
+
+def obs_width(E: int) -> int:
+    """Entries of a stats row the controller observes: counts, gate sums, std sum, tokens."""
+    return 2 * E + 2
+
+
+def stats_width(E: int) -> int:
+    """Entries of a full stats row (the controller's part + explored slots + entropy sum)."""
+    return 2 * E + 4
+
+
+class LayerFields(NamedTuple):
+    """One layer's routing fields (``PxTController.layer_fields``), device tensors."""
+    bias_E: torch.Tensor
+    """[E] bias b, in units of z̃."""
+    temperature_E: torch.Tensor
+    """[E] temperature T (> 0)."""
+    scale: torch.Tensor
+    """0-d σ_L, floored at ``logit_scale_floor`` (> 0)."""
+    tau: torch.Tensor
+    """0-d Gumbel noise scale τ = τ₀·e^{β_τ κ} (≥ 0)."""
+
+
+class NoiseKey(NamedTuple):
+    """What the Gumbel noise of one router call is keyed on (host ints; no device state)."""
+    prefix: int
+    """hash of (seed, STREAM_GUMBEL, tick, layer, call-in-tick), < 2³² (``_rng.gumbel_prefix``)."""
+    rank: int = 0
+    """Data-parallel rank: this call's token n has position rank·N + n."""
+
+
+class Routing(NamedTuple):
+    expert_idx_NK: torch.Tensor
+    """Selected experts (int64), in descending score order."""
+    gate_NK: torch.Tensor
+    """Gate weights from the raw logits (the model's rule), differentiable into z."""
+    probs_NE: torch.Tensor | None
+    """softmax(z) in float32 (differentiable; for the Switch loss), or None if not asked."""
+    stats_F: torch.Tensor
+    """[2E + 4] detached per-call accumulations (module docstring)."""
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """g = −log(−log u), standard Gumbel, for u in (0, 1) (float64 recommended)."""
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_NE(key: NoiseKey, N: int, E: int, device: torch.device) -> torch.Tensor:
+    """[N, E] float64 standard Gumbel draws for positions rank·N + n (index position·E + e)."""
+    base = key.rank * N * E
+    idx = torch.arange(base, base + N * E, dtype=torch.int64, device=device)
+    u = _rng.uniform_from_prefix(key.prefix, idx)
+    return gumbel_from_uniform(u).view(N, E)
+
+
+def in_backward() -> bool:
+    """Whether this forward runs inside backward (an activation-checkpoint recompute): its
+    routing was already observed by the forward it repeats."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _fast_cpu(z_NE: torch.Tensor) -> bool:
+    return z_NE.device.type == "cpu" and z_NE.shape[-1] < FAST_CPU_SOFTMAX_BELOW
+
+
+def route(z_NE: torch.Tensor, top_k: int, *, fields: LayerFields | None = None,
+          renormalize: bool = True, gate_dtype: torch.dtype | None = None,
+          aux_free_bias_E: torch.Tensor | None = None, training: bool = False,
+          valid_N: torch.Tensor | None = None, noise: NoiseKey | torch.Tensor | None = None,
+          want_probs: bool = True, full_stats: bool = False) -> Routing:
+    """Route N tokens from their raw logits ``z_NE`` (any float dtype; computed in float32, or
+    float64 for a float64 z). See the module docstring for the rule.
+
+    Args:
+        top_k: K experts per token.
+        fields: the layer's ``LayerFields``; None routes by the plain top-k of z.
+        renormalize: renormalise the gates over the selected experts.
+        gate_dtype: dtype of the returned gates (default: the compute dtype).
+        aux_free_bias_E: [E] aux-free balancing bias (selection only), or None.
+        training: noise is drawn only in training (and only with fields).
+        valid_N: [N] bool/float mask of the tokens that count in ``stats_F`` (padding: 0).
+        noise: a ``NoiseKey``, or an [N, E] tensor of uniforms u in (0, 1) (tests: the same
+            uniforms as the NumPy reference), or None for no noise.
+        want_probs: also return softmax(z) (float32, differentiable).
+        full_stats: also fill the explored-slot and entropy entries of ``stats_F``.
+    """
+    N, E = z_NE.shape
+    K = int(top_k)
+    cdt = torch.float64 if z_NE.dtype == torch.float64 else torch.float32
+    x_NE = z_NE if z_NE.dtype == cdt else z_NE.to(cdt)
+    probs_NE = F.softmax(x_NE, dim=-1) if want_probs else None
+    noisy = fields is not None and training and noise is not None
+
+    with torch.no_grad():
+        xd_NE = x_NE.detach()
+        # Centred logits: the std for σ_L, and (with fields) the numerator of z̃.
+        c_NE = xd_NE - xd_NE.sum(dim=-1, keepdim=True) / E
+        std_N = c_NE.square().mean(dim=-1).sqrt()
+        s_NE = None
+        if fields is None:
+            sel_NE = xd_NE
+            if aux_free_bias_E is not None:
+                p_NE = probs_NE.detach() if probs_NE is not None else F.softmax(xd_NE, dim=-1)
+                sel_NE = p_NE + aux_free_bias_E
+            clean_NE = sel_NE
+        else:
+            s_NE = (c_NE / fields.scale.to(cdt)) / fields.temperature_E.to(cdt) \
+                + fields.bias_E.to(cdt)
+            clean_NE = s_NE if aux_free_bias_E is None else s_NE + aux_free_bias_E
+            sel_NE = clean_NE
+            if noisy:
+                g_NE = (gumbel_from_uniform(noise.to(torch.float64)) if isinstance(
+                    noise, torch.Tensor) else gumbel_NE(noise, N, E, z_NE.device))
+                sel_NE = clean_NE + fields.tau.to(cdt) * g_NE.to(cdt)
+        idx_NK = sel_NE.topk(K, dim=-1).indices
+
+    # Gates from the raw logits, with autograd.
+    if probs_NE is None and renormalize and _fast_cpu(x_NE):
+        gate_NK = F.softmax(x_NE.gather(-1, idx_NK), dim=-1)
+    else:
+        p_NE = probs_NE if probs_NE is not None else F.softmax(x_NE, dim=-1)
+        gate_NK = p_NE.gather(-1, idx_NK)
+        if renormalize:
+            gate_NK = gate_NK / gate_NK.sum(dim=-1, keepdim=True)
+    if gate_dtype is not None and gate_NK.dtype != gate_dtype:
+        gate_NK = gate_NK.to(gate_dtype)
+
+    stats_F = stats_row(idx_NK, gate_NK.detach(), xd_NE, valid_N, full=full_stats, std_N=std_N,
+                        clean_NE=clean_NE if noisy else None,
+                        entropy_of_NE=xd_NE if s_NE is None else s_NE)
+    return Routing(idx_NK, gate_NK, probs_NE, stats_F)
+
+
+@torch.no_grad()
+def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
+              valid_N: torch.Tensor | None = None, *, full: bool = False,
+              std_N: torch.Tensor | None = None, clean_NE: torch.Tensor | None = None,
+              entropy_of_NE: torch.Tensor | None = None) -> torch.Tensor:
+    """The [2E + 4] stats row of a routing (module docstring) from its selection ``idx_NK``,
+    its gates and the raw logits z. With ``full``: explored slots against the top-k of the
+    noiseless score ``clean_NE`` (0 when not given: no noise) and the entropy of
+    softmax(``entropy_of_NE``) (default z). ``std_N``: the per-token std of z, if known."""
+    N, K = idx_NK.shape
+    E = z_NE.shape[-1]
+    dtype = torch.float64 if z_NE.dtype == torch.float64 else torch.float32
+    if std_N is None:
+        zf = z_NE.to(dtype)
+        std_N = (zf - zf.sum(dim=-1, keepdim=True) / E).square().mean(dim=-1).sqrt()
+    w_N = None if valid_N is None else valid_N.to(dtype)
+    gate_M = gate_NK.reshape(-1).to(dtype)
+    if w_N is None:
+        src_2M = torch.stack([torch.ones_like(gate_M), gate_M])
+        tokens = std_N.new_full((), float(N))
+        std_sum = std_N.sum()
+    else:
+        w_M = w_N.repeat_interleave(K)
+        src_2M = torch.stack([w_M, gate_M * w_M])
+        tokens = w_N.sum()
+        std_sum = (std_N * w_N).sum()
+    row = std_N.new_zeros(2 * E + 4)
+    row[:2 * E].view(2, E).index_add_(1, idx_NK.reshape(-1), src_2M)
+    explored = entropy = std_N.new_zeros(())
+    if full and clean_NE is not None:
+        # Slots selected but not in the noiseless top-k: K − |selected ∩ clean| per token.
+        clean_NK = clean_NE.topk(K, dim=-1).indices
+        sel_NE = torch.zeros_like(clean_NE).scatter_(1, idx_NK, 1.0)
+        per_N = K - sel_NE.gather(1, clean_NK).sum(dim=-1)
+        explored = per_N.sum() if w_N is None else (per_N * w_N).sum()
+    if full:
+        x_NE = (z_NE if entropy_of_NE is None else entropy_of_NE).to(dtype)
+        logp_NE = F.log_softmax(x_NE, dim=-1)
+        h_N = -(logp_NE.exp() * logp_NE).sum(dim=-1)
+        entropy = h_N.sum() if w_N is None else (h_N * w_N).sum()
+    row[2 * E:].copy_(torch.stack([std_sum, tokens, explored, entropy]))
+    return row
+
+
+class RoutingStats:
+    """Per-layer accumulation of stats rows for the run metrics ([L, 2E + 4], on device).
+
+    Off by default (``enabled``): the trainer / callback turns it on for the steps it logs and
+    for evaluations, so ordinary steps pay nothing for the explored-slot and entropy entries.
+    ``take()`` returns the accumulated rows and clears them (no sync; read them on the host on
+    the log cadence, see ``metrics.routing_metrics``)."""
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.num_layers, self.num_experts = int(num_layers), int(num_experts)
+        self.enabled = False
+        self.acc_LF: torch.Tensor | None = None
+
+    def add(self, layer: int, stats_F: torch.Tensor) -> None:
+        acc = self.acc_LF
+        if acc is None or acc.device != stats_F.device:
+            acc = self.acc_LF = torch.zeros(self.num_layers, stats_width(self.num_experts),
+                                            dtype=torch.float64, device=stats_F.device)
+        acc[layer].add_(stats_F)
+
+    def start(self) -> None:
+        """Clear and enable."""
+        if self.acc_LF is not None:
+            self.acc_LF.zero_()
+        self.enabled = True
+
+    def take(self, disable: bool = True) -> torch.Tensor | None:
+        """The rows accumulated since ``start`` (a copy), cleared; None if nothing was routed."""
+        acc = self.acc_LF
+        self.enabled = self.enabled and not disable
+        if acc is None:
+            return None
+        out = acc.clone()
+        acc.zero_()
+        return out
