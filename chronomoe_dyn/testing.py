@@ -14,8 +14,8 @@ Strategies (all ``hypothesis`` SearchStrategy objects):
   ``shapes()``                     (num_layers, num_experts)
   ``kappas()``                     κ in [-1, 1], endpoints and 0 included
   ``invalid_kappas()``             NaN, ±inf, |κ| > 1, bools, non-numbers
-  ``observations(L, E)``           ``RoutingObservation`` with/without loss, empty layers,
-                                   zero-token experts
+  ``observations(L, E)``           ``RoutingObservation`` with/without loss and logit scale,
+                                   empty layers, zero-token experts
   ``invalid_observations(L, E)``   (observation, name of the bad field)
   ``states(config, L, E)``         reachable states: ``init_state`` + a random observation/κ run
   ``config_and_state()``           (config, state); ``observations_for((config, state))`` adds an
@@ -26,10 +26,10 @@ Strategies (all ``hypothesis`` SearchStrategy objects):
 Checker: ``check_invariants(state, config, prev=None, obs=None, kappa=None)`` returns a list of
 human-readable violations (empty when the state is fine); ``assert_invariants`` raises
 ``AssertionError`` listing them. Without ``prev`` it checks what holds for every reachable state
-(ranges, the simplex, R against θ, T_eff = T_fast·T̄_g·T̄_l, the applied fields); with ``prev`` (the
-state before one ``step``) it also checks the clocks and that every EMA stays in the hull of its
-old value and its input; ``obs`` and ``kappa`` (that step's inputs) add the usage, drift,
-reliability and κ-smoothing checks.
+(ranges, the simplex, R against θ, T_eff = T_fast·T̄_g·T̄_l, σ_L ≥ 0, the applied fields); with
+``prev`` (the state before one ``step``) it also checks the clocks and that every EMA stays in
+the hull of its old value and its input; ``obs`` and ``kappa`` (that step's inputs) add the
+usage, z-scored drift, logit-scale, reliability and κ-smoothing checks.
 
 Importing this module needs Hypothesis (the ``dev`` extra); ``import chronomoe_dyn`` does not.
 """
@@ -50,7 +50,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       ) from e
 
 from .config import ControllerConfig
-from .law import TEMPERATURE_MAX, TEMPERATURE_MIN, TWO_PI, order_parameter, routing_fields, step
+from .law import TWO_PI, order_parameter, routing_fields, step
 from .schedule import SCHEDULE_KINDS, AdaptiveRule, AdaptiveState, KnobSchedule
 from .state import ControllerState, RoutingObservation, init_state
 
@@ -96,8 +96,11 @@ _CONFIG_FIELDS: dict[str, SearchStrategy] = {
     "beta_temperature": _f(0.0, 3.0),
     "beta_lens": _f(0.0, 3.0),
     "kappa_smoothing": _f(0.01, 1.0),
-    "pressure_scale": _f(0.0, 2.0),
-    "temperature_scale": _f(0.1, 5.0),
+    "lens_clock": st.sampled_from(["macro", "micro"]),
+    "pressure_gain": _f(0.0, 3.0),
+    "exploration_tau0": _f(0.0, 2.0),
+    "beta_tau": _f(0.0, 3.0),
+    "logit_scale_floor": _f(1e-6, 1.0),
     "landscape_threshold_std": _f(0.0, 2.0),
     "landscape_formed_variance": _f(0.0, 0.5),
     "unhealthy_reliability": _f(0.0, 1.0),
@@ -130,6 +133,12 @@ def configs(draw, **fixed) -> ControllerConfig:
         kw["T_min"] = min(lo, kw["T_max"])
     elif "T_min" not in kw:
         kw["T_min"], kw["T_max"] = lo, hi
+    # routing_T_min <= routing_T_max likewise
+    rlo, rhi = sorted(draw(st.tuples(_f(0.01, 20.0), _f(0.01, 20.0))))
+    for name, default in (("routing_T_min", rlo), ("routing_T_max", None)):
+        v = fixed.get(name, default)
+        v = draw(v) if isinstance(v, SearchStrategy) else v
+        kw[name] = max(rhi, kw["routing_T_min"]) if v is None else v
     return ControllerConfig(**kw)
 
 
@@ -160,11 +169,12 @@ def invalid_kappas() -> SearchStrategy:
 
 @st.composite
 def observations(draw, num_layers: int, num_experts: int, with_loss: bool | None = None,
-                 max_count: int = 1000, allow_empty_layers: bool = True
-                 ) -> RoutingObservation:
+                 max_count: int = 1000, allow_empty_layers: bool = True,
+                 with_scale: bool | None = None) -> RoutingObservation:
     """One valid ``RoutingObservation`` of shape [L, E]: integer token counts (zeros likely, so
-    zero-token experts appear), possibly whole empty layers, gate-weight sums ≤ counts, and
-    (when ``with_loss`` is True, or drawn when None) per-expert loss sums."""
+    zero-token experts appear), possibly whole empty layers, gate-weight sums ≤ counts,
+    (when ``with_loss`` is True, or drawn when None) per-expert loss sums, and (``with_scale``
+    likewise) a logit scale per layer (zeros included)."""
     L, E = num_layers, num_experts
     counts = draw(hnp.arrays(np.float64, (L, E),
                              elements=st.integers(0, max_count).map(float)))
@@ -178,17 +188,23 @@ def observations(draw, num_layers: int, num_experts: int, with_loss: bool | None
     if with_loss:
         per_token = draw(hnp.arrays(np.float64, (L, E), elements=_f(0.0, 20.0)))
         loss = counts * per_token
-    return RoutingObservation(counts=counts, weight_sum=counts * w, loss_sum=loss)
+    if with_scale is None:
+        with_scale = draw(st.booleans())
+    scale = draw(hnp.arrays(np.float64, (L,), elements=st.one_of(st.just(0.0), _f(0.0, 50.0)))
+                 ) if with_scale else None
+    return RoutingObservation(counts=counts, weight_sum=counts * w, loss_sum=loss,
+                              logit_scale=scale)
 
 
 def random_observation(rng: np.random.Generator, num_layers: int, num_experts: int, *,
                        tokens: int = 256, prefs_LE: np.ndarray | None = None,
                        p_empty_layer: float = 0.0, p_zero_expert: float = 0.0,
-                       with_loss: bool = True) -> RoutingObservation:
+                       with_loss: bool = True, with_scale: bool = True) -> RoutingObservation:
     """An observation drawn with NumPy (for long sequences: cheap, and reproducible from the
     generator). Tokens per layer are multinomial over ``prefs_LE`` (rows summing to 1; uniform
     when None); experts are zeroed with probability ``p_zero_expert``, whole layers with
-    ``p_empty_layer``; per-token losses are expert-dependent, so reliabilities differ."""
+    ``p_empty_layer``; per-token losses are expert-dependent, so reliabilities differ; the logit
+    scale of each layer is uniform in [0.5, 3] (``with_scale``)."""
     L, E = num_layers, num_experts
     if prefs_LE is None:
         prefs_LE = np.full((L, E), 1.0 / E)
@@ -197,7 +213,8 @@ def random_observation(rng: np.random.Generator, num_layers: int, num_experts: i
     counts[rng.random(L) < p_empty_layer, :] = 0.0
     wsum = counts * rng.uniform(0.2, 1.0, (L, E))
     loss = counts * rng.uniform(0.5, 5.0, (L, E)) if with_loss else None
-    return RoutingObservation(counts=counts, weight_sum=wsum, loss_sum=loss)
+    scale = rng.uniform(0.5, 3.0, L) if with_scale else None
+    return RoutingObservation(counts=counts, weight_sum=wsum, loss_sum=loss, logit_scale=scale)
 
 
 @st.composite
@@ -264,26 +281,34 @@ def invalid_observations(draw, num_layers: int, num_experts: int
     """(observation, field) where ``field`` is the one made invalid: a NaN or ±inf entry, a
     negative entry, a wrong shape, or a missing (None) ``counts``/``weight_sum``."""
     L, E = num_layers, num_experts
-    good = draw(observations(L, E, with_loss=True))
+    good = draw(observations(L, E, with_loss=True, with_scale=True))
     arrays = {"counts": good.counts.copy(), "weight_sum": good.weight_sum.copy(),
-              "loss_sum": good.loss_sum.copy()}
+              "loss_sum": good.loss_sum.copy(), "logit_scale": good.logit_scale.copy()}
     name = draw(st.sampled_from(sorted(arrays)))
-    kind = draw(st.sampled_from(["nonfinite", "negative", "shape", "none"]
-                                if name != "loss_sum" else ["nonfinite", "negative", "shape"]))
+    optional = name in ("loss_sum", "logit_scale")
+    kind = draw(st.sampled_from(["nonfinite", "negative", "shape"] if optional
+                                else ["nonfinite", "negative", "shape", "none"]))
     if kind == "none":
         arrays[name] = None
     elif kind == "shape":
-        shape = draw(st.sampled_from([(L, E + 1), (L + 1, E), (E, L) if E != L else (L, L, 1),
-                                      (L * E,), ()]))
+        if name == "logit_scale":
+            shape = draw(st.sampled_from([(L + 1,), (L, 1), (L, E) if E != 1 else (L, 2), ()]))
+        else:
+            shape = draw(st.sampled_from([(L, E + 1), (L + 1, E), (E, L) if E != L
+                                          else (L, L, 1), (L * E,), ()]))
         arrays[name] = np.ones(shape)
     else:
         i, j = draw(st.integers(0, L - 1)), draw(st.integers(0, E - 1))
         bad = (draw(st.sampled_from([math.nan, math.inf, -math.inf])) if kind == "nonfinite"
                else -draw(st.floats(1e-300, 1e6)))
-        arrays[name][i, j] = bad
-    keep_loss = draw(st.booleans()) if name != "loss_sum" else True
+        if name == "logit_scale":
+            arrays[name][i] = bad
+        else:
+            arrays[name][i, j] = bad
+    keep = {n: (draw(st.booleans()) if n != name else True) for n in ("loss_sum", "logit_scale")}
     return (RoutingObservation(arrays["counts"], arrays["weight_sum"],
-                               arrays["loss_sum"] if keep_loss else None), name)
+                               arrays["loss_sum"] if keep["loss_sum"] else None,
+                               arrays["logit_scale"] if keep["logit_scale"] else None), name)
 
 
 @st.composite
@@ -319,8 +344,10 @@ _OUT_OF_RANGE: dict[str, list] = {
     "T_base": [0.0, -1.0], "beta_R": [-0.1], "beta_drift": [-0.1], "beta_reliability": [-0.1],
     "T_min": [0.0, -0.3], "T_max": [0.0, -3.0], "lens_rate": [-0.05], "lens_max": [-1.0],
     "beta_pressure": [-0.1, 10.5], "beta_temperature": [-0.1, 10.5], "beta_lens": [-0.1, 10.5],
-    "kappa_smoothing": [0.0, 1.5, -0.3], "pressure_scale": [-0.1],
-    "temperature_scale": [0.0, -1.0], "landscape_threshold_std": [-0.5],
+    "kappa_smoothing": [0.0, 1.5, -0.3], "pressure_gain": [-0.1],
+    "routing_T_min": [0.0, -1.0], "routing_T_max": [0.0, -10.0], "exploration_tau0": [-0.1],
+    "beta_tau": [-0.1, 10.5], "logit_scale_floor": [0.0, -1e-3],
+    "lens_clock": ["hourly", "Macro", 1], "landscape_threshold_std": [-0.5],
     "landscape_formed_variance": [-0.01], "unhealthy_reliability": [-0.1, 1.1],
 }
 
@@ -344,10 +371,10 @@ Range and hull checks the law enforces with clips are exact."""
 
 
 def bias_bound(config: ControllerConfig, kappa: float) -> float:
-    """|bias| ≤ pressure_scale·e^{β_p|κ|}·(1 + lens_max): |P| ≤ 1 by its clip, |lens| ≤ lens_max
-    by its clip, and e^{β_p κ} ≤ e^{β_p|κ|}."""
-    return config.pressure_scale * math.exp(config.beta_pressure * abs(kappa)) \
-        * (1.0 + config.lens_max)
+    """|bias| ≤ e^{β_p|κ|}·(k_P + lens_max): |P| ≤ 1 by its clip, |lens| ≤ lens_max by its
+    clip, and e^{β_p κ} ≤ e^{β_p|κ|}."""
+    return math.exp(config.beta_pressure * abs(kappa)) \
+        * (config.pressure_gain + config.lens_max)
 
 
 def tbar_bounds(config: ControllerConfig) -> tuple[float, float]:
@@ -395,7 +422,7 @@ def check_invariants(state: ControllerState, config: ControllerConfig,
     for f in fields(ControllerState):
         x = getattr(state, f.name)
         if isinstance(x, np.ndarray):
-            want = (E,) if f.name == "Tbar_global_E" else (L, E)
+            want = (L,) if f.name == "logit_scale_L" else (L, E)
             if x.shape != want:
                 v.append(f"{f.name} has shape {x.shape}, expected {want}")
             elif not np.all(np.isfinite(x)):
@@ -427,10 +454,7 @@ def check_invariants(state: ControllerState, config: ControllerConfig,
         i = int(np.argmax(np.abs(sums - 1.0)))
         v.append(f"usage_LE row {i} sums to {sums[i]!r}, not 1 (off the simplex)")
     _range(v, "reliability_LE", state.reliability_LE, 0.0, 1.0)
-    _range(v, "delta_LE", state.delta_LE, -float(E), float(E), _TOL * E)
-    dsum = state.delta_LE.sum(axis=1)
-    if np.any(np.abs(dsum) > _TOL * E * E):
-        v.append(f"delta_LE rows sum to {dsum!r}, expected 0 (Σfrac = Σu = 1)")
+    _range(v, "logit_scale_L", state.logit_scale_L, 0.0, np.inf)
 
     # Pressure, lens, temperatures.
     _range(v, "pressure_LE", state.pressure_LE, -1.0, 1.0)
@@ -438,21 +462,26 @@ def check_invariants(state: ControllerState, config: ControllerConfig,
     _range(v, "T_fast_LE", state.T_fast_LE, cfg.T_min, cfg.T_max)
     lo, hi = tbar_bounds(cfg)
     _range(v, "Tbar_local_LE", state.Tbar_local_LE, lo, hi)
-    _range(v, "Tbar_global_E", state.Tbar_global_E, lo, hi)
-    T_eff = state.T_fast_LE * state.Tbar_global_E[None, :] * state.Tbar_local_LE
+    if not lo <= state.Tbar_global <= hi:
+        v.append(f"Tbar_global={state.Tbar_global!r} outside [{lo!r}, {hi!r}]")
+    T_eff = state.T_fast_LE * state.Tbar_global * state.Tbar_local_LE
     if not np.allclose(state.T_eff_LE, T_eff, rtol=_TOL, atol=0.0):
-        v.append("T_eff_LE != T_fast_LE · Tbar_global_E · Tbar_local_LE")
+        v.append("T_eff_LE != T_fast_LE · Tbar_global · Tbar_local_LE")
     if not -1.0 <= state.kappa <= 1.0:
         v.append(f"kappa={state.kappa!r} outside [-1, 1]")
 
     # What the router receives.
-    bias, temp = routing_fields(state, cfg)
-    if not (np.all(np.isfinite(bias)) and np.all(np.isfinite(temp))):
+    f = routing_fields(state, cfg)
+    if not all(np.all(np.isfinite(x)) for x in f):
         v.append("routing_fields returned non-finite values")
     else:
         bb = bias_bound(cfg, state.kappa)
-        _range(v, "bias", bias, -bb * (1 + _TOL), bb * (1 + _TOL))
-        _range(v, "temperature", temp, TEMPERATURE_MIN, TEMPERATURE_MAX)
+        _range(v, "bias", f.bias_LE, -bb * (1 + _TOL), bb * (1 + _TOL))
+        _range(v, "temperature", f.temperature_LE, cfg.routing_T_min, cfg.routing_T_max)
+        _range(v, "scale", f.scale_L, cfg.logit_scale_floor, np.inf)
+        tau = cfg.exploration_tau0 * math.exp(cfg.beta_tau * state.kappa)
+        if not f.tau == tau:
+            v.append(f"tau={f.tau!r}, expected τ₀·e^(β_τ κ) = {tau!r}")
 
     if prev is not None:
         _check_transition(v, state, cfg, prev, obs, kappa)
@@ -477,14 +506,17 @@ def _check_transition(v: list, state: ControllerState, cfg: ControllerConfig,
 
     micro = state.tick % cfg.micro_period == 0
     macro = state.tick % cfg.macro_period == 0
+    lens_tick = macro if cfg.lens_clock == "macro" else micro
     if not micro:
-        for name in ("T_fast_LE", "pressure_LE", "Tbar_local_LE", "Tbar_global_E", "T_eff_LE"):
+        for name in ("T_fast_LE", "pressure_LE", "Tbar_local_LE", "Tbar_global", "T_eff_LE"):
             _unchanged(v, name, getattr(state, name), getattr(prev, name), "micro")
     else:
-        # T̄_global: EMA of the layer mean of the T_fast it had before this tick.
-        inp = prev.T_fast_LE.mean(axis=0)
-        _range(v, "Tbar_global_E (hull of old value and input)", state.Tbar_global_E,
-               np.minimum(prev.Tbar_global_E, inp), np.maximum(prev.Tbar_global_E, inp))
+        # T̄_global: EMA of the mean over layers and experts of the T_fast before this tick.
+        inp = float(prev.T_fast_LE.mean())
+        g_lo, g_hi = min(prev.Tbar_global, inp), max(prev.Tbar_global, inp)
+        if not g_lo - _TOL <= state.Tbar_global <= g_hi + _TOL:
+            v.append(f"Tbar_global={state.Tbar_global!r} outside the hull of its old value "
+                     f"{prev.Tbar_global!r} and its input {inp!r}")
         _range(v, "Tbar_local_LE (hull of old value and T_fast)", state.Tbar_local_LE,
                np.minimum(prev.Tbar_local_LE, state.T_fast_LE),
                np.maximum(prev.Tbar_local_LE, state.T_fast_LE))
@@ -493,14 +525,14 @@ def _check_transition(v: list, state: ControllerState, cfg: ControllerConfig,
         wrong = (np.abs(gap) > _TOL) & (np.sign(state.pressure_LE) != np.sign(gap))
         if np.any(wrong):
             v.append(f"pressure_LE{list(_first(wrong))} has the wrong sign for its usage")
-    if not macro:
-        _unchanged(v, "lens_LE", state.lens_LE, prev.lens_LE, "macro")
+    if not lens_tick:
+        _unchanged(v, "lens_LE", state.lens_LE, prev.lens_LE, f"lens ({cfg.lens_clock})")
     else:
         dl = state.lens_LE - prev.lens_LE
         step_max = cfg.lens_rate * math.exp(cfg.beta_lens * state.kappa) \
             * np.abs(state.pressure_LE)
         if np.any(np.abs(dl) > step_max * (1 + _TOL) + _TOL):
-            v.append("lens_LE moved by more than lens_rate·e^{β_A κ}·|P| on a macro tick")
+            v.append("lens_LE moved by more than lens_rate·e^{β_A κ}·|P| on a lens tick")
         if np.any(dl * state.pressure_LE < 0):
             v.append("lens_LE moved against the sign of the pressure")
     if kappa is not None:
@@ -519,19 +551,34 @@ def _check_observation_response(v: list, state: ControllerState, cfg: Controller
     tot = counts.sum(axis=1, keepdims=True)
     active = (tot > 0)[:, 0]
     for i in np.flatnonzero(~active):
-        for name in ("usage_LE", "reliability_LE"):
+        for name in ("usage_LE", "reliability_LE", "logit_scale_L"):
             if not np.array_equal(getattr(state, name)[i], getattr(prev, name)[i]):
                 v.append(f"{name}[{i}] changed although layer {i} saw no tokens")
         if np.any(state.delta_LE[i] != 0.0):
             v.append(f"delta_LE[{i}] is nonzero although layer {i} saw no tokens")
+    if obs.logit_scale is None and not np.array_equal(state.logit_scale_L, prev.logit_scale_L):
+        v.append("logit_scale_L changed although the observation has no logit scale")
+    if obs.logit_scale is not None:
+        obs_s = np.asarray(obs.logit_scale, dtype=np.float64)
+        for i in np.flatnonzero(active):
+            old, new, x = prev.logit_scale_L[i], state.logit_scale_L[i], obs_s[i]
+            if old == 0.0 and new != x:
+                v.append(f"logit_scale_L[{i}]={new!r}: the first observation {x!r} must set it")
+            elif old != 0.0 and not min(old, x) <= new <= max(old, x):
+                v.append(f"logit_scale_L[{i}]={new!r} outside the hull of its old value "
+                         f"{old!r} and the observed {x!r}")
     if not np.any(active):
         return
-    frac = counts[active] / tot[active]
+    n = tot[active]
+    frac = counts[active] / n
     u_old, u_new = prev.usage_LE[active], state.usage_LE[active]
     _range(v, "usage_LE (hull of old value and routed fractions)", u_new,
            np.minimum(u_old, frac), np.maximum(u_old, frac))
-    if not np.allclose(state.delta_LE[active], E * (frac - u_old), rtol=0.0, atol=_TOL * E):
-        v.append("delta_LE != E·(frac − u_old) on the layers that saw tokens")
+    # z-scored drift, written from DESIGN.md §3.2 independently of the law's code
+    want = (frac - u_old) / np.sqrt(np.maximum(u_old * (1.0 - u_old), 1.0 / E**2) / n)
+    if not np.allclose(state.delta_LE[active], want, rtol=1e-12, atol=_TOL):
+        v.append("delta_LE != (frac − u_old)/sqrt(max(u_old(1 − u_old), 1/E²)/n) on the layers "
+                 "that saw tokens")
 
     # Reliability: experts without tokens keep s; the others move toward the target of
     # DESIGN.md §3.3 and stay in the hull of the old s and that target.
