@@ -25,11 +25,7 @@ import math
 
 import torch
 
-from chronomoe_dyn import rng as _ref_rng
-from chronomoe_dyn.rng import GOLDEN32, MASK32, STREAM_PHASE
-
-# TEMPORARY until the v2 reference's registry lands in chronomoe_dyn.rng.
-STREAM_GUMBEL = getattr(_ref_rng, "STREAM_GUMBEL", 4)
+from chronomoe_dyn.rng import GOLDEN32, MASK32, STREAM_GUMBEL, STREAM_PHASE
 
 __all__ = ["MASK32", "STREAM_PHASE", "STREAM_GUMBEL", "mix32", "mix32_int", "key_prefix",
            "hash_key", "uniform", "normal", "normal_from_pairs", "gumbel_prefix",
@@ -131,12 +127,11 @@ def normal_from_pairs(h1: int | torch.Tensor, index_pairs: torch.Tensor,
 
 
 # --- Gumbel routing noise (routing.py) ----------------------------------------------------------
-def gumbel_prefix(seed: int, tick: int, layer: int, call: int) -> int:
-    """Host-side key of one router call's noise: the reference chain (seed, STREAM_GUMBEL, tick)
-    extended by two more words, ``mix(mix(h1 ^ layer) + call)``. A Python int < 2³²."""
+def gumbel_prefix(seed: int, tick: int, layer: int) -> int:
+    """Host-side key of a layer's routing noise within a tick: the reference chain (seed,
+    STREAM_GUMBEL, tick) extended by one more word, ``mix(h1 ^ layer)``. A Python int < 2³²."""
     h1 = key_prefix(int(seed), STREAM_GUMBEL, int(tick))
-    h2 = mix32_int(h1 ^ (int(layer) & MASK32))
-    return mix32_int((h2 + (int(call) & MASK32)) & MASK32)
+    return mix32_int(h1 ^ (int(layer) & MASK32))
 
 
 def uniform_from_prefix(prefix: int, index: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,7 @@ class _RouterHook:
         if handle.controller_fields:
             fields = ctrl.layer_fields(layer)
             if module.training:
-                noise = ctrl.noise_key(layer)
+                noise = ctrl.noise_key(layer, z_NE.shape[0])
         valid_N = handle._valid_N
         if valid_N is not None and valid_N.numel() != z_NE.shape[0]:
             valid_N = None                          # a router called on other tokens

@@ -22,9 +22,9 @@ Training-loop contract (one path for the native model and attached models):
     or picks a group), so every rank ticks on the global batch and the controllers stay bitwise
     equal; then it steps the law and clears the buffer;
   * the routers read ``layer_fields(i)`` (bias, temperature, σ_L floored, τ) and, in training,
-    ``noise_key(i)`` (the Gumbel noise key of this call, see ``routing``). The field tensors are
-    recomputed after ``tick()`` and ``set_knob()`` and are fresh tensors each time (never
-    modified in place), so a forward that saved them for backward is never invalidated.
+    ``noise_key(i, N)`` (the Gumbel noise key of a call of N tokens, see ``routing``). The field
+    tensors are recomputed after ``tick()`` and ``set_knob()`` and are fresh tensors each time
+    (never modified in place), so a forward that saved them for backward is never invalidated.
 
 No host–device sync in ``observe*``, ``tick``, ``layer_fields``, ``noise_key``, ``coherence`` or
 ``set_knob(tensor)``: clock decisions use a host mirror of the tick counter (it counts ``tick()``
@@ -69,7 +69,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from chronomoe_dyn import ControllerConfig, ControllerState, init_state
-from chronomoe_dyn.landscape import state_landscape, valley_health
+from chronomoe_dyn.landscape import model_landscape, model_valley_health, valley_health
 from chronomoe_dyn.law import check_kappa, knob_factors
 
 from . import _rng, _tick
@@ -163,7 +163,9 @@ class PxTController(nn.Module):
         self._tick_host = 0
         self._seed_host = int(seed)
         self._loss_layers: set[int] = set()
-        self._calls_L = [0] * L
+        self._offset_L = [0] * L        # tokens each layer routed since the tick (noise)
+        self._last_offset_L = [0] * L
+        self._prefix_cache: list = [-1, None]
         self._hook_handles: dict[int, RemovableHandle] = {}
         self.distributed: bool | None = None
         self.process_group = None
@@ -340,7 +342,7 @@ class PxTController(nn.Module):
         refresh_all = self._kernel.step(t)
         self.last_observation_LF.copy_(self._obs_LF)
         self._tick_host = t
-        self._calls_L = [0] * self.num_layers
+        self._offset_L = [0] * self.num_layers
         self.clear_observations()
         self._refresh_fields(refresh_all)
 
@@ -377,20 +379,33 @@ class PxTController(nn.Module):
                 for bi, ti, si in zip(bias.unbind(0), temp.unbind(0), scale.unbind(0))])
         return rows[4][li]
 
-    def noise_key(self, layer: int) -> NoiseKey | None:
-        """The Gumbel noise key of this router call (None when τ₀ = 0: no noise). Keyed on
-        (seed, tick, layer, call-in-tick) and the data-parallel rank; a call inside backward
-        (activation-checkpoint recompute) repeats the key of the layer's last forward."""
+    def noise_key(self, layer: int, num_tokens: int) -> NoiseKey | None:
+        """The Gumbel noise key of a router call of ``num_tokens`` tokens (None when τ₀ = 0: no
+        noise): keyed on (seed, tick, layer) and the tokens' positions among those the layer
+        routed since the tick, interleaved over data-parallel ranks (``routing``). A call inside
+        backward (activation-checkpoint recompute) repeats the key of the layer's last forward."""
         if self.config.exploration_tau0 == 0.0:
             return None
         li = self._check_layer(layer)
         if in_backward():
-            call = max(self._calls_L[li] - 1, 0)
+            offset = self._last_offset_L[li]
         else:
-            call = self._calls_L[li]
-            self._calls_L[li] = call + 1
-        rank = 0 if self.distributed is False else _dist.rank(self.process_group)
-        return NoiseKey(_rng.gumbel_prefix(self._seed_host, self._tick_host, li, call), rank)
+            offset = self._offset_L[li]
+            self._last_offset_L[li] = offset
+            self._offset_L[li] = offset + int(num_tokens)
+        rank, world = 0, 1
+        if self.distributed is not False and _dist.is_distributed(self.process_group):
+            rank, world = _dist.rank(self.process_group), _dist.world_size(self.process_group)
+        return NoiseKey(self._gumbel_prefix(li), offset, rank, world)
+
+    def _gumbel_prefix(self, li: int) -> int:
+        cache = self._prefix_cache
+        if cache[0] != self._tick_host:
+            cache[:] = [self._tick_host, [None] * self.num_layers]
+        p = cache[1][li]
+        if p is None:
+            p = cache[1][li] = _rng.gumbel_prefix(self._seed_host, self._tick_host, li)
+        return p
 
     def coherence(self) -> torch.Tensor:
         """Kuramoto coherence R after the last tick, a 0-d tensor (a copy; no sync)."""
@@ -445,41 +460,36 @@ class PxTController(nn.Module):
 
     # ------------------------------------------------------------------ diagnostics (sync)
     def get_structural_temperature_diagnostics(self) -> dict[str, Any]:
-        """Landscapes (syncs: logging only). v2: the landscape is per layer (``local``, one
-        per layer on T̄_local); top-level ``variance`` is the mean over layers of the per-layer
-        variance, ``valleys``/``ridges`` the per-layer counts summed over layers (the seed's
-        log line), ``formed`` whether any layer's landscape is formed. T̄_global is a scalar."""
+        """The per-layer landscapes of T̄_local and their whole-model aggregates
+        (``chronomoe_dyn.landscape.model_landscape``; syncs: logging only). ``variance`` is the
+        mean over layers of var(T̄_local[l]), ``valleys``/``ridges`` the mean count per layer,
+        ``formed`` whether any layer's landscape is formed, ``local`` one landscape per layer;
+        ``Tbar_global`` is the scalar slowest level."""
         st = self.to_reference_state()
-        local = [state_landscape(st, self.config, li) for li in range(self.num_layers)]
-        var = float(np.mean([ls.variance for ls in local]))
+        m = model_landscape(st, self.config)
         return {
-            "tick": st.tick, "R": st.R, "variance": var,
-            "valleys": [len(ls.valleys) for ls in local],
-            "ridges": [len(ls.ridges) for ls in local],
-            "formed": any(ls.formed for ls in local),
-            "local": [ls.to_dict() for ls in local],
-            "local_variance_mean": var,
-            "Tbar_global": float(st.Tbar_global),
-            "skipped_ticks": int(self.skipped_ticks),
+            "tick": st.tick, "R": st.R, "variance": m.variance_mean,
+            "valleys": m.valleys_mean, "ridges": m.ridges_mean,
+            "formed": m.formed_fraction > 0, "formed_fraction": m.formed_fraction,
+            "local": [ls.to_dict() for ls in m.layers], "local_variance_mean": m.variance_mean,
+            "Tbar_global": float(st.Tbar_global), "skipped_ticks": int(self.skipped_ticks),
         }
 
     def get_valley_health_diagnostics(self, layer: int | None = None) -> dict[str, Any]:
-        """Health of the valleys of one layer, or of every layer (``layer=None``: a dict per
-        layer under ``layers`` and the totals). Syncs."""
+        """Valley health of one layer, or (``layer=None``) of every layer with the share of
+        healthy valleys over the model (``model_valley_health``). Syncs."""
         st = self.to_reference_state()
-        layers = range(self.num_layers) if layer is None else [self._check_layer(layer)]
-        per = []
-        for li in layers:
-            vh = valley_health(st, self.config, li)
+        if layer is not None:
+            vh = valley_health(st, self.config, self._check_layer(layer))
             d = vh.to_dict()
             d.update(all_healthy=vh.all_healthy, num_valleys=len(vh.valleys),
                      num_unhealthy=len(vh.unhealthy))
-            per.append(d)
-        if layer is not None:
-            return per[0]
-        return {"layer": None, "layers": per, "all_healthy": all(d["all_healthy"] for d in per),
-                "num_valleys": sum(d["num_valleys"] for d in per),
-                "num_unhealthy": sum(d["num_unhealthy"] for d in per)}
+            return d
+        m = model_valley_health(st, self.config)
+        d = m.to_dict()
+        d.update(layer=None, all_healthy=m.all_healthy, num_valleys=m.valleys,
+                 num_unhealthy=sum(len(vh.unhealthy) for vh in m.layers))
+        return d
 
     # ------------------------------------------------------------------ reference boundary
     def to_reference_state(self) -> ControllerState:
@@ -517,7 +527,8 @@ class PxTController(nn.Module):
         """Re-read the host mirrors from the buffers (one sync; after loading only)."""
         self._tick_host = int(self.tick_counter)
         self._seed_host = int(self.seed)
-        self._calls_L = [0] * self.num_layers
+        self._offset_L = [0] * self.num_layers
+        self._prefix_cache = [-1, None]
         self._refresh_fields()
 
     # ------------------------------------------------------------------ torch plumbing

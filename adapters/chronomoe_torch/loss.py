@@ -28,7 +28,8 @@ softmax (``output.router_probs``) when the output carries it, else recomputed fr
 
 Nothing here synchronises with the host: every component is a 0-d tensor. With a controller
 and ``observe=True`` the per-token losses are summed per expert and layer and passed to
-``controller.observe_loss(layer, loss_sum_E)`` (detached), for the reliability signal.
+``controller.observe_loss_all(loss_LE)`` (or ``observe_loss(layer, loss_sum_E)`` per layer;
+detached), for the reliability signal.
 
 Shape legend: B batch, S sequence, N = B·S tokens, L layers, E experts, K top-k, V vocab.
 """
@@ -208,5 +209,9 @@ class ChronoMoELoss(nn.Module):
         L, N, _ = idx_LNK.shape
         loss_LM = tok_N.repeat_interleave(K).expand(L, N * K)
         loss_LE = tok_N.new_zeros(L, E).scatter_add_(1, idx_LNK.reshape(L, N * K), loss_LM)
+        observe_all = getattr(controller, "observe_loss_all", None)
+        if observe_all is not None:
+            observe_all(loss_LE)
+            return
         for layer in range(L):
             controller.observe_loss(layer, loss_LE[layer])

@@ -180,7 +180,7 @@ class SparseMoE(nn.Module):
                 valid_N: torch.Tensor | None = None, controller_fields: bool = True,
                 stats: RoutingStats | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """Route, run each expert on its tokens, combine. ``controller`` (optional) supplies
-        ``layer_fields(layer)`` and ``noise_key(layer)`` (unless ``controller_fields`` is False:
+        ``layer_fields(layer)`` and ``noise_key(layer, N)`` (unless ``controller_fields`` is False:
         then routing is the plain top-k of z) and, in training mode, receives the routing stats
         (``observe_stats``); ``valid_N`` (bool, optional) marks the tokens the stats include
         (padding excluded); ``stats`` (optional) accumulates them for the run metrics while
@@ -191,7 +191,7 @@ class SparseMoE(nn.Module):
         if controller is not None and controller_fields:
             fields = controller.layer_fields(layer)
             if self.training:
-                noise = controller.noise_key(layer)
+                noise = controller.noise_key(layer, N)
         full = stats is not None and stats.enabled
         r = self.router(x_NH, fields, noise, valid_N, full_stats=full)
 

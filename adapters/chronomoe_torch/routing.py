@@ -21,13 +21,16 @@ as it has always been measured); with fields it is added to the score (and to th
 defines "explored"). Its sign-rate update adapts to either scale.
 
 Noise. u comes from the counter hash of ``chronomoe_dyn.rng`` (ported in ``_rng``), keyed on
-``NoiseKey.prefix`` = hash(seed, STREAM_GUMBEL, tick, layer, call-in-tick) and on the token's
-position (index (rank·N + n)·E + e). A pure function of the key: exact resume stays bitwise with no
-generator state in the checkpoint (the tick *is* the state), an activation-checkpoint recompute
-draws the same noise as the forward it repeats, and data-parallel ranks draw disjoint noise without
-communicating. DESIGN.md asks for "a seeded generator whose state is checkpointed": a pure function
-of the checkpointed tick is the stronger form of that. u and g are computed in float64 (u is exact
-and never 0 or 1 there), then g is rounded to the score's dtype.
+``NoiseKey.prefix`` = hash(seed, STREAM_GUMBEL, tick, layer) and on the token's position p among
+the tokens this layer routed since the tick (index p·E + e): micro-batches of one optimizer step
+continue the positions, so gradient accumulation draws the noise of the whole batch at once.
+Data-parallel ranks interleave positions (p·world + rank), so they never share draws. A pure
+function of the key: exact resume stays bitwise with no generator state in the checkpoint (the
+tick *is* the state), and an activation-checkpoint recompute (a forward inside backward) reuses
+the key of the forward it repeats. DESIGN.md asks for "a seeded generator whose state is
+checkpointed": a pure function of the checkpointed tick is the stronger form of that. u and g are
+computed in float64 (u is exact and never 0 or 1 there), then g is rounded to the score's dtype;
+the log is torch's (the NumPy reference's ``rng.log_poly`` agrees to a few ulp).
 
 Per call the function also returns a detached row ``stats_F`` [2E + 4] (float32, or float64 for a
 float64 z), on device and without a host sync:
@@ -90,9 +93,13 @@ class LayerFields(NamedTuple):
 class NoiseKey(NamedTuple):
     """What the Gumbel noise of one router call is keyed on (host ints; no device state)."""
     prefix: int
-    """hash of (seed, STREAM_GUMBEL, tick, layer, call-in-tick), < 2³² (``_rng.gumbel_prefix``)."""
+    """hash of (seed, STREAM_GUMBEL, tick, layer), < 2³² (``_rng.gumbel_prefix``)."""
+    offset: int = 0
+    """Position of this call's first token among the layer's tokens since the tick."""
     rank: int = 0
-    """Data-parallel rank: this call's token n has position rank·N + n."""
+    """Data-parallel rank ..."""
+    world: int = 1
+    """... and world size: token n has position ((offset + n)·world + rank)."""
 
 
 class Routing(NamedTuple):
@@ -112,9 +119,15 @@ def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_NE(key: NoiseKey, N: int, E: int, device: torch.device) -> torch.Tensor:
-    """[N, E] float64 standard Gumbel draws for positions rank·N + n (index position·E + e)."""
-    base = key.rank * N * E
-    idx = torch.arange(base, base + N * E, dtype=torch.int64, device=device)
+    """[N, E] float64 standard Gumbel draws; token n at position ((offset + n)·world + rank),
+    index position·E + e (32-bit: positions wrap past 2³²/E tokens per layer and tick)."""
+    if key.world == 1:
+        base = key.offset * E
+        idx = torch.arange(base, base + N * E, dtype=torch.int64, device=device)
+    else:
+        pos_N1 = (torch.arange(N, dtype=torch.int64, device=device).unsqueeze(1) + key.offset) \
+            * key.world + key.rank
+        idx = (pos_N1 * E + torch.arange(E, dtype=torch.int64, device=device)).reshape(-1)
     u = _rng.uniform_from_prefix(key.prefix, idx)
     return gumbel_from_uniform(u).view(N, E)
 
