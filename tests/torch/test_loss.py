@@ -191,8 +191,10 @@ def test_lm_term_alone_does_not_reach_the_valley_or_coherence_paths():
     and they do not move when the controller's state makes those paths large (R = 0, usage far
     from the batch, an unhealthy valley on every layer). The paths are live all the while
     (coherence and valley are non-zero and carry a router gradient of their own).
-    Catches an LM term wired into those paths, e.g. ``lm = tok_BS.sum() / ... * (1 + coherence)``
-    or ``terms = [(self.lambda_lm, lm + valley), ...]`` in ``ChronoMoELoss._terms``."""
+    Catches an LM term wired into those paths, even without changing its value: e.g.
+    ``terms = [(self.lambda_lm, lm + valley - valley.detach()), ...]`` (or the same with
+    ``coherence``) in ``ChronoMoELoss._terms``; the old test, which compared values only,
+    passed on that mutation."""
     def grads(model, loss):
         model.zero_grad()
         loss.backward()
