@@ -384,7 +384,7 @@ class ChronoMoETrainer:
             m = routing_metrics(a)
             if out.routing_LF is None:
                 m = {k: m[k] for k in ("load_LE", "maxvio_L", "maxvio") if k in m}
-            rec.update(m)
+            rec.update(m, load_LE=a[:, :(a.shape[1] - 4) // 2])     # raw slot counts
         ls = None
         if c is not None:
             L, E = c.num_layers, c.num_experts
