@@ -238,8 +238,9 @@ class ChronoMoECallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         # The routing stats of the steps the Trainer will log (its "steps" strategy).
         n = getattr(args, "logging_steps", 0) or 0
-        strategy = str(getattr(args, "logging_strategy", "steps"))
-        if self.handle is not None and strategy.endswith("steps") and n >= 1 \
+        strategy = getattr(args, "logging_strategy", "steps")
+        strategy = str(getattr(strategy, "value", strategy))        # an IntervalStrategy enum
+        if self.handle is not None and strategy == "steps" and n >= 1 \
                 and (state.global_step + 1) % max(1, int(n)) == 0:
             self.handle.routing_stats.start()
         return control

@@ -382,7 +382,8 @@ def _drive(ctrl, ticks: int, seed: int = 0) -> None:
     skew = torch.linspace(1.0, 3.0, E)
     for i in range(ticks):
         counts = torch.poisson(skew.expand(L, E) * 20, generator=g)
-        ctrl.observe_all(counts, counts * 0.6, counts * (1.0 + 0.1 * torch.arange(E)))
+        ctrl.observe_all(counts, counts * 0.6, counts * (1.0 + 0.1 * torch.arange(E)),
+                         logit_scale_L=1.0 + torch.rand(L, generator=g))
         ctrl.set_knob(0.5 - i / max(ticks, 1))
         ctrl.tick()
 
@@ -396,7 +397,8 @@ def test_geo_round_trip_restores_bit_exact_and_continues_identically(tmp_path):
     _drive(a, 137)
     geo = ChronovisorCheckpoint.from_controller(a)
     # the seed's names, with the shapes of the controller
-    assert geo.structural_T_global.shape == (5,) and len(geo.lens_states) == 3
+    assert geo.structural_T_global.shape == () and len(geo.lens_states) == 3     # v2: scalar
+    assert geo.logit_scale_L.shape == (3,) and bool((geo.logit_scale_L > 1.0).all())
     ls = geo.lens_states[1]
     for f in ("lens_E", "pressure_E", "T_fast_E", "Tbar_local_E", "Tbar_hier_E", "T_eff_E"):
         assert getattr(ls, f).shape == (5,)
