@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from chronomoe_dyn import ControllerConfig
 
@@ -305,6 +306,13 @@ class ChronovisorMixtralForCausalLM(nn.Module):
                                        seed=config.controller_seed)
         self.controller = controller
         self.routing_stats = RoutingStats(config.num_layers, config.num_experts)
+        # DDP broadcasts rank 0's buffers into every rank at each forward: that would overwrite
+        # each rank's own routing accumulations (the controller's observation, the aux-free
+        # loads) before the controller's and the aux-free update's all-reduce sum them. The
+        # controller's state needs no broadcast (every rank ticks on the same global sum).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, [
+            n for n, _ in self.named_buffers()
+            if n.startswith("controller.") or n.endswith(".load_E")])
 
     @torch.no_grad()
     def _init_weights(self) -> None:
