@@ -412,8 +412,10 @@ class AttachHandle:
         """Restore from ``state_dict()`` output; refuses a state of another model."""
         version = state.get("format_version")
         if version != ATTACH_FORMAT_VERSION:
-            raise AttachError(f"attach state format_version={version!r}; this version reads "
-                              f"{ATTACH_FORMAT_VERSION}")
+            v1 = " (controller law v1: it cannot be converted; start a new run)" \
+                if version == 1 else ""
+            raise AttachError(f"attach state format_version={version!r}{v1}; this version "
+                              f"reads {ATTACH_FORMAT_VERSION} (controller law v2)")
         shape = (state.get("num_layers"), state.get("num_experts"))
         if shape != (self.num_layers, self.num_experts):
             raise AttachError(f"attach state is for (layers, experts)={shape}, this attachment "

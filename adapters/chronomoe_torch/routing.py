@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from . import _rng
 
 __all__ = ["LayerFields", "NoiseKey", "Routing", "route", "gumbel_NE", "gumbel_from_uniform",
-           "obs_width", "stats_width", "stats_row", "RoutingStats", "in_backward",
-           "FAST_CPU_SOFTMAX_BELOW"]
+           "obs_width", "stats_width", "stats_row", "explored_slots", "RoutingStats",
+           "in_backward", "FAST_CPU_SOFTMAX_BELOW"]
 
 # On CPU, torch's last-dim softmax kernel is not vectorised for rows shorter than this: for E = 8
 # it is ~6x slower than the same function taken another way. Below it, when the full probability
@@ -111,6 +111,9 @@ class Routing(NamedTuple):
     """softmax(z) in float32 (differentiable; for the Switch loss), or None if not asked."""
     stats_F: torch.Tensor
     """[2E + 4] detached per-call accumulations (module docstring)."""
+    explored_NK: torch.Tensor | None = None
+    """bool, the slot's expert is not in the noiseless top-k (with ``full_stats`` and noise;
+    None otherwise)."""
 
 
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
@@ -204,21 +207,29 @@ def route(z_NE: torch.Tensor, top_k: int, *, fields: LayerFields | None = None,
     if gate_dtype is not None and gate_NK.dtype != gate_dtype:
         gate_NK = gate_NK.to(gate_dtype)
 
+    explored_NK = explored_slots(idx_NK, clean_NE) if full_stats and noisy else None
     stats_F = stats_row(idx_NK, gate_NK.detach(), xd_NE, valid_N, full=full_stats, std_N=std_N,
-                        clean_NE=clean_NE if noisy else None,
-                        entropy_of_NE=xd_NE if s_NE is None else s_NE)
-    return Routing(idx_NK, gate_NK, probs_NE, stats_F)
+                        explored_NK=explored_NK, entropy_of_NE=xd_NE if s_NE is None else s_NE)
+    return Routing(idx_NK, gate_NK, probs_NE, stats_F, explored_NK)
+
+
+@torch.no_grad()
+def explored_slots(idx_NK: torch.Tensor, clean_NE: torch.Tensor) -> torch.Tensor:
+    """[N, K] bool: the selected expert is not in the top-k of the noiseless score."""
+    clean_NK = clean_NE.topk(idx_NK.shape[1], dim=-1).indices
+    in_clean_NE = torch.zeros_like(clean_NE, dtype=torch.bool).scatter_(1, clean_NK, True)
+    return ~in_clean_NE.gather(1, idx_NK)
 
 
 @torch.no_grad()
 def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
               valid_N: torch.Tensor | None = None, *, full: bool = False,
-              std_N: torch.Tensor | None = None, clean_NE: torch.Tensor | None = None,
+              std_N: torch.Tensor | None = None, explored_NK: torch.Tensor | None = None,
               entropy_of_NE: torch.Tensor | None = None) -> torch.Tensor:
     """The [2E + 4] stats row of a routing (module docstring) from its selection ``idx_NK``,
-    its gates and the raw logits z. With ``full``: explored slots against the top-k of the
-    noiseless score ``clean_NE`` (0 when not given: no noise) and the entropy of
-    softmax(``entropy_of_NE``) (default z). ``std_N``: the per-token std of z, if known."""
+    its gates and the raw logits z. With ``full``: the explored slots (``explored_NK``; 0 when
+    not given: no noise) and the entropy of softmax(``entropy_of_NE``) (default z).
+    ``std_N``: the per-token std of z, if known."""
     N, K = idx_NK.shape
     E = z_NE.shape[-1]
     dtype = torch.float64 if z_NE.dtype == torch.float64 else torch.float32
@@ -239,11 +250,8 @@ def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
     row = std_N.new_zeros(2 * E + 4)
     row[:2 * E].view(2, E).index_add_(1, idx_NK.reshape(-1), src_2M)
     explored = entropy = std_N.new_zeros(())
-    if full and clean_NE is not None:
-        # Slots selected but not in the noiseless top-k: K − |selected ∩ clean| per token.
-        clean_NK = clean_NE.topk(K, dim=-1).indices
-        sel_NE = torch.zeros_like(clean_NE).scatter_(1, idx_NK, 1.0)
-        per_N = K - sel_NE.gather(1, clean_NK).sum(dim=-1)
+    if full and explored_NK is not None:
+        per_N = explored_NK.sum(dim=-1, dtype=dtype)
         explored = per_N.sum() if w_N is None else (per_N * w_N).sum()
     if full:
         x_NE = (z_NE if entropy_of_NE is None else entropy_of_NE).to(dtype)

@@ -561,3 +561,83 @@ def test_bfloat16_model(arch, monkeypatch):
     want = torch.float32 if arch == "mixtral" else torch.bfloat16
     assert rec.gate_weights[0].dtype == want
     handle.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 11: the README's import, and a model left in eval mode
+# ------------------------------------------------------------------------------------------------
+def test_package_attach_is_the_function_even_after_the_submodule_import():
+    """``from chronomoe_torch import attach`` is the function, also when something imported
+    the submodule ``chronomoe_torch.attach`` first (before: the submodule import rebound the
+    package attribute, and the README's ``attach(model, ...)`` failed with "'module' object is
+    not callable"). Run in a fresh interpreter: this process has imported both already.
+    Catches: dropping the eager ``from .attach import ... attach`` in the package __init__."""
+    import subprocess
+    import sys
+    code = ("import chronomoe_torch.attach, chronomoe_torch.hf_callback\n"
+            "from chronomoe_torch import attach, AttachHandle\n"
+            "import chronomoe_torch as ct\n"
+            "assert callable(attach) and attach.__name__ == 'attach', attach\n"
+            "assert ct.attach is attach and AttachHandle.__name__ == 'AttachHandle'\n"
+            "from chronomoe_torch.attach import AttachError\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_stepping_with_a_model_in_eval_mode_warns_once_naming_model_train():
+    """from_pretrained returns eval mode: routers run, nothing is observed, and the controller
+    would tick on zeros silently. The first such optimizer step warns (naming model.train());
+    later ones do not repeat it; a model in training mode never warns."""
+    model = M.make_hf("mixtral").eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    handle = attach(model, optimizer=opt)
+    x = M.tokens()
+    model(x, labels=x).loss.backward()
+    with pytest.warns(UserWarning, match=r"model\.train\(\)") as rec:
+        opt.step()
+    assert "eval mode" in str(rec[0].message)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x, labels=x).loss.backward()
+        opt.step()                                   # once only
+        handle.detach()
+        model2 = M.make_hf("mixtral")                 # train mode: observed, no warning
+        opt2 = torch.optim.SGD(model2.parameters(), lr=0.0)
+        h2 = attach(model2, optimizer=opt2)
+        model2(x, labels=x).loss.backward()
+        opt2.step()
+        h2.detach()
+
+
+def test_attach_adds_no_host_sync():
+    """A training step of an attached model (routing with noise, observation, the tick in the
+    optimizer's pre-hook, routing stats on) makes exactly the host syncs of the same step
+    unattached (transformers' experts loop syncs on its own). Catches a sync on the attach
+    path, e.g. ``handle._observed = bool(row.sum() > 0)`` in the router hook."""
+    from _sync import SyncCounter
+
+    def count(attached: bool) -> int:
+        model = M.make_hf("mixtral")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        handle = None
+        if attached:
+            handle = attach(model, ControllerConfig(micro_period=1, macro_period=2),
+                            optimizer=opt)
+            handle.routing_stats.start()
+        x = M.tokens()
+        model(x, labels=x).loss.backward()             # warm-up (lazy state, hooks)
+        opt.step()
+        opt.zero_grad()
+        with SyncCounter() as c:
+            for s in range(3):
+                model(x, labels=x).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        if handle is not None:
+            assert handle.ticks == 4
+            handle.detach()
+        return c.count
+
+    assert count(True) == count(False)

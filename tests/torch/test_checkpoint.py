@@ -569,3 +569,22 @@ def test_cuda_tensors_and_rng_states(tmp_path):
     ck.restore_rng_state(back["rng"])
     assert torch.equal(torch.rand(3, device="cuda"), want)
     assert load_state(tmp_path / "ck")["t"].device.type == "cpu"
+
+
+def test_a_law_v1_checkpoint_is_refused_with_one_clear_line(tmp_path):
+    """Format 2 is controller law v2: a format-1 (law v1) checkpoint, of any kind, is refused
+    by one line naming the versions found and expected and what to do; nothing is loaded.
+    Catches: reading format 1 as if it were 2 (``FORMAT_VERSION`` left at 1) or a message
+    without the remedy."""
+    assert ck.FORMAT_VERSION == 2
+    ctrl = PxTController(2, 4)
+    p = ck.save_state(tmp_path / "v1", {"controller": dict(ctrl.state_dict())}, kind="attach",
+                      format_version=1)
+    for load in (lambda: ck.load_state(p), lambda: ChronovisorCheckpoint.load(p)):
+        with pytest.raises(ck.CheckpointVersionError) as ei:
+            load()
+        msg = str(ei.value)
+        assert "\n" not in msg
+        assert "format version 1 (controller law v1)" in msg
+        assert "reads format version 2 (controller law v2)" in msg
+        assert "start a new run" in msg
