@@ -201,6 +201,11 @@ def test_metrics_jsonl_follows_the_schema(tmp_path):
         assert r["maxvio_global"] == pytest.approx(sum(r["maxvio_global_L"]) / 2)
     series = read_metrics_jsonl(path)                        # the plot reader accepts it
     assert list(series.step_T) == [2, 4, 6]
+    assert series.logit_scale_TL.shape == (3, 2) and series.scalar("exploration_rate") is not None
+    assert list(series.eval_maxvio_global) == [r["maxvio_global"] for r in evals]
+    from chronomoe_dyn.plot import plot_run
+    names = {p.name for p in plot_run(tmp_path / "run")}
+    assert "routing.png" in names and "load.png" in names
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["training"]["max_steps"] == 6 and cfg["model"]["num_experts"] == 4
 
