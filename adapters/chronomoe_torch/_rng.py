@@ -27,7 +27,8 @@ import torch
 
 from chronomoe_dyn.rng import GOLDEN32, MASK32, STREAM_GUMBEL, STREAM_PHASE
 
-__all__ = ["MASK32", "STREAM_PHASE", "STREAM_GUMBEL", "mix32", "mix32_int", "key_prefix",
+__all__ = ["MASK32", "STREAM_PHASE", "STREAM_GUMBEL", "mix32", "mix32_wrap", "mix32_int",
+           "key_prefix",
            "hash_key", "uniform", "normal", "normal_from_pairs", "gumbel_prefix",
            "uniform_from_prefix"]
 
@@ -67,6 +68,18 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     x = _mul32(x, _M2)
     x = x ^ (x >> 16)
     return x
+
+
+def mix32_wrap(x: torch.Tensor) -> torch.Tensor:
+    """``mix32`` for int64 values already < 2³², with plain int64 products: (x·0x846CA68B) can
+    pass 2⁶³ and relies on two's-complement wrap-around, which ATen's CPU and CUDA integer
+    kernels do (only the low 32 bits are kept). 10 ops instead of 15: for the routing noise,
+    drawn for every token; tested bit for bit against the reference hash."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & MASK32
+    return x ^ (x >> 16)
 
 
 def key_prefix(seed: int | torch.Tensor, stream: int, tick: int | torch.Tensor

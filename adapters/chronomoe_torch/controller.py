@@ -21,10 +21,11 @@ Training-loop contract (one path for the native model and attached models):
     rank is initialised (one ``all_reduce`` of the whole buffer; ``set_distributed`` disables it
     or picks a group), so every rank ticks on the global batch and the controllers stay bitwise
     equal; then it steps the law and clears the buffer;
-  * the routers read ``layer_fields(i)`` (bias, temperature, σ_L floored, τ) and, in training,
-    ``noise_key(i, N)`` (the Gumbel noise key of a call of N tokens, see ``routing``). The field
-    tensors are recomputed after ``tick()`` and ``set_knob()`` and are fresh tensors each time
-    (never modified in place), so a forward that saved them for backward is never invalidated.
+  * the routers read ``layer_fields(i)`` (bias, temperature, σ_L floored, τ, 1/(σ_L·T)) and, in
+    training, ``noise_key(i, N)`` (the Gumbel noise key of a call of N tokens, see ``routing``).
+    The field buffers are updated in place after ``tick()`` and ``set_knob()``: the routing
+    reads them without autograd (v2 gates come from the raw logits), so no graph holds them,
+    and the per-layer views are made once instead of after every tick.
 
 No host–device sync in ``observe*``, ``tick``, ``layer_fields``, ``noise_key``, ``coherence`` or
 ``set_knob(tensor)``: clock decisions use a host mirror of the tick counter (it counts ``tick()``
@@ -74,7 +75,7 @@ from chronomoe_dyn.law import check_kappa, knob_factors
 
 from . import _rng, _tick
 from . import distributed as _dist
-from .routing import LayerFields, NoiseKey, in_backward, obs_width
+from .routing import LayerFields, NoiseKey, gumbel_NE, in_backward, obs_width
 
 __all__ = ["PxTController"]
 
@@ -89,6 +90,8 @@ _STATE_FIELDS = {
     "T_eff_LE": ("LE", "state"), "logit_scale_L": ("L", "state"), "kappa": ("", "state"),
 }
 PHASE_DTYPE = torch.float64
+NOISE_BATCH_MAX = 1 << 22
+"""Most Gumbel values (L·N·E) drawn at once for all layers (16 MiB of float32)."""
 
 
 def _sync_after_load(module: "PxTController", incompatible_keys: Any) -> None:
@@ -146,15 +149,13 @@ class PxTController(nn.Module):
         self.register_buffer("_obs_LF", torch.zeros((L, 3 * E + 2), **fkw), persistent=False)
         self.register_buffer("_has_loss_L", torch.zeros(L, dtype=torch.bool, device=device),
                              persistent=False)
-        # The last tick's observation (run metrics read σ from it; no sync).
-        self.register_buffer("last_observation_LF", torch.zeros((L, 3 * E + 2), **fkw),
-                             persistent=False)
-        # Router fields, float32, recomputed by _refresh_fields.
+        # Router fields, float32, updated in place by _refresh_fields.
         f32 = {"dtype": torch.float32, "device": device}
         self.register_buffer("_bias_LE", torch.zeros((L, E), **f32), persistent=False)
         self.register_buffer("_temperature_LE", torch.ones((L, E), **f32), persistent=False)
         self.register_buffer("_scale_L", torch.ones(L, **f32), persistent=False)
         self.register_buffer("_tau", torch.zeros((), **f32), persistent=False)
+        self.register_buffer("_inv_LE", torch.ones((L, E), **f32), persistent=False)
         self._buffer_dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
         self._kernel = _tick.TickKernel(self)
         self._field_rows: tuple | None = None
@@ -166,6 +167,9 @@ class PxTController(nn.Module):
         self._offset_L = [0] * L        # tokens each layer routed since the tick (noise)
         self._last_offset_L = [0] * L
         self._prefix_cache: list = [-1, None]
+        self._noise_cache: tuple | None = None
+        self._obs_rows: tuple | None = None
+        self._rank_world_cache: tuple | None = None
         self._hook_handles: dict[int, RemovableHandle] = {}
         self.distributed: bool | None = None
         self.process_group = None
@@ -227,7 +231,11 @@ class PxTController(nn.Module):
         if stats_F.dim() != 1 or stats_F.shape[0] < w:
             raise ValueError(f"observe_stats(layer={li}): stats_F has shape "
                              f"{tuple(stats_F.shape)}, expected [>= {w}]")
-        self._obs_LF[li, :w].add_(stats_F[:w].detach())
+        obs = self._buffers["_obs_LF"]
+        rows = self._obs_rows
+        if rows is None or rows[0] is not obs:            # views cached per buffer object
+            rows = self._obs_rows = (obs, obs[:, :w].unbind(0))
+        rows[1][li].add_(stats_F[:w])
 
     def observe(self, layer: int, counts_E: torch.Tensor, weight_sum_E: torch.Tensor,
                 loss_sum_E: torch.Tensor | None = None, logit_std_sum: Any = None,
@@ -325,6 +333,7 @@ class PxTController(nn.Module):
         if enabled not in (None, True, False):
             raise ValueError(f"set_distributed: enabled={enabled!r}: expected None, True, False")
         self.distributed, self.process_group = enabled, process_group
+        self._rank_world_cache = None
 
     def _reduce_observation(self) -> None:
         if self.distributed is False:
@@ -340,63 +349,89 @@ class PxTController(nn.Module):
         self._reduce_observation()
         t = self._tick_host + 1
         refresh_all = self._kernel.step(t)
-        self.last_observation_LF.copy_(self._obs_LF)
         self._tick_host = t
         self._offset_L = [0] * self.num_layers
+        self._noise_cache = None
         self.clear_observations()
         self._refresh_fields(refresh_all)
 
     # ------------------------------------------------------------------ outputs
     def _refresh_fields(self, all_fields: bool = True) -> None:
-        """Recompute the cached router fields from the state and the κ in effect: σ_L always
-        (it moves every tick), bias/temperature/τ when ``all_fields``."""
+        """Recompute the router fields from the state and the κ in effect, in place: σ_L always
+        (it moves every tick), bias/temperature/τ when ``all_fields``, and 1/(σ_L·T)."""
         b = self._buffers
-        self._scale_L = torch.clamp(b["logit_scale_L"], min=self.config.logit_scale_floor
-                                    ).to(torch.float32)
+        b["_scale_L"].copy_(torch.clamp(b["logit_scale_L"], min=self.config.logit_scale_floor))
         if all_fields:
             bias, temp, tau = self._kernel.fields(b["kappa"])
-            # New tensors each time (see module docstring), float32 for the router.
-            self._bias_LE = bias.to(torch.float32)
-            self._temperature_LE = temp.to(torch.float32)
-            self._tau = tau.to(torch.float32)
+            b["_bias_LE"].copy_(bias)
+            b["_temperature_LE"].copy_(temp)
+            b["_tau"].copy_(tau)
+        # 1/(σ_L·T): the router's score in one fused op (routing.LayerFields).
+        torch.mul(b["_scale_L"].unsqueeze(1), b["_temperature_LE"], out=b["_inv_LE"])
+        b["_inv_LE"].reciprocal_()
 
     def routing_fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(bias_LE, temperature_LE, scale_L, tau), float32 (``chronomoe_dyn.routing_fields``'s
-        ``RoutingFields``): the router scores (z − mean z)/scale/temperature + bias + tau·g."""
+        ``RoutingFields``): the router scores (z − mean z)/scale/temperature + bias + tau·g.
+        Live buffers, updated in place by ticks and ``set_knob`` (clone to keep a snapshot)."""
         return self._bias_LE, self._temperature_LE, self._scale_L, self._tau
 
     def layer_fields(self, layer: int) -> LayerFields:
-        """One layer's ``routing.LayerFields`` (views of the cached fields; no sync)."""
+        """One layer's ``routing.LayerFields``: views of the live field buffers, made once (no
+        op per router call or per tick; no sync)."""
         li = self._check_layer(layer)
         b = self._buffers
         bias, temp, scale, tau = b["_bias_LE"], b["_temperature_LE"], b["_scale_L"], b["_tau"]
+        inv = b["_inv_LE"]
         rows = self._field_rows
         if rows is None or rows[0] is not bias or rows[1] is not temp or rows[2] is not scale \
-                or rows[3] is not tau:
+                or rows[3] is not tau or rows[4] is not inv:
             # One unbind per refresh instead of selects on every router call.
-            rows = self._field_rows = (bias, temp, scale, tau, [
-                LayerFields(bi, ti, si, tau)
-                for bi, ti, si in zip(bias.unbind(0), temp.unbind(0), scale.unbind(0))])
-        return rows[4][li]
+            rows = self._field_rows = (bias, temp, scale, tau, inv, [
+                LayerFields(bi, ti, si, tau, vi) for bi, ti, si, vi in
+                zip(bias.unbind(0), temp.unbind(0), scale.unbind(0), inv.unbind(0))])
+        return rows[5][li]
 
     def noise_key(self, layer: int, num_tokens: int) -> NoiseKey | None:
         """The Gumbel noise key of a router call of ``num_tokens`` tokens (None when τ₀ = 0: no
         noise): keyed on (seed, tick, layer) and the tokens' positions among those the layer
         routed since the tick, interleaved over data-parallel ranks (``routing``). A call inside
-        backward (activation-checkpoint recompute) repeats the key of the layer's last forward."""
+        backward (activation-checkpoint recompute) repeats the key of the layer's last forward.
+        The draws come with the key: the first layer asking at a given (offset, N) draws every
+        layer's (one pass instead of L; the layers of a forward see the same tokens), up to
+        ``NOISE_BATCH_MAX`` values; a call that does not fit draws its own in ``route``."""
         if self.config.exploration_tau0 == 0.0:
             return None
         li = self._check_layer(layer)
+        N = int(num_tokens)
         if in_backward():
             offset = self._last_offset_L[li]
         else:
             offset = self._offset_L[li]
             self._last_offset_L[li] = offset
-            self._offset_L[li] = offset + int(num_tokens)
-        rank, world = 0, 1
-        if self.distributed is not False and _dist.is_distributed(self.process_group):
-            rank, world = _dist.rank(self.process_group), _dist.world_size(self.process_group)
-        return NoiseKey(self._gumbel_prefix(li), offset, rank, world)
+            self._offset_L[li] = offset + N
+        rank, world = self._rank_world()
+        key = NoiseKey(self._gumbel_prefix(li), offset, rank, world)
+        E, L = self.num_experts, self.num_layers
+        if L * N * E > NOISE_BATCH_MAX:
+            return key
+        tag = (self._tick_host, offset, N, rank, world)
+        cache = self._noise_cache
+        if cache is None or cache[0] != tag:
+            prefixes = self._prefix_tensor()
+            cache = self._noise_cache = (tag, gumbel_NE(key, N, E, self.device, prefixes))
+        return key._replace(gumbel_NE=cache[1][li])
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size) of the noise layout, looked up once per tick."""
+        rw = self._rank_world_cache
+        if rw is None or rw[0] != self._tick_host:
+            rank, world = 0, 1
+            if self.distributed is not False and _dist.is_distributed(self.process_group):
+                rank = _dist.rank(self.process_group)
+                world = _dist.world_size(self.process_group)
+            rw = self._rank_world_cache = (self._tick_host, rank, world)
+        return rw[1], rw[2]
 
     def _gumbel_prefix(self, li: int) -> int:
         cache = self._prefix_cache
@@ -406,6 +441,17 @@ class PxTController(nn.Module):
         if p is None:
             p = cache[1][li] = _rng.gumbel_prefix(self._seed_host, self._tick_host, li)
         return p
+
+    def _prefix_tensor(self) -> torch.Tensor:
+        """[L, 1] int64 of every layer's noise prefix at this tick, built on the device from
+        one host-hashed word (no host-to-device copy); cached for the tick."""
+        cache = self._prefix_cache
+        if cache[0] != self._tick_host or len(cache) < 3:
+            self._gumbel_prefix(0)                     # resets the cache for this tick
+            h1 = _rng.key_prefix(self._seed_host, _rng.STREAM_GUMBEL, self._tick_host)
+            layers = torch.arange(self.num_layers, dtype=torch.int64, device=self.device)
+            cache[2:] = [_rng.mix32(layers ^ h1).unsqueeze(1)]
+        return cache[2]
 
     def coherence(self) -> torch.Tensor:
         """Kuramoto coherence R after the last tick, a 0-d tensor (a copy; no sync)."""
@@ -529,6 +575,7 @@ class PxTController(nn.Module):
         self._seed_host = int(self.seed)
         self._offset_L = [0] * self.num_layers
         self._prefix_cache = [-1, None]
+        self._noise_cache = None
         self._refresh_fields()
 
     # ------------------------------------------------------------------ torch plumbing
@@ -571,6 +618,7 @@ class PxTController(nn.Module):
                 out = buf.to(device=out.device, dtype=want)
             self._buffers[name] = out
         self._kernel.invalidate()
+        self._noise_cache = None
         return self
 
     def extra_repr(self) -> str:

@@ -28,9 +28,10 @@ Data-parallel ranks interleave positions (p·world + rank), so they never share 
 function of the key: exact resume stays bitwise with no generator state in the checkpoint (the
 tick *is* the state), and an activation-checkpoint recompute (a forward inside backward) reuses
 the key of the forward it repeats. DESIGN.md asks for "a seeded generator whose state is
-checkpointed": a pure function of the checkpointed tick is the stronger form of that. u and g are
-computed in float64 (u is exact and never 0 or 1 there), then g is rounded to the score's dtype;
-the log is torch's (the NumPy reference's ``rng.log_poly`` agrees to a few ulp).
+checkpointed": a pure function of the checkpointed tick is the stronger form of that. u is the
+top 23 bits of the hash, ((h >> 9) + 0.5)·2⁻²³, and g is computed in float32 (torch's log); the
+NumPy reference's u keeps all 32 bits, so the two agree through given uniforms (tests), not
+draw for draw.
 
 Per call the function also returns a detached row ``stats_F`` [2E + 4] (float32, or float64 for a
 float64 z), on device and without a host sync:
@@ -88,6 +89,10 @@ class LayerFields(NamedTuple):
     """0-d σ_L, floored at ``logit_scale_floor`` (> 0)."""
     tau: torch.Tensor
     """0-d Gumbel noise scale τ = τ₀·e^{β_τ κ} (≥ 0)."""
+    inv_scale_temperature_E: torch.Tensor | None = None
+    """[E] 1/(σ·T), if precomputed (the controller does, at each refresh): then
+    s = z̃·(1/(σ·T)) + b in one fused op, equal to the contract's (z − m)/σ/T + b to rounding;
+    without it the contract's order of operations."""
 
 
 class NoiseKey(NamedTuple):
@@ -100,6 +105,9 @@ class NoiseKey(NamedTuple):
     """Data-parallel rank ..."""
     world: int = 1
     """... and world size: token n has position ((offset + n)·world + rank)."""
+    gumbel_NE: torch.Tensor | None = None
+    """The draws of this key, if already made (``PxTController.noise_key`` draws every layer's
+    noise of a forward at once); else ``route`` draws them."""
 
 
 class Routing(NamedTuple):
@@ -121,18 +129,44 @@ def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def gumbel_NE(key: NoiseKey, N: int, E: int, device: torch.device) -> torch.Tensor:
-    """[N, E] float64 standard Gumbel draws; token n at position ((offset + n)·world + rank),
-    index position·E + e (32-bit: positions wrap past 2³²/E tokens per layer and tick)."""
+def gumbel_NE(key: NoiseKey, N: int, E: int, device: torch.device,
+              prefixes_L: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, E] float32 standard Gumbel draws of ``key``; token n at position ((offset + n)·world
+    + rank), index position·E + e (32-bit: positions wrap past 2³²/E tokens per layer and
+    tick). With ``prefixes_L`` ([L, 1] int64, one prefix per layer instead of ``key.prefix``):
+    [L, N, E], every layer's draws in one pass.
+
+    u = ((h >> 9) + 0.5)·2⁻²³ from the 32-bit hash h: its top 23 bits, exact in float32 and never
+    0 or 1 (float32 logs cost half of float64's; exploration needs no finer u)."""
     if key.world == 1:
-        base = key.offset * E
-        idx = torch.arange(base, base + N * E, dtype=torch.int64, device=device)
+        idx = _arange(N * E, device)
+        if key.offset:
+            idx = (idx + key.offset * E) & _rng.MASK32
     else:
         pos_N1 = (torch.arange(N, dtype=torch.int64, device=device).unsqueeze(1) + key.offset) \
             * key.world + key.rank
-        idx = (pos_N1 * E + torch.arange(E, dtype=torch.int64, device=device)).reshape(-1)
-    u = _rng.uniform_from_prefix(key.prefix, idx)
-    return gumbel_from_uniform(u).view(N, E)
+        idx = (pos_N1 * E + torch.arange(E, dtype=torch.int64, device=device)
+               ).reshape(-1) & _rng.MASK32
+    h = _rng.mix32_wrap(idx ^ (key.prefix if prefixes_L is None else prefixes_L))
+    # u = ((h >> 9) + 0.5)·2⁻²³ in one fused op; g = −log(−log u).
+    k = (h >> 9).to(torch.float32)
+    u = torch.addcmul(_const("value", 2.0 ** -24, k), k, _const("value", 2.0 ** -23, k))
+    g = torch.log(torch.log(u).neg_()).neg_()
+    return g.view(N, E) if prefixes_L is None else g.view(-1, N, E)
+
+
+_ARANGES: dict = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """A cached int64 arange(n) (read only)."""
+    key = (n, device)
+    t = _ARANGES.get(key)
+    if t is None:
+        if len(_ARANGES) > 16:
+            _ARANGES.clear()
+        t = _ARANGES[key] = torch.arange(n, dtype=torch.int64, device=device)
+    return t
 
 
 def in_backward() -> bool:
@@ -173,11 +207,14 @@ def route(z_NE: torch.Tensor, top_k: int, *, fields: LayerFields | None = None,
     probs_NE = F.softmax(x_NE, dim=-1) if want_probs else None
     noisy = fields is not None and training and noise is not None
 
+    # Few ops on purpose: this runs for every layer of every forward, and at these sizes each
+    # op costs its dispatch more than its arithmetic.
     with torch.no_grad():
-        xd_NE = x_NE.detach()
-        # Centred logits: the std for σ_L, and (with fields) the numerator of z̃.
-        c_NE = xd_NE - xd_NE.sum(dim=-1, keepdim=True) / E
-        std_N = c_NE.square().mean(dim=-1).sqrt()
+        xd_NE = x_NE                    # no graph is recorded in here: no detach needed
+        # Centred logits: the std for σ_L and (with fields) z̃'s numerator. ‖z − m‖/√E, not
+        # torch.std: a last-dim std of E ~ 8 columns is a slow kernel on CPU (~20x here).
+        c_NE = xd_NE - xd_NE.mean(dim=-1, keepdim=True)
+        std_N = torch.linalg.vector_norm(c_NE, dim=-1) * E ** -0.5
         s_NE = None
         if fields is None:
             sel_NE = xd_NE
@@ -186,14 +223,22 @@ def route(z_NE: torch.Tensor, top_k: int, *, fields: LayerFields | None = None,
                 sel_NE = p_NE + aux_free_bias_E
             clean_NE = sel_NE
         else:
-            s_NE = (c_NE / fields.scale.to(cdt)) / fields.temperature_E.to(cdt) \
-                + fields.bias_E.to(cdt)
+            inv_E = fields.inv_scale_temperature_E
+            if inv_E is not None and cdt == torch.float32:
+                s_NE = torch.addcmul(fields.bias_E, c_NE, inv_E)
+            else:
+                s_NE = (c_NE / fields.scale.to(cdt)) / fields.temperature_E.to(cdt) \
+                    + fields.bias_E.to(cdt)
             clean_NE = s_NE if aux_free_bias_E is None else s_NE + aux_free_bias_E
             sel_NE = clean_NE
             if noisy:
-                g_NE = (gumbel_from_uniform(noise.to(torch.float64)) if isinstance(
-                    noise, torch.Tensor) else gumbel_NE(noise, N, E, z_NE.device))
-                sel_NE = clean_NE + fields.tau.to(cdt) * g_NE.to(cdt)
+                if isinstance(noise, torch.Tensor):          # given uniforms (float64)
+                    g_NE = gumbel_from_uniform(noise.to(torch.float64)).to(cdt)
+                elif noise.gumbel_NE is not None:            # drawn for every layer at once
+                    g_NE = noise.gumbel_NE
+                else:
+                    g_NE = gumbel_NE(noise, N, E, z_NE.device)
+                sel_NE = torch.addcmul(clean_NE, fields.tau.to(cdt), g_NE.to(cdt))
         idx_NK = sel_NE.topk(K, dim=-1).indices
 
     # Gates from the raw logits, with autograd.
@@ -208,8 +253,9 @@ def route(z_NE: torch.Tensor, top_k: int, *, fields: LayerFields | None = None,
         gate_NK = gate_NK.to(gate_dtype)
 
     explored_NK = explored_slots(idx_NK, clean_NE) if full_stats and noisy else None
-    stats_F = stats_row(idx_NK, gate_NK.detach(), xd_NE, valid_N, full=full_stats, std_N=std_N,
-                        explored_NK=explored_NK, entropy_of_NE=xd_NE if s_NE is None else s_NE)
+    stats_F = stats_row(idx_NK, gate_NK, xd_NE, valid_N, full=full_stats,
+                        std_N=std_N, explored_NK=explored_NK,
+                        entropy_of_NE=xd_NE if s_NE is None else s_NE)
     return Routing(idx_NK, gate_NK, probs_NE, stats_F, explored_NK)
 
 
@@ -221,6 +267,31 @@ def explored_slots(idx_NK: torch.Tensor, clean_NE: torch.Tensor) -> torch.Tensor
     return ~in_clean_NE.gather(1, idx_NK)
 
 
+_CONSTS: dict = {}
+
+
+def _const(kind: str, n, like: torch.Tensor) -> torch.Tensor:
+    """Cached constant tensors (no allocation per router call; never written): "ones" [n],
+    "value" (0-d n), or "index" for n = (N, E): N entries 2E then N entries 2E + 1."""
+    key = (kind, n, like.device, like.dtype)
+    t = _CONSTS.get(key)
+    if t is None:
+        if len(_CONSTS) > 256:
+            _CONSTS.clear()
+        kw = {"dtype": like.dtype, "device": like.device}
+        if kind == "ones":
+            t = torch.ones(n, **kw)
+        elif kind == "value":
+            t = torch.full((), float(n), **kw)
+        else:
+            N, E = n
+            t = torch.full((2, N), 2 * E, **kw)
+            t[1] += 1
+            t = t.reshape(-1)
+        _CONSTS[key] = t
+    return t
+
+
 @torch.no_grad()
 def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
               valid_N: torch.Tensor | None = None, *, full: bool = False,
@@ -229,36 +300,39 @@ def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
     """The [2E + 4] stats row of a routing (module docstring) from its selection ``idx_NK``,
     its gates and the raw logits z. With ``full``: the explored slots (``explored_NK``; 0 when
     not given: no noise) and the entropy of softmax(``entropy_of_NE``) (default z).
-    ``std_N``: the per-token std of z, if known."""
+    ``std_N``: the per-token population std of z across experts, if known.
+
+    One ``index_add_`` fills counts, gate sums, Σ std and tokens: slot m adds 1 at idx_m and
+    its gate at E + idx_m, token n adds its std at 2E and 1 at 2E + 1 (each weighted by the
+    token's validity)."""
     N, K = idx_NK.shape
     E = z_NE.shape[-1]
     dtype = torch.float64 if z_NE.dtype == torch.float64 else torch.float32
     if std_N is None:
         zf = z_NE.to(dtype)
-        std_N = (zf - zf.sum(dim=-1, keepdim=True) / E).square().mean(dim=-1).sqrt()
-    w_N = None if valid_N is None else valid_N.to(dtype)
+        std_N = torch.linalg.vector_norm(zf - zf.mean(dim=-1, keepdim=True), dim=-1) * E ** -0.5
+    M = N * K
+    idx_M = idx_NK.reshape(-1)
+    at_2N = _const("index", (N, E), idx_M)                # [2E]*N then [2E+1]*N (cached)
+    index = torch.cat([idx_M, idx_M + E, at_2N])
     gate_M = gate_NK.reshape(-1).to(dtype)
-    if w_N is None:
-        src_2M = torch.stack([torch.ones_like(gate_M), gate_M])
-        tokens = std_N.new_full((), float(N))
-        std_sum = std_N.sum()
+    if valid_N is None:
+        src = torch.cat([_const("ones", M, gate_M), gate_M, std_N, _const("ones", N, gate_M)])
     else:
+        w_N = valid_N.to(dtype)
         w_M = w_N.repeat_interleave(K)
-        src_2M = torch.stack([w_M, gate_M * w_M])
-        tokens = w_N.sum()
-        std_sum = (std_N * w_N).sum()
-    row = std_N.new_zeros(2 * E + 4)
-    row[:2 * E].view(2, E).index_add_(1, idx_NK.reshape(-1), src_2M)
-    explored = entropy = std_N.new_zeros(())
-    if full and explored_NK is not None:
-        per_N = explored_NK.sum(dim=-1, dtype=dtype)
-        explored = per_N.sum() if w_N is None else (per_N * w_N).sum()
+        src = torch.cat([w_M, gate_M * w_M, std_N * w_N, w_N])
+    row = torch.zeros(2 * E + 4, dtype=dtype, device=z_NE.device).index_add_(0, index, src)
     if full:
+        w_N = None if valid_N is None else valid_N.to(dtype)
+        explored = _const("value", 0, std_N)
+        if explored_NK is not None:
+            per_N = explored_NK.sum(dim=-1, dtype=dtype)
+            explored = per_N.sum() if w_N is None else per_N @ w_N
         x_NE = (z_NE if entropy_of_NE is None else entropy_of_NE).to(dtype)
         logp_NE = F.log_softmax(x_NE, dim=-1)
         h_N = -(logp_NE.exp() * logp_NE).sum(dim=-1)
-        entropy = h_N.sum() if w_N is None else (h_N * w_N).sum()
-    row[2 * E:].copy_(torch.stack([std_sum, tokens, explored, entropy]))
+        row[2 * E + 2:] = torch.stack([explored, h_N.sum() if w_N is None else h_N @ w_N])
     return row
 
 

@@ -415,19 +415,22 @@ def test_dtype_is_kept_under_module_to():
     assert ctrl.num_ticks == 1
 
 
-def test_routing_fields_are_fresh_tensors_after_tick():
-    """A forward pass that saved the fields for backward is not invalidated by a tick."""
+def test_layer_fields_are_live_views_updated_in_place_by_ticks():
+    """v2 routing reads the fields without autograd, so they are updated in place: the views a
+    router holds see each tick's values (no new tensors per tick), and a snapshot is a clone.
+    Catches a refresh that rebinds new tensors while routers keep the old views."""
     ctrl = PxTController(1, 4)
-    logits = torch.randn(5, 4, requires_grad=True)
-    bias, temp, scale, tau = ctrl.layer_fields(0)
-    out = ((logits / scale + bias) / temp * tau).softmax(-1).sum()
+    f = ctrl.layer_fields(0)
+    before = [t.clone() for t in f[:4]]
     for _ in range(5):
         ctrl.observe(0, torch.tensor([5.0, 1.0, 0.0, 2.0]), torch.ones(4),
                      logit_std_sum=torch.tensor(7.0), tokens=torch.tensor(4.0))
         ctrl.tick()
-    out.backward()                                         # would raise on an in-place change
-    assert not torch.equal(temp, ctrl.layer_fields(0)[1])
-    assert not torch.equal(scale, ctrl.layer_fields(0)[2])
+    g = ctrl.layer_fields(0)
+    assert all(a is b for a, b in zip(f, g))
+    assert not torch.equal(before[1], g.temperature_E) and not torch.equal(before[2], g.scale)
+    torch.testing.assert_close(g.inv_scale_temperature_E, 1.0 / (g.scale * g.temperature_E))
+    assert float(g.scale) == pytest.approx(7.0 / 4.0)
 
 
 # ---------------------------------------------------------------- optimizer hook
@@ -518,3 +521,14 @@ def test_cuda_matches_cpu():
         gpu.tick()
     d = _max_diffs(cpu.to_reference_state(), gpu.to_reference_state())
     assert max(d.values()) <= 1e-10, d
+
+
+def test_mix32_wrap_matches_the_reference_hash_bit_for_bit():
+    """The routing noise's hash relies on int64 products wrapping around (they pass 2⁶³);
+    it must equal the reference lowbias32 on the whole 32-bit range. Catches a kernel that
+    saturates or traps on overflow."""
+    from chronomoe_torch._rng import mix32_wrap
+    idx = np.concatenate([np.arange(0, 4096), np.array([2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]),
+                          np.random.default_rng(0).integers(0, 2**32, 4096)]).astype(np.uint64)
+    got = mix32_wrap(torch.from_numpy(idx.astype(np.int64))).numpy()
+    assert np.array_equal(got, ref_rng.mix32(idx).astype(np.int64))

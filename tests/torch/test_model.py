@@ -296,7 +296,7 @@ def test_real_controller_is_built_lazily():
     out = model.train()(ids(), labels=ids())
     out.loss.backward()
     model.controller.tick()
-    bias_E, temp_E, scale, tau = model.controller.layer_fields(0)
+    bias_E, temp_E, scale, tau, _ = model.controller.layer_fields(0)
     assert bias_E.shape == temp_E.shape == (4,) and scale.shape == tau.shape == ()
     assert float(scale) > 0.0 and float(tau) == pytest.approx(0.1)
 
