@@ -36,6 +36,9 @@ Without renormalisation the model would see shifted probabilities: give such rou
 (logits, gates, indices) output instead.
 
 Shape legend: N routed tokens (rows of a router call), E experts, K top-k, L routed layers.
+
+Over 400 lines: router discovery and planning, the hook and the handle are one attachment's
+life cycle (plan → install → route/observe → tick → state → detach), read together.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chronomoe_dyn.config import ControllerConfig

@@ -10,10 +10,13 @@ Without a controller (``enable_chronovisor=False``) R is printed as ``n/a``.
 ``MetricsWriter`` appends one JSON object per record to ``<run_dir>/metrics.jsonl`` in the
 schema of ``chronomoe_dyn.plot`` ("Run metrics (JSONL)": ``step``, ``split``, ``loss``,
 ``loss_*``, ``lr``, ``R``, ``dR``, ``kappa``, ``phase``, ``gate``, ``tbar_variance``,
-``tbar_variance_local``, ``valleys``, ``ridges``, ``load_LE``, ``tbar_local_LE``,
-``tbar_global_E``; extra keys are allowed), validating each record with that module's
-validator, and mirrors the numeric scalars to TensorBoard when asked. Every line is flushed, so a
-killed run keeps every record written before the kill.
+``tbar_variance_local``, ``valleys``, ``ridges``, ``load_LE``, ``tbar_local_LE``, and the v2
+keys ``tbar_global`` (scalar), ``maxvio_L``, ``maxvio``, ``routing_entropy``, ``load_entropy``,
+``exploration_rate``, ``logit_scale_L``, eval ``maxvio_global(_L)``; extra keys are allowed),
+validating each record with that module's validator, and mirrors the numeric scalars to
+TensorBoard when asked. Every line is flushed, so a killed run keeps every record written before
+the kill. ``routing_metrics``/``controller_record`` turn the host copies of the routing stats and
+the controller's tensors into those keys (the trainer and the HF callback share them).
 """
 
 from __future__ import annotations

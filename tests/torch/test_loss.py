@@ -259,11 +259,16 @@ def test_valley_is_probability_mass_on_unhealthy_valleys():
 
 
 def test_valley_mask_matches_the_reference_landscape():
+    """One rule for the valley mask (``chronomoe_dyn.landscape.landscape_masks``), including the
+    v2 flat threshold: a layer whose T̄ differs only by rounding (variance ≤ 1e-12) has no
+    valleys. Catches the torch mask without ``var > FLAT_VARIANCE`` (it then marks the
+    rounding dips of a nearly flat layer as valleys)."""
     cfg = ControllerConfig()
     rng = np.random.default_rng(0)
     for _ in range(20):
         tbar = rng.uniform(0.5, 1.5, size=(3, 6))
         tbar[0] = 1.0                                         # a flat layer: no valleys
+        tbar[2] = 1.0 + rng.uniform(-1e-9, 1e-9, 6)           # nearly flat: rounding only
         rel = rng.uniform(0.0, 0.6, size=(3, 6))
         mask = unhealthy_valley_mask(torch.tensor(tbar), torch.tensor(rel),
                                      cfg.landscape_threshold_std, cfg.unhealthy_reliability)

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from chronomoe_torch.moe import Router, SparseMoE, grouped_mm_available
-from chronomoe_torch.routing import LayerFields, obs_width
+from chronomoe_torch.routing import LayerFields
 from _sync import SyncCounter
 
 N, H, I, E, K = 48, 16, 32, 8, 2
