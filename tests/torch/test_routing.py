@@ -46,7 +46,8 @@ def _torch_fields(f: RefLayerFields, dtype=torch.float64) -> LayerFields:
 def test_route_matches_the_numpy_reference(renormalize, controller_fields, seed):
     """Same logits, fields and uniforms (float64): the same selection in the same order, the
     same explored slots and gates, and stats rows that sum the reference's logit std, slot
-    counts and gate weights."""
+    counts and gate weights. Catches: the v1 order (z̃ + b)/T, gates from the score instead of
+    the raw z, explored slots measured against the noisy top-k (``clean_NK = idx_NK``)."""
     z, f, u = _case(seed)
     ref = ref_route(z, f, K, u, renormalize=renormalize, controller_fields=controller_fields)
     got = route(torch.from_numpy(z), K, fields=_torch_fields(f) if controller_fields else None,
@@ -88,7 +89,7 @@ def test_gumbel_key_is_the_counter_rng_extended_by_the_layer():
     """prefix = hash(seed, STREAM_GUMBEL, tick, layer) of the reference chain; u of token n at
     position p = offset + n comes from h = mix32((p·E + e) ^ prefix), as the reference hashes an
     index, keeping its top 23 bits: u = ((h >> 9) + 0.5)/2²³. All layers drawn at once equal
-    each layer drawn alone."""
+    each layer drawn alone. Catches a key that ignores the position offset (``base = 0``)."""
     seed, tick, layer = 12345, 77, 3
     prefix = _rng.gumbel_prefix(seed, tick, layer)
     assert prefix == int(ref_rng.hash_key(seed, ref_rng.STREAM_GUMBEL, tick, np.array([layer]))[0])
@@ -114,7 +115,7 @@ def test_gumbel_key_is_the_counter_rng_extended_by_the_layer():
 def test_noise_keys_continue_positions_over_micro_batches_and_repeat_in_recompute():
     """Gradient accumulation: two calls of N/2 tokens draw what one call of N draws; a call
     inside backward (an activation-checkpoint recompute) repeats the last forward's key; the
-    next tick draws new noise."""
+    next tick draws new noise. Catches a recompute that takes the next offset."""
     ctrl = PxTController(2, E, seed=5)
     a, b = ctrl.noise_key(1, 10), ctrl.noise_key(1, 6)
     assert (a.offset, b.offset) == (0, 10) and a.prefix == b.prefix
@@ -150,7 +151,8 @@ def test_native_router_and_attach_route_alike():
     """One rule: the native Router and an attached router of the same weights, each with its
     own controller of the same seed and state, select the same experts (with the noise of the
     same key), with the same gates (to float32 rounding: attach takes the faster softmax over
-    the selected logits) and the same stats rows."""
+    the selected logits) and the same stats rows. Catches either path routing from other
+    logits or fields than the other (e.g. ``route(z_NE * 1.01, ...)`` in the hook)."""
     import _attach_models as M
     from chronomoe_torch.attach import attach
     H = 16
@@ -185,7 +187,8 @@ def test_native_router_and_attach_route_alike():
 def test_kappa_raises_exploration_and_routing_entropy_monotonically():
     """A unit-level check on a fixed batch: κ through set_knob scales τ = τ₀·e^{β_τ κ} and the
     temperature e^{β_T κ}, so the explored share of slots and the routing entropy both rise
-    with κ (not the real-text claim of issue 9, which needs training)."""
+    with κ (not the real-text claim of issue 9, which needs training). Catches a τ that
+    ignores κ (``f_tau * 0 + τ₀`` in ``TickKernel.fields``)."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4096, E, generator=g) * 2.0
     rates, entropies = [], []
