@@ -12,7 +12,7 @@ Per tick, given counts_LE, wsum_LE, optionally loss_LE and logit_scale_L (σ obs
 4. Kuramoto over all L·E oscillators: Z = mean(e^{iθ}) = R e^{iψ};
    θ ← θ + dt·(ω₀ + ω_dis + α·δ + K·R·sin(ψ − θ)) + σ_θ·sqrt(dt)·ξ  (mod 2π); ΔR = R_new − R_old.
 5. micro tick: T̄_g ← (1−η_g)T̄_g + η_g·mean_{L,E}(T_fast)  (a scalar; T_fast of the last micro
-   tick); P = clip(2(1/E − u/Σu), −1, 1); d̂ = |u/Σu − 1/E| / max;
+   tick; the mean clipped to the range of the T_fast, against rounding); P = clip(2(1/E − u/Σu), −1, 1); d̂ = |u/Σu − 1/E| / max;
    T_fast = clip(T_base(1+β_R(1−R))(1+β_d d̂)(1+β_s(1−s)), T_min, T_max);
    T̄_l ← (1−η_l)T̄_l + η_l·T_fast; T_eff = T_fast·T̄_g·T̄_l.
 6. lens tick (``lens_clock``: macro or micro): lens ← clip(lens + γ·e^{β_A κ}·σ(5ΔR)·P, ±lens_max).
@@ -222,7 +222,10 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
     pressure, T_fast = state.pressure_LE, state.T_fast_LE
     Tbar_g, Tbar_l, T_eff = state.Tbar_global, state.Tbar_local_LE, state.T_eff_LE
     if micro:
-        Tbar_g = float(ema(Tbar_g, float(T_fast.mean()), cfg.eta_structural_T_global))
+        # the mean, kept inside the range of the values it averages (rounding can put the
+        # mean of values all equal to T_max an ulp above T_max)
+        t_mean = min(max(float(T_fast.mean()), float(T_fast.min())), float(T_fast.max()))
+        Tbar_g = float(ema(Tbar_g, t_mean, cfg.eta_structural_T_global))
         share = usage / usage.sum(axis=1, keepdims=True)
         pressure = np.clip(2.0 * (1.0 / E - share), -1.0, 1.0)
         d = np.abs(share - 1.0 / E)

@@ -337,9 +337,11 @@ def _get(traj: Any, name: str) -> np.ndarray | None:
 
 
 def series_from_trajectory(traj: Any, system: int = 0, source: str = "trajectory") -> RunSeries:
-    """RunSeries of one system of a simulator ``Trajectory`` (or a dict of its arrays).
+    """RunSeries of one system of a simulator ``Trajectory`` v2 (or a dict of its arrays).
 
-    Scalar curves carry a 10–90 % band over all systems when the batch has more than one."""
+    Scalar curves carry a 10–90 % band over all systems when the batch has more than one.
+    The landscape is per layer: valley/ridge counts are means over layers; MaxVio is that of
+    each tick's slot counts (``maxvio_BTL``), the load figure shows the usage EMA."""
     R = _get(traj, "R_BT")
     tick = _get(traj, "tick_T")
     if R is None or tick is None:
@@ -362,28 +364,27 @@ def series_from_trajectory(traj: Any, system: int = 0, source: str = "trajectory
 
     put("R", R)
     for name, key in (("dR", "dR_BT"), ("kappa", "kappa_BT"), ("gate", "gate_BT"),
-                      ("loss", "loss_BT"), ("tbar_variance", "variance_global_BT")):
+                      ("loss", "loss_BT"), ("tbar_global", "Tbar_global_BT"),
+                      ("exploration_rate", "exploration_BT")):
         put(name, _get(traj, key))
     vl = _get(traj, "variance_local_BTL")
     if vl is not None:
         put("tbar_variance_local", vl.mean(axis=-1))
-    for name, key in (("valleys", "valley_global_BTE"), ("ridges", "ridge_global_BTE")):
+    for name, key in (("valleys", "valley_local_BTLE"), ("ridges", "ridge_local_BTLE")):
         m = _get(traj, key)
         if m is not None:
-            put(name, m.sum(axis=-1))
+            put(name, m.sum(axis=-1).mean(axis=-1))
     usage = _get(traj, "usage_BTLE")
-    load = None
+    load = None if usage is None else usage[system].astype(np.float64)
+    mv = _get(traj, "maxvio_BTL")
     maxvio_L = None
-    if usage is not None:
-        load = usage[system].astype(np.float64)
-        scalars["maxvio"] = _maxvio(load)
-        maxvio_L = _maxvio_L(load)
+    if mv is not None:
+        put("maxvio", mv.mean(axis=-1))
+        maxvio_L = mv[system].astype(np.float64)
     tl = _get(traj, "Tbar_local_BTLE")
-    tg = _get(traj, "Tbar_global_BTE")
     return RunSeries(source=source, step_T=tick.astype(np.int64), scalars=scalars, bands=bands,
                      load_TLE=load, load_label="usage EMA u", maxvio_TL=maxvio_L,
                      tbar_local_TLE=None if tl is None else tl[system].astype(np.float64),
-                     tbar_global_TE=None if tg is None else tg[system].astype(np.float64),
                      step_label="tick")
 
 
@@ -395,6 +396,9 @@ def _load_npz(path: Path, system: int) -> RunSeries:
             traj = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: cannot read simulator trajectory ({e})") from None
+    if "meta_json" in traj:
+        from .trajectory import check_format
+        check_format(json.loads(str(traj["meta_json"])).get("format"), path)
     return series_from_trajectory(traj, system=system, source=str(path))
 
 
@@ -516,7 +520,8 @@ def _fig_landscape(s: RunSeries, out: Path) -> Path | None:
         shade_band(ax, *HEALTHY_RANGES["valleys"])
         ax.legend(fontsize=7, loc="upper left")
     ax.set_ylabel("count")
-    ax.set_title("valleys and ridges of the global T̄", fontsize=9, loc="left")
+    ax.set_title("valleys and ridges (per layer: mean over layers for a trajectory)", fontsize=9,
+                 loc="left")
     ax.set_xlabel(s.step_label)
     return save_figure(fig, out / "landscape.png")
 
