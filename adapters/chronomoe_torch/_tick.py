@@ -203,8 +203,11 @@ class TickKernel:
         ctrl, cfg = self.ctrl, self.ctrl.config
         b, E = ctrl._buffers, ctrl.num_experts
         T_fast_old = b["T_fast_LE"]
-        Tbar_g = _ema(b["Tbar_global"], T_fast_old.sum() / T_fast_old.numel(),
-                      cfg.eta_structural_T_global)             # scalar EMA of mean_{L,E}(T_fast)
+        # Scalar EMA of mean_{L,E}(T_fast), the mean kept in the range of what it averages
+        # (as the reference: rounding can put the mean of equal values an ulp outside).
+        lo, hi = torch.aminmax(T_fast_old)
+        t_mean = torch.clamp(T_fast_old.sum() / T_fast_old.numel(), lo, hi)
+        Tbar_g = _ema(b["Tbar_global"], t_mean, cfg.eta_structural_T_global)
         share = usage / usage.sum(dim=1, keepdim=True)               # float64, then cast
         dev = share - 1.0 / E
         # P = clip(2(1/E − share)) and d = |share − 1/E|: 1/E − x = −(x − 1/E) exactly.
