@@ -1,4 +1,4 @@
-"""Benchmark: PxTController tick and CoherenceGatedOptimizer overhead.
+"""Benchmark: PxTController tick (law v2) and CoherenceGatedOptimizer overhead.
 
 Question: what does a controller tick cost on CPU (the prototype took 57–86 ms at L = 32,
 E = 64), in kernels and in time, at a small (L = 8, E = 8) and a large (L = 32, E = 64) size, in
@@ -69,9 +69,11 @@ def bench_tick(L: int, E: int, dtype: torch.dtype, device: torch.device, ticks: 
     g = torch.Generator(device="cpu").manual_seed(0)
     counts = torch.randint(0, 200, (8, L, E), generator=g).to(device=device, dtype=torch.float32)
     loss = counts * 2.5
+    scale = (torch.rand(8, L, generator=g) + 0.5).to(device)     # observed logit scale (v2)
 
     def observe(i: int) -> None:
-        ctrl.observe_all(counts[i % 8], counts[i % 8], loss[i % 8] if with_loss else None)
+        ctrl.observe_all(counts[i % 8], counts[i % 8], loss[i % 8] if with_loss else None,
+                         scale[i % 8])
 
     for i in range(40):                                   # warm-up (allocator, kernels)
         observe(i)

@@ -1,6 +1,7 @@
 """chronomoe_dyn: the P×T routing controller of Mixture-of-Experts models, in NumPy + Numba.
 
-The control law (``step``, ``routing_fields``) is the NumPy reference; the batched simulator
+The control law, version 2 (``step``, ``routing_fields``) and its routing rule
+(``chronomoe_dyn.routing.route``) are the NumPy reference; the batched simulator
 (``simulate``, ``simulate_kuramoto``) runs it in Numba kernels that compile lazily on first use
 (cached on disk), so ``import chronomoe_dyn`` stays fast and never imports torch or numba.
 """
@@ -8,9 +9,11 @@ The control law (``step``, ``routing_fields``) is the NumPy reference; the batch
 from __future__ import annotations
 
 from .config import ControllerConfig
-from .landscape import Landscape, ValleyHealth, landscape, state_landscape, valley_health
-from .law import (KnobFactors, coherence_gate, knob_factors, order_parameter, routing_fields,
-                  step)
+from .landscape import (Landscape, ModelLandscape, ModelValleyHealth, ValleyHealth, landscape,
+                        landscape_masks, model_landscape, model_valley_health, state_landscape,
+                        valley_health)
+from .law import (KnobFactors, LayerFields, RoutingFields, coherence_gate, knob_factors,
+                  order_parameter, routing_fields, smooth_kappa, step)
 from .schedule import (AdaptiveRule, AdaptiveState, KnobSchedule, adaptive_update, kappa_at,
                        phase_label)
 from .state import ControllerState, RoutingObservation, init_state
@@ -19,8 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ControllerConfig", "ControllerState", "RoutingObservation", "init_state", "step",
-    "routing_fields", "order_parameter", "knob_factors", "KnobFactors", "coherence_gate",
-    "Landscape", "landscape", "state_landscape", "ValleyHealth", "valley_health",
+    "routing_fields", "RoutingFields", "LayerFields", "order_parameter", "knob_factors",
+    "KnobFactors", "coherence_gate", "smooth_kappa", "Landscape", "landscape", "landscape_masks",
+    "state_landscape", "ModelLandscape", "model_landscape", "ValleyHealth", "valley_health",
+    "ModelValleyHealth", "model_valley_health",
     "KnobSchedule", "kappa_at", "phase_label", "AdaptiveRule", "AdaptiveState",
     "adaptive_update", "simulate", "simulate_kuramoto", "EnvConfig", "Trajectory",
 ]

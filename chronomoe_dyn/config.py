@@ -1,13 +1,15 @@
-"""Controller configuration: every constant of the P×T control law (DESIGN.md §3).
+"""Controller configuration: every constant of the P×T control law, version 2 (DESIGN.md §3).
 
 One frozen dataclass. Each field is validated in ``__post_init__``; a bad value raises
 ``ValueError`` naming the field, the value and what is allowed.
 
-Defaults marked "seed" come from the original design note and prototype. The Kuramoto
-constants (coupling, omega0, omega_disorder_std, drift_gain, phase_noise, dt) and lens_max are
-ours; they were calibrated against the simulator's default environment and κ schedule (the
-"Calibration" paragraph of ``chronomoe_dyn.simulate`` says how) and checked with the ``phases``
-and ``kuramoto`` studies (see README, "Calibration").
+Defaults marked "seed" come from the original design note and prototype. The Kuramoto constants
+(coupling, omega0, omega_disorder_std, phase_noise, dt) are ours, calibrated for version 1 (see
+"Calibration" in ``chronomoe_dyn.simulate``). The version-2 constants (drift_gain on the z-scored
+drift, pressure_gain, exploration_tau0, beta_tau, lens_rate/lens_max in normalised units, the
+routing temperature clamp) are PROVISIONAL: starting points with the reasoning given per field,
+until the calibration study (issue 9) chooses them once against both the simulator's default
+environment and the real-text benchmark.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["ControllerConfig"]
+__all__ = ["ControllerConfig", "LENS_CLOCKS", "CHOICES"]
+
+LENS_CLOCKS = ("macro", "micro")
+"""Allowed values of ``ControllerConfig.lens_clock``."""
+CHOICES: dict[str, tuple[str, ...]] = {"lens_clock": LENS_CLOCKS}
+"""The string-valued fields and their allowed values, in a fixed order (the Numba kernels receive
+the index of the value in this tuple)."""
 
 
 def _check_range(name: str, value: Any, lo: float | None, hi: float | None,
@@ -68,12 +76,14 @@ class ControllerConfig:
     omega_disorder_std: float = 0.05
     """Std of the fixed Gaussian per-oscillator frequency disorder, drawn at init from the seed.
     Against K it sets the R that perfectly stable routing reaches."""
-    drift_gain: float = 4.0
-    """α: frequency shift per unit of signed routing drift δ = E·(frac − u). Calibrated (see
-    "Calibration" in ``chronomoe_dyn.simulate``): with α = 4 the drift of an unsettled router
-    keeps R near the incoherent 1/sqrt(L·E) level, while the token-sampling drift of a settled
-    one (δ std ≈ 0.12 per tick at 256 tokens) still leaves R ≈ 0.88; with α = 1, R ≥ 0.95 from
-    tick ≈ 1000 whatever the router does."""
+    drift_gain: float = 0.3
+    """α: frequency shift per unit of z-scored routing drift δ = (frac − u)/sqrt(max(u(1−u),
+    1/E²)/n). PROVISIONAL (until the calibration study). Reasoning: each tick kicks a phase by
+    α·dt·δ; with δ a z-score, noise-driven locking needs roughly α²·dt·var(δ) < K = 0.25. In
+    real training the drift z-scores fall from ≈ 6–7 early to ≈ 1.5–2.5 late, and pure
+    multinomial sampling gives ≈ 0.8 (DESIGN.md §3, spec check), so α ≈ 0.3 leaves R incoherent
+    early (0.09·0.5·40 ≈ 1.8 > K) and lets it rise as routing settles (0.09·0.5·4 ≈ 0.18 < K).
+    (Version 1 used α = 4 on δ = E·(frac − u), a different unit.)"""
     phase_noise: float = 0.0
     """σ: phase-diffusion noise amplitude (θ += σ·sqrt(dt)·ξ, ξ ~ N(0,1) from the counter RNG)."""
     dt: float = 0.5
@@ -99,9 +109,15 @@ class ControllerConfig:
 
     # --- lens (integral term of the pressure controller) ---------------------------------
     lens_rate: float = 0.05
-    """γ: lens step per macro tick. Seed: 0.05."""
+    """γ: lens step per lens tick (see ``lens_clock``), in units of the centred, σ-normalised
+    logit z̃ (the bias's unit). PROVISIONAL: the seed's 0.05; with |P| ≤ 1 and σ(5ΔR) ≈ ½ the
+    lens moves ≤ 0.025 z̃ per macro tick, i.e. it needs ≈ 800 ticks to reach ±lens_max."""
     lens_max: float = 1.0
-    """Clip of |lens| (ours)."""
+    """Clip of |lens|, in z̃ units. PROVISIONAL: one logit standard deviation, as large as the
+    proportional term k_P·|P| ≤ 1 can be."""
+    lens_clock: str = "macro"
+    """Clock of the lens update: "macro" (every macro_period ticks, the seed's choice) or
+    "micro" (every micro_period ticks). The calibration study chooses."""
 
     # --- meta-knob κ ------------------------------------------------------------------------
     beta_pressure: float = 0.5
@@ -114,11 +130,26 @@ class ControllerConfig:
     """EMA rate of κ inside the controller: κ_s ← (1−r)κ_s + r·κ. 1.0 = no smoothing
     (the prototype used 0.3)."""
 
-    # --- outputs ------------------------------------------------------------------------
-    pressure_scale: float = 0.1
-    """Scale of the routing bias: bias = pressure_scale·exp(β_p κ)·(P + lens). Seed: 0.1."""
-    temperature_scale: float = 1.0
-    """Scale of the applied temperature before its clamp to [0.1, 10]. Seed: 1.0."""
+    # --- outputs: the routing rule (DESIGN.md §3.8) ---------------------------------------
+    pressure_gain: float = 1.0
+    """k_P: bias = e^{β_p κ}(k_P·P + lens), in units of the centred, σ-normalised logit z̃.
+    PROVISIONAL: with |P| ≤ 1 a fully over- or under-used expert moves by up to one logit
+    standard deviation, enough to change close top-k choices without overriding clear ones
+    (the spec check's fields-on run: MaxVio_global 0.15 vs 0.54 off, at equal loss)."""
+    routing_T_min: float = 0.1
+    """T_lo: lower clamp of the output temperature (was the constant TEMPERATURE_MIN)."""
+    routing_T_max: float = 10.0
+    """T_hi: upper clamp of the output temperature (was the constant TEMPERATURE_MAX)."""
+    exploration_tau0: float = 0.1
+    """τ₀: scale of the Gumbel exploration noise at κ = 0, τ = τ₀·e^{β_τ κ} (0: no noise).
+    PROVISIONAL: z̃/T has unit spread, so τ = 1 swamps it (65 % of slots explored in the spec
+    check); τ₀ = 0.1 explored ≈ 18 % under the seed's κ schedule at no loss cost."""
+    beta_tau: float = 1.5
+    """β_τ: κ gain on the exploration noise, τ = τ₀·e^{β_τ κ}. PROVISIONAL: makes κ a strong
+    lever (spec check: constant κ = +1 vs −1 explored 61 % vs 3.8 % of slots, 16×)."""
+    logit_scale_floor: float = 1e-3
+    """Floor of σ_L when routing divides by it (a router whose logits are all equal, or a layer
+    not observed yet: σ_L = 0)."""
 
     # --- diagnostics -----------------------------------------------------------------------
     landscape_threshold_std: float = 0.5
@@ -155,8 +186,17 @@ class ControllerConfig:
         _check_range("beta_temperature", self.beta_temperature, 0.0, 10.0)
         _check_range("beta_lens", self.beta_lens, 0.0, 10.0)
         _check_range("kappa_smoothing", self.kappa_smoothing, 0.0, 1.0, lo_open=True)
-        _check_range("pressure_scale", self.pressure_scale, 0.0, None)
-        _check_range("temperature_scale", self.temperature_scale, 0.0, None, lo_open=True)
+        if self.lens_clock not in LENS_CLOCKS:
+            raise ValueError(f"lens_clock={self.lens_clock!r}: allowed values are {LENS_CLOCKS}")
+        _check_range("pressure_gain", self.pressure_gain, 0.0, None)
+        _check_range("routing_T_min", self.routing_T_min, 0.0, None, lo_open=True)
+        _check_range("routing_T_max", self.routing_T_max, 0.0, None, lo_open=True)
+        if self.routing_T_min > self.routing_T_max:
+            raise ValueError(f"routing_T_min={self.routing_T_min!r} > routing_T_max="
+                             f"{self.routing_T_max!r}: need routing_T_min <= routing_T_max")
+        _check_range("exploration_tau0", self.exploration_tau0, 0.0, None)
+        _check_range("beta_tau", self.beta_tau, 0.0, 10.0)
+        _check_range("logit_scale_floor", self.logit_scale_floor, 0.0, None, lo_open=True)
         _check_range("landscape_threshold_std", self.landscape_threshold_std, 0.0, None)
         _check_range("landscape_formed_variance", self.landscape_formed_variance, 0.0, None)
         _check_range("unhealthy_reliability", self.unhealthy_reliability, 0.0, 1.0)

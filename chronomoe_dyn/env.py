@@ -19,30 +19,29 @@ seen enough and can still track a collapse):
 
     n ← min(n + c, memory);  est ← est + min(c/n, 1)·(mean_x − est)        (c slots this tick)
 
-Routing, per layer and token of domain d:
+Its raw logits, per layer and token of domain d:
 
-    logit_e = sharpness·(mean_e' est[l, d, e'] − est[l, d, e])       (centred, as a trained
-              + batch_noise·(2u_b − 1) + token_noise·(2u_t − 1)      router's logits are)
-    score_e = (logit_e + bias_e) / temperature_e                      (the controller's fields)
+    z_e = base[l, d, e] + token_noise·(2u_t − 1),
+    base[l, d, e] = sharpness·(mean_e' est[l, d, e'] − est[l, d, e]) + batch_noise·(2u_b − 1)
 
-top-k on the scores (ties to the lower index), gate weights = softmax over the k selected
-scores. u_b is drawn once per (tick, layer, domain, expert) and shared by all the domain's
-tokens of the tick (batch context), u_t per token. Computed as (token-independent part)/T +
-token_noise·(2u_t − 1)·(1/T), so the division happens once per tick and expert; NumPy and Numba
-use the same formula. Note that a temperature common to a layer's experts cannot change which
-experts are selected, only the gate weights: the controller steers the top-k choice through the
-bias and the *differences* between experts' temperatures.
+(u_b drawn once per (tick, layer, domain, expert) and shared by all the domain's tokens of the
+tick: batch context; u_t per token; the mean over experts is summed in index order). The tokens
+are then routed by the v2 rule, ``chronomoe_dyn.routing.route`` (the controller's fields, the
+Gumbel noise u from ``rng.STREAM_GUMBEL`` at index (l·T + t)·E + e, gates renormalised over the
+top-k from the raw logits; ``controller_fields=False``: plain top-k of z). The environment
+reports per layer the counts, gate-weight sums, token-loss sums, the logit scale (mean over
+tokens of the std across experts of z) and the explored slots.
 
-Determinism: every random number is a counter-RNG draw (``rng.uniform``) keyed by the system's
-seed, a stream of this module (never ``rng.STREAM_PHASE``), the tick and an index. Domains are
-drawn by comparing a uniform with the cumulative mixture and the noise on the logits is uniform,
-so the environment itself puts no transcendental function in front of a discrete choice; the
-controller's fields (through R) agree between backends to rounding, so the NumPy reference below
-and the Numba kernel make the same top-k choices. Exact ties are not rare: with no noise and a
-flat router (sharpness 0, or equal estimates) experts the controller treats alike get
-bit-identical scores; both backends order the selection by (score descending, index
-ascending), -0.0 equal to 0.0, so they pick the same experts into the same slots. Only a score
-difference within the rounding of the controller's fields (a near-tie) could split them.
+Determinism: every random number is a counter-RNG draw keyed by the system's seed, a stream of
+the registry in ``rng`` (never ``rng.STREAM_PHASE``), the tick and an index. Domains are drawn by
+comparing a uniform with the cumulative mixture, the noise on the logits is uniform and the
+Gumbel noise uses ``rng.log_poly``, so the environment puts no platform transcendental function
+in front of a discrete choice: the logits, their centring and the noise are the same bits in
+NumPy and in the Numba kernel. The controller's fields agree between backends to rounding, so
+both make the same top-k choices; both order the selection by (score descending, index
+ascending), -0.0 equal to 0.0, so exact ties (a flat router without noise) pick the same experts
+into the same slots. Only a score difference within the rounding of the controller's fields (a
+near-tie) could split them.
 
 Events (scripted): ``Event("collapse", tick, expert=e, layer=l|None, quality=q)`` sets the
 quality of expert e on every domain to q in one layer (or all) from that tick on;
@@ -59,26 +58,14 @@ from typing import Any
 import numpy as np
 
 from . import rng
+from .law import RoutingFields
+from .rng import (STREAM_BATCH, STREAM_DOMAIN, STREAM_GUMBEL, STREAM_HOME, STREAM_LOSS,
+                  STREAM_QUALITY, STREAM_TOKEN)
+from .routing import route as route_layer
+from .routing import sum_experts
 
 __all__ = ["EnvConfig", "Event", "EnvState", "init_env", "apply_event", "route", "learn",
-           "domain_cumulative", "make_quality", "STREAM_DOMAIN", "STREAM_TOKEN", "STREAM_LOSS",
-           "STREAM_QUALITY", "STREAM_HOME", "STREAM_BATCH", "EVENT_KINDS"]
-
-# Counter-RNG streams of the environment (rng.STREAM_PHASE = 0 belongs to the controller).
-# The Numba kernels import these as compile-time constants: never change them (an on-disk
-# kernel cache would not notice).
-STREAM_DOMAIN = 11
-"""Domain of each token: uniform index t."""
-STREAM_TOKEN = 12
-"""Per-token logit noise: uniform index (l·T + t)·E + e."""
-STREAM_LOSS = 13
-"""Per-slot loss noise: uniform index (l·T + t)·K + k."""
-STREAM_QUALITY = 14
-"""Hidden expert quality at init: uniform index (l·E + e)·D + d (tick 0)."""
-STREAM_HOME = 15
-"""Home-domain shuffle at init: uniform index l·E + e (tick 0)."""
-STREAM_BATCH = 17
-"""Per-tick logit offset shared by a domain's tokens: uniform index (l·D + d)·E + e."""
+           "domain_cumulative", "make_quality", "raw_logits", "RoutedTick", "EVENT_KINDS"]
 
 EVENT_KINDS = ("collapse", "domain_shift")
 
@@ -349,6 +336,10 @@ class RoutedTick:
     counts_LE: np.ndarray
     wsum_LE: np.ndarray
     loss_LE: np.ndarray
+    logit_scale_L: np.ndarray
+    """Mean over the tick's tokens of the std across experts of the raw logits, per layer."""
+    explored_L: np.ndarray
+    """Explored slots per layer (selected experts outside the noiseless top-k)."""
     sumx_LDE: np.ndarray
     """Sum of the slot losses the router observed per (layer, domain, expert)."""
     cnt_LDE: np.ndarray
@@ -357,49 +348,57 @@ class RoutedTick:
     """Mean token loss over layers and tokens."""
 
 
-def route(env: EnvConfig, es: EnvState, bias_LE: np.ndarray, temperature_LE: np.ndarray,
-          seed: int, tick: int) -> RoutedTick:
+def raw_logits(env: EnvConfig, es: EnvState, seed: int, tick: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(dom_T, z_LTE): each token's domain and the router's raw logits (module docstring)."""
+    L, E, D, T = env.num_layers, env.num_experts, env.num_domains, env.tokens_per_tick
+    u_T = rng.uniform(seed, STREAM_DOMAIN, tick, np.arange(T))
+    dom_T = np.searchsorted(es.cum_D, u_T, side="right")        # first d with u < cum[d]
+    u_LDE = rng.uniform(seed, STREAM_BATCH, tick, np.arange(L * D * E)).reshape(L, D, E)
+    mean_LD1 = (sum_experts(es.est_LDE) / E)[..., None]
+    base_LDE = env.router_sharpness * (mean_LD1 - es.est_LDE) \
+        + env.batch_noise * (2.0 * u_LDE - 1.0)
+    u_LTE = rng.uniform(seed, STREAM_TOKEN, tick, np.arange(L * T * E)).reshape(L, T, E)
+    return dom_T, base_LDE[:, dom_T, :] + env.token_noise * (2.0 * u_LTE - 1.0)
+
+
+def route(env: EnvConfig, es: EnvState, fields: RoutingFields, seed: int, tick: int,
+          controller_fields: bool = True) -> RoutedTick:
     """One tick of routing in NumPy: the reference the Numba kernel reproduces."""
     L, E, D, T, K = (env.num_layers, env.num_experts, env.num_domains, env.tokens_per_tick,
                      env.top_k)
-    u_T = rng.uniform(seed, STREAM_DOMAIN, tick, np.arange(T))
-    dom_T = np.searchsorted(es.cum_D, u_T, side="right")        # first d with u < cum[d]
-    u_LTE = rng.uniform(seed, STREAM_TOKEN, tick, np.arange(L * T * E)).reshape(L, T, E)
-    # (logits + bias)/temperature with the token noise divided separately: the same number
-    # up to rounding, and the kernel then divides once per (layer, domain, expert), not per token.
-    u_LDE = rng.uniform(seed, STREAM_BATCH, tick, np.arange(L * D * E)).reshape(L, D, E)
-    mean_LD1 = es.est_LDE.mean(axis=-1, keepdims=True)
-    base_LDE = (env.router_sharpness * (mean_LD1 - es.est_LDE)
-                + env.batch_noise * (2.0 * u_LDE - 1.0) + bias_LE[:, None, :]) \
-        / temperature_LE[:, None, :]
-    invT_LE = 1.0 / temperature_LE
-    scores_LTE = base_LDE[:, dom_T, :] \
-        + env.token_noise * (2.0 * u_LTE - 1.0) * invT_LE[:, None, :]
-    # Stable sort of the negated scores: descending, ties to the lower expert index.
-    sel_LTK = np.argsort(-scores_LTE, axis=-1, kind="stable")[..., :K]
-    s_LTK = np.take_along_axis(scores_LTE, sel_LTK, axis=-1)
-    ex_LTK = np.exp(s_LTK - s_LTK[..., :1])                    # column 0 is exp(0) = 1
-    g_LTK = ex_LTK / ex_LTK.sum(axis=-1, keepdims=True)
+    dom_T, z_LTE = raw_logits(env, es, seed, tick)
+    noisy = controller_fields and fields.tau > 0.0
+    u_LTE = rng.uniform(seed, STREAM_GUMBEL, tick, np.arange(L * T * E)).reshape(L, T, E) \
+        if noisy else None
+    sel_LTK = np.zeros((L, T, K), dtype=np.int64)
+    g_LTK = np.zeros((L, T, K))
+    scale_L = np.zeros(L)
+    explored_L = np.zeros(L)
+    for li in range(L):
+        r = route_layer(z_LTE[li], fields.layer(li), K, None if u_LTE is None else u_LTE[li],
+                        renormalize=True, controller_fields=controller_fields)
+        sel_LTK[li], g_LTK[li] = r.selected_NK, r.gates_NK
+        # mean over tokens, summed in token order (the kernel's loop)
+        scale_L[li] = np.add.accumulate(r.logit_std_N)[-1] / T
+        explored_L[li] = float(r.explored_NK.sum())
     u_LTK = rng.uniform(seed, STREAM_LOSS, tick, np.arange(L * T * K)).reshape(L, T, K)
     q_LTK = es.quality_LED[np.arange(L)[:, None, None], sel_LTK, dom_T[None, :, None]]
     x_LTK = env.loss_floor + env.loss_range * (1.0 - q_LTK) + env.loss_noise * (2.0 * u_LTK - 1.0)
     tl_LT = (g_LTK * x_LTK).sum(axis=-1)
 
-    counts_LE = np.zeros((L, E))
-    wsum_LE = np.zeros((L, E))
-    loss_LE = np.zeros((L, E))
     # Keys over (layer, expert) and (layer, domain, expert); bincount accumulates in token
     # order, as the kernel's loop does.
     key_LTK = np.arange(L)[:, None, None] * E + sel_LTK
-    counts_LE[:] = np.bincount(key_LTK.ravel(), minlength=L * E).reshape(L, E)
-    wsum_LE[:] = np.bincount(key_LTK.ravel(), weights=g_LTK.ravel(), minlength=L * E).reshape(L, E)
-    loss_LE[:] = np.bincount(key_LTK.ravel(), weights=np.repeat(tl_LT.ravel(), K),
-                             minlength=L * E).reshape(L, E)
+    counts_LE = np.bincount(key_LTK.ravel(), minlength=L * E).reshape(L, E).astype(np.float64)
+    wsum_LE = np.bincount(key_LTK.ravel(), weights=g_LTK.ravel(), minlength=L * E).reshape(L, E)
+    loss_LE = np.bincount(key_LTK.ravel(), weights=np.repeat(tl_LT.ravel(), K),
+                          minlength=L * E).reshape(L, E)
     kd_LTK = (np.arange(L)[:, None, None] * D + dom_T[None, :, None]) * E + sel_LTK
     sumx = np.bincount(kd_LTK.ravel(), weights=x_LTK.ravel(), minlength=L * D * E)
     cnt = np.bincount(kd_LTK.ravel(), minlength=L * D * E).astype(np.float64)
-    return RoutedTick(counts_LE, wsum_LE, loss_LE, sumx.reshape(L, D, E), cnt.reshape(L, D, E),
-                      float(tl_LT.mean()))
+    return RoutedTick(counts_LE, wsum_LE, loss_LE, scale_L, explored_L, sumx.reshape(L, D, E),
+                      cnt.reshape(L, D, E), float(tl_LT.mean()))
 
 
 def learn(env: EnvConfig, es: EnvState, routed: RoutedTick) -> None:

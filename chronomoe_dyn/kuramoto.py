@@ -27,11 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rng
+from .rng import STREAM_KURAMOTO_INIT
 
 __all__ = ["KuramotoResult", "simulate_kuramoto", "lorentzian_quantiles", "STREAM_KURAMOTO_INIT"]
-
-STREAM_KURAMOTO_INIT = 16
-"""Counter-RNG stream of the default initial phases."""
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,30 @@
-"""The P×T control law: the NumPy reference every backend must match (DESIGN.md §3).
+"""The P×T control law, version 2: the NumPy reference every backend must match (DESIGN.md §3).
 
-Per tick, given counts_LE, wsum_LE and optionally loss_LE:
+Per tick, given counts_LE, wsum_LE, optionally loss_LE and logit_scale_L (σ observed):
 
 1. clocks: tick += 1; micro when tick % micro_period == 0, macro when tick % macro_period == 0.
-2. usage (layers that saw tokens): frac = counts / Σ_e counts; δ = E·(frac − u);
-   u ← ρu + (1−ρ)frac.
+2. usage (layers with n = Σ_e counts > 0): frac = counts/n;
+   δ = (frac − u)/sqrt(max(u(1−u), 1/E²)/n)  (u before the update: a z-score against
+   multinomial sampling noise, |δ| ~ 1 for stable routing whatever n);  u ← ρu + (1−ρ)frac;
+   σ_L ← observed σ on the layer's first observation (σ_L == 0), else ρσ_L + (1−ρ)σ.
 3. reliability target: σ(sharp·(m̄ − m_e)/m̄) from mean token losses m_e (m̄: the layer's
    token-weighted mean), else u/max(u); s ← ρs + (1−ρ)target for experts that got tokens.
 4. Kuramoto over all L·E oscillators: Z = mean(e^{iθ}) = R e^{iψ};
-   θ ← θ + dt·(ω₀ + ω_dis + α·δ + K·R·sin(ψ − θ)) + σ·sqrt(dt)·ξ  (mod 2π); ΔR = R_new − R_old.
-5. micro tick: T̄_g ← (1−η_g)T̄_g + η_g·mean_L(T_fast); P = clip(2(1/E − u/Σu), −1, 1);
-   d̂ = |u/Σu − 1/E| / max; T_fast = clip(T_base(1+β_R(1−R))(1+β_d d̂)(1+β_s(1−s)), T_min, T_max);
+   θ ← θ + dt·(ω₀ + ω_dis + α·δ + K·R·sin(ψ − θ)) + σ_θ·sqrt(dt)·ξ  (mod 2π); ΔR = R_new − R_old.
+5. micro tick: T̄_g ← (1−η_g)T̄_g + η_g·mean_{L,E}(T_fast)  (a scalar; T_fast of the last micro
+   tick; the mean clipped to the range of the T_fast, against rounding); P = clip(2(1/E − u/Σu), −1, 1); d̂ = |u/Σu − 1/E| / max;
+   T_fast = clip(T_base(1+β_R(1−R))(1+β_d d̂)(1+β_s(1−s)), T_min, T_max);
    T̄_l ← (1−η_l)T̄_l + η_l·T_fast; T_eff = T_fast·T̄_g·T̄_l.
-6. macro tick: lens ← clip(lens + γ·e^{β_A κ}·σ(5ΔR)·P, ±lens_max).
-7. κ (EMA rate r, 1 = none) scales pressure by e^{β_p κ}, temperature by e^{β_T κ}.
-8. outputs: bias = scale_p·e^{β_p κ}(P + lens); temperature = clamp(T_eff·scale_T·e^{β_T κ}, 0.1, 10).
+6. lens tick (``lens_clock``: macro or micro): lens ← clip(lens + γ·e^{β_A κ}·σ(5ΔR)·P, ±lens_max).
+7. κ (EMA rate r, 1 = none; ``smooth_kappa``) scales pressure by e^{β_p κ}, temperature by
+   e^{β_T κ}, the lens rate by e^{β_A κ} and the exploration noise by e^{β_τ κ}.
+8. outputs (``routing_fields``): bias = e^{β_p κ}·(k_P·P + lens);
+   temperature = clip(T_eff·e^{β_T κ}, T_lo, T_hi); scale_L = max(σ_L, floor); τ = τ₀·e^{β_τ κ}.
+   The routing rule that uses them is ``chronomoe_dyn.routing``.
 
-Every EMA is clipped to the hull of its old value and its input, so floating point never steps
-outside it. Bad observations raise before anything is computed: the old state is never touched.
+Every EMA is clipped to the hull of its old value and its input (``ema``), so floating point
+never steps outside it. Bad observations raise before anything is computed: the old state is
+never touched.
 """
 
 from __future__ import annotations
@@ -29,18 +36,15 @@ import numpy as np
 
 from . import rng
 from .config import ControllerConfig
-from .state import ControllerState, RoutingObservation, validate_observation
+from .state import ControllerState, RoutingObservation, order_parameter, validate_observation
 
 __all__ = [
-    "step", "routing_fields", "order_parameter", "knob_factors", "KnobFactors",
-    "coherence_gate", "TEMPERATURE_MIN", "TEMPERATURE_MAX", "TWO_PI", "check_kappa",
+    "step", "routing_fields", "RoutingFields", "LayerFields", "order_parameter", "knob_factors",
+    "KnobFactors", "coherence_gate", "smooth_kappa", "ema", "drift_zscore", "TWO_PI",
+    "check_kappa", "DRIFT_EPS", "LENS_DR_GAIN",
 ]
 
 TWO_PI = 2.0 * math.pi
-TEMPERATURE_MIN = 0.1
-"""Lower clamp of the applied router temperature."""
-TEMPERATURE_MAX = 10.0
-"""Upper clamp of the applied router temperature."""
 LENS_DR_GAIN = 5.0
 """Slope of σ(5ΔR) in the lens update (DESIGN.md §3.6)."""
 DRIFT_EPS = 1e-12
@@ -50,10 +54,40 @@ rounding noise of ~1e-16 even when u is exactly uniform (Σu ≠ 1 in floating p
 
 
 class KnobFactors(NamedTuple):
-    """Multipliers the meta-knob κ applies: exp(β_p κ), exp(β_T κ), exp(β_A κ)."""
+    """Multipliers the meta-knob κ applies: exp(β_p κ), exp(β_T κ), exp(β_A κ), exp(β_τ κ)."""
     pressure: float
     temperature: float
     lens: float
+    exploration: float
+
+
+class LayerFields(NamedTuple):
+    """The controller's fields for one layer, as the routing rule takes them."""
+    bias_E: np.ndarray
+    """[E] additive bias on the score, in z̃ units."""
+    temperature_E: np.ndarray
+    """[E] per-expert routing temperature (divides z̃)."""
+    scale: float
+    """max(σ_L, logit_scale_floor): divides the centred logits."""
+    tau: float
+    """Gumbel noise scale τ = τ₀·e^{β_τ κ} (0: deterministic routing)."""
+
+
+class RoutingFields(NamedTuple):
+    """What the router receives from the controller (``routing_fields``)."""
+    bias_LE: np.ndarray
+    """[L, E] e^{β_p κ}·(k_P·P + lens)."""
+    temperature_LE: np.ndarray
+    """[L, E] clip(T_eff·e^{β_T κ}, routing_T_min, routing_T_max)."""
+    scale_L: np.ndarray
+    """[L] max(σ_L, logit_scale_floor)."""
+    tau: float
+    """τ₀·e^{β_τ κ}."""
+
+    def layer(self, layer: int) -> LayerFields:
+        """The fields of one layer."""
+        return LayerFields(self.bias_LE[layer], self.temperature_LE[layer],
+                           float(self.scale_L[layer]), float(self.tau))
 
 
 def check_kappa(kappa: float) -> float:
@@ -73,38 +107,43 @@ def knob_factors(kappa: float, config: ControllerConfig) -> KnobFactors:
     """The κ multipliers; all equal 1 at κ = 0 and increase with κ."""
     k = check_kappa(kappa)
     return KnobFactors(math.exp(config.beta_pressure * k), math.exp(config.beta_temperature * k),
-                       math.exp(config.beta_lens * k))
+                       math.exp(config.beta_lens * k), math.exp(config.beta_tau * k))
 
 
-def order_parameter(theta: np.ndarray) -> tuple[float, float]:
-    """Kuramoto order parameter of all phases in ``theta`` (any shape): (R, ψ).
-
-    R = |mean(e^{iθ})| clipped to [0, 1]; ψ = arg of the mean, in (-π, π]."""
-    th = np.asarray(theta, dtype=np.float64)
-    if th.size == 0:
-        raise ValueError("order_parameter: theta is empty")
-    c = float(np.mean(np.cos(th)))
-    s = float(np.mean(np.sin(th)))
-    R = min(1.0, math.hypot(c, s))
-    return R, math.atan2(s, c)
+def ema(old, new, rate):
+    """(1 − rate)·old + rate·new, clipped to the hull of old and new. Scalars or arrays; the
+    Numba kernels compile this same function, so the bits agree."""
+    out = (1.0 - rate) * old + rate * new
+    return np.minimum(np.maximum(out, np.minimum(old, new)), np.maximum(old, new))
 
 
-def coherence_gate(R: float, min_coherence: float = 0.2, strength: float = 0.5) -> float:
+def smooth_kappa(kappa_old, kappa_target, smoothing):
+    """κ in effect after one tick of the controller's κ smoothing (EMA of rate ``smoothing``,
+    1 = none, hull-clipped). Scalars or arrays. The one formula of κ smoothing: law.step, the
+    simulator and the kernels use it; the torch adapter mirrors it."""
+    return ema(kappa_old, kappa_target, smoothing)
+
+
+def coherence_gate(R, min_coherence: float = 0.2, strength: float = 0.5):
     """Seed's gate: 1 − strength·(1 − g(R)), g = 0 below min_coherence, else
-    (R − min)/(1 − min). In [0, 1], non-decreasing in R; equals 1 at R = 1."""
+    (R − min)/(1 − min). In [0, 1], non-decreasing in R; equals 1 at R = 1. R may be a float
+    (returns a float) or an array (elementwise)."""
     if not 0.0 <= min_coherence < 1.0:
         raise ValueError(f"min_coherence={min_coherence!r}: allowed range is [0, 1)")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength!r}: allowed range is [0, 1]")
-    r = min(max(float(R), 0.0), 1.0)
-    g = 0.0 if r < min_coherence else (r - min_coherence) / (1.0 - min_coherence)
-    return min(max(1.0 - strength * (1.0 - g), 0.0), 1.0)
+    r = np.clip(np.asarray(R, dtype=np.float64), 0.0, 1.0)
+    g = np.where(r < min_coherence, 0.0, (r - min_coherence) / (1.0 - min_coherence))
+    out = np.clip(1.0 - strength * (1.0 - g), 0.0, 1.0)
+    return float(out) if out.ndim == 0 else out
 
 
-def _ema(old: np.ndarray, new: np.ndarray, rate: float) -> np.ndarray:
-    """(1 − rate)·old + rate·new, clipped to the hull of old and new."""
-    out = (1.0 - rate) * old + rate * new
-    return np.clip(out, np.minimum(old, new), np.maximum(old, new))
+def drift_zscore(frac: np.ndarray, usage: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """δ = (frac − u)/sqrt(max(u(1−u), 1/E²)/n) along the last axis (E experts); n > 0 is the
+    slots of each row (broadcast)."""
+    E = usage.shape[-1]
+    var = np.maximum(usage * (1.0 - usage), 1.0 / (E * E))
+    return (frac - usage) / np.sqrt(var / n)
 
 
 def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
@@ -132,7 +171,7 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
          kappa: float = 0.0) -> ControllerState:
     """One controller tick. Pure: returns a new state; raises on bad input, touching nothing."""
     L, E = state.num_layers, state.num_experts
-    counts, _wsum, loss = validate_observation(obs, L, E)
+    counts, _wsum, loss, scale_obs = validate_observation(obs, L, E)
     k_in = check_kappa(kappa)
     cfg = config
 
@@ -140,23 +179,29 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
     tick = state.tick + 1
     micro = tick % cfg.micro_period == 0
     macro = tick % cfg.macro_period == 0
+    lens_tick = macro if cfg.lens_clock == "macro" else micro
 
     # 7 (first, so this tick's lens sees it). κ smoothing.
-    kap = float(np.clip((1.0 - cfg.kappa_smoothing) * state.kappa + cfg.kappa_smoothing * k_in,
-                        min(state.kappa, k_in), max(state.kappa, k_in)))
+    kap = float(smooth_kappa(state.kappa, k_in, cfg.kappa_smoothing))
 
-    # 2. usage
+    # 2. usage, z-scored drift, logit scale
     rho = cfg.usage_decay
-    tot = counts.sum(axis=1, keepdims=True)                     # [L, 1]
+    tot = counts.sum(axis=1, keepdims=True)                     # [L, 1] slots n
     active = tot > 0                                            # [L, 1]
     frac = np.divide(counts, tot, out=np.zeros_like(counts), where=active)
-    delta = np.where(active, E * (frac - state.usage_LE), 0.0)
-    usage = np.where(active, _ema(state.usage_LE, frac, 1.0 - rho), state.usage_LE)
+    delta = np.where(active, drift_zscore(frac, state.usage_LE, np.where(active, tot, 1.0)), 0.0)
+    usage = np.where(active, ema(state.usage_LE, frac, 1.0 - rho), state.usage_LE)
+    sigma = state.logit_scale_L
+    if scale_obs is not None:
+        seen_L = active[:, 0]
+        first = sigma == 0.0
+        sigma = np.where(seen_L, np.where(first, scale_obs, ema(sigma, scale_obs, 1.0 - rho)),
+                         sigma)
 
     # 3. reliability (only experts that got tokens move)
     target = _reliability_target(counts, loss, usage, cfg.reliability_sharpness)
     seen = counts > 0
-    reliability = np.where(seen, _ema(state.reliability_LE, target, 1.0 - rho),
+    reliability = np.where(seen, ema(state.reliability_LE, target, 1.0 - rho),
                            state.reliability_LE)
 
     # 4. Kuramoto phases (mean field before the update)
@@ -175,9 +220,12 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
 
     # 5. micro tick: temperatures
     pressure, T_fast = state.pressure_LE, state.T_fast_LE
-    Tbar_g, Tbar_l, T_eff = state.Tbar_global_E, state.Tbar_local_LE, state.T_eff_LE
+    Tbar_g, Tbar_l, T_eff = state.Tbar_global, state.Tbar_local_LE, state.T_eff_LE
     if micro:
-        Tbar_g = _ema(Tbar_g, T_fast.mean(axis=0), cfg.eta_structural_T_global)
+        # the mean, kept inside the range of the values it averages (rounding can put the
+        # mean of values all equal to T_max an ulp above T_max)
+        t_mean = min(max(float(T_fast.mean()), float(T_fast.min())), float(T_fast.max()))
+        Tbar_g = float(ema(Tbar_g, t_mean, cfg.eta_structural_T_global))
         share = usage / usage.sum(axis=1, keepdims=True)
         pressure = np.clip(2.0 * (1.0 / E - share), -1.0, 1.0)
         d = np.abs(share - 1.0 / E)
@@ -187,12 +235,12 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
                          * (1.0 + cfg.beta_drift * d_hat)
                          * (1.0 + cfg.beta_reliability * (1.0 - reliability)),
                          cfg.T_min, cfg.T_max)
-        Tbar_l = _ema(Tbar_l, T_fast, cfg.eta_structural_T_local)
-        T_eff = T_fast * Tbar_g[None, :] * Tbar_l
+        Tbar_l = ema(Tbar_l, T_fast, cfg.eta_structural_T_local)
+        T_eff = T_fast * Tbar_g * Tbar_l
 
-    # 6. macro tick: lens
+    # 6. lens tick (after the micro tick's pressure)
     lens = state.lens_LE
-    if macro:
+    if lens_tick:
         rate = cfg.lens_rate * math.exp(cfg.beta_lens * kap) * float(_sigmoid(LENS_DR_GAIN * dR))
         lens = np.clip(lens + rate * pressure, -cfg.lens_max, cfg.lens_max)
 
@@ -200,20 +248,23 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
         tick=tick, seed=state.seed, theta_LE=th_new, omega_disorder_LE=state.omega_disorder_LE,
         R=R, psi=psi, dR=dR, usage_LE=usage, reliability_LE=reliability, delta_LE=delta,
         pressure_LE=pressure, lens_LE=lens, T_fast_LE=T_fast, Tbar_local_LE=Tbar_l,
-        Tbar_global_E=Tbar_g, T_eff_LE=T_eff, kappa=kap,
+        Tbar_global=Tbar_g, T_eff_LE=T_eff, logit_scale_L=sigma, kappa=kap,
     )
 
 
 def routing_fields(state: ControllerState, config: ControllerConfig,
-                   kappa: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(bias_LE, temperature_LE) for the router: logits' = (logits + bias) / temperature.
+                   kappa: float | None = None) -> RoutingFields:
+    """The fields the routing rule takes (``chronomoe_dyn.routing``), DESIGN.md §3.8:
+    bias = e^{β_p κ}·(k_P·P + lens), temperature = clip(T_eff·e^{β_T κ}, T_lo, T_hi),
+    scale_L = max(σ_L, floor), τ = τ₀·e^{β_τ κ}.
 
     ``kappa`` defaults to the κ in effect in ``state`` (the last one ``step`` received, after
     smoothing)."""
     k = state.kappa if kappa is None else check_kappa(kappa)
     f_p = math.exp(config.beta_pressure * k)
     f_t = math.exp(config.beta_temperature * k)
-    bias = config.pressure_scale * f_p * (state.pressure_LE + state.lens_LE)
-    temperature = np.clip(state.T_eff_LE * config.temperature_scale * f_t,
-                          TEMPERATURE_MIN, TEMPERATURE_MAX)
-    return bias, temperature
+    bias = f_p * (config.pressure_gain * state.pressure_LE + state.lens_LE)
+    temperature = np.clip(state.T_eff_LE * f_t, config.routing_T_min, config.routing_T_max)
+    scale = np.maximum(state.logit_scale_L, config.logit_scale_floor)
+    tau = config.exploration_tau0 * math.exp(config.beta_tau * k)
+    return RoutingFields(bias, temperature, scale, tau)

@@ -11,7 +11,8 @@ PNGs go to ``<run_dir>/plots/`` unless ``out_dir`` is given:
 ``curves.png`` (R, κ, gate), ``landscape.png`` (T̄ variance, valley/ridge counts),
 ``tbar_snapshots.png`` (T̄ as a layer × expert heatmap at several times), ``tbar_time.png``
 (T̄ relative to its layer mean, every (layer, expert) over time), ``load.png`` (per-expert load per
-layer over time, MaxVio) and ``loss.png`` (loss and its components). A figure whose data the run
+layer over time, MaxVio), ``routing.png`` (exploration rate, routing and load entropy, logit scale
+σ per layer, MaxVio with the eval set's MaxVio_global) and ``loss.png`` (loss and its components). A figure whose data the run
 does not have is skipped. Shaded bands are the seed's healthy ranges (``HEALTHY_RANGES``).
 
 Run metrics (JSONL) — the schema the torch side writes, one JSON object per line
@@ -42,6 +43,18 @@ ignored (so writers may add fields). Numbers may be ``null`` (missing); ``NaN`` 
   maxvio           float      mean over layers of (max_e load − mean load) / mean load
                               (computed from ``load_LE`` when absent)
   maxvio_L         [float]    [L] the same per layer (computed from ``load_LE`` when absent)
+  Run metrics v2 (docs/CONTRACTS.md):
+  routing_entropy  float      mean over layers and tokens of the entropy (nats) of the selection
+                              softmax (noiseless score s with the controller's fields, raw z
+                              without)
+  load_entropy     float      mean over layers of the entropy (nats) of the step's slot shares
+  exploration_rate float      explored slots / routed slots (slots not in the noiseless top-k)
+  logit_scale_L    [float]    [L] the step's σ: mean per-token std across experts of the raw logits
+  tbar_global      float      scalar T̄_global (v2; ``tbar_global_E`` is v1's [E] vector)
+  valleys, ridges  may also be a (mean) count per layer (v2's per-layer landscapes)
+  Eval records (split "eval") may carry: perplexity, maxvio_global (mean over layers of
+  max/mean − 1 of the slot counts summed over the whole evaluation), maxvio_global_L [L],
+  routing_entropy, exploration_rate.
 
 Shapes of ``load_LE``, ``tbar_local_LE``, ``tbar_global_E`` and ``maxvio_L`` must not change
 within a file.
@@ -76,9 +89,11 @@ METRICS_FILE = "metrics.jsonl"
 TRAJECTORY_FILE = "trajectory.npz"
 
 _SCALARS = ("loss", "lr", "R", "dR", "kappa", "gate", "tbar_variance", "tbar_variance_local",
-            "maxvio")
+            "maxvio", "routing_entropy", "load_entropy", "exploration_rate", "tbar_global",
+            "maxvio_global", "perplexity")
 _STRINGS = ("split", "phase")
-_MATRICES = {"load_LE": 2, "tbar_local_LE": 2, "tbar_global_E": 1, "maxvio_L": 1}
+_MATRICES = {"load_LE": 2, "tbar_local_LE": 2, "tbar_global_E": 1, "maxvio_L": 1,
+             "logit_scale_L": 1, "maxvio_global_L": 1}
 _INDEX_LISTS = ("valleys", "ridges")
 
 
@@ -109,8 +124,12 @@ class RunSeries:
     """[T, E] global structural temperature."""
     maxvio_TL: np.ndarray | None = None
     """[T, L] MaxVio of each layer."""
+    logit_scale_TL: np.ndarray | None = None
+    """[T, L] observed router-logit scale σ of each layer."""
     eval_step: np.ndarray | None = None
     eval_loss: np.ndarray | None = None
+    eval_maxvio_global: np.ndarray | None = None
+    """MaxVio_global of each evaluation (aligned with ``eval_step``; NaN where missing)."""
     step_label: str = "step"
 
     def scalar(self, name: str) -> np.ndarray | None:
@@ -182,8 +201,8 @@ def validate_metrics_record(rec: Any, where: str = "record") -> dict:
         elif key in _MATRICES:
             out[key] = _matrix(key, v, _MATRICES[key], where)
         elif key in _INDEX_LISTS:
-            if _is_number(v) and float(v) >= 0 and float(v).is_integer():
-                out[key] = int(v)
+            if _is_number(v) and float(v) >= 0 and math.isfinite(float(v)):
+                out[key] = int(v) if float(v).is_integer() else float(v)
             elif isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
                                              and i >= 0 for i in v):
                 out[key] = len(v)
@@ -245,6 +264,7 @@ def read_metrics_jsonl(path: str | Path) -> RunSeries:
         raise FileNotFoundError(f"metrics file not found: {p}")
     train: dict[int, tuple[int, dict]] = {}
     evals: dict[int, float] = {}
+    evals_mv: dict[int, float] = {}
     with p.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -259,6 +279,7 @@ def read_metrics_jsonl(path: str | Path) -> RunSeries:
             if rec.get("split", "train") == "eval":
                 if "loss" in rec:
                     evals[rec["step"]] = rec["loss"]
+                    evals_mv[rec["step"]] = rec.get("maxvio_global", math.nan)
                 continue
             train[rec["step"]] = (lineno, rec)  # later line wins on a repeated step
     if not train:
@@ -285,6 +306,8 @@ def read_metrics_jsonl(path: str | Path) -> RunSeries:
         tbar_global_TE=_stack([r.get("tbar_global_E") for r in recs], "tbar_global_E", p, lines),
         maxvio_TL=maxvio_L, eval_step=np.array(es, dtype=np.int64) if es else None,
         eval_loss=np.array([evals[s] for s in es]) if es else None,
+        logit_scale_TL=_stack([r.get("logit_scale_L") for r in recs], "logit_scale_L", p, lines),
+        eval_maxvio_global=np.array([evals_mv[s] for s in es]) if es else None,
     )
 
 
@@ -314,9 +337,11 @@ def _get(traj: Any, name: str) -> np.ndarray | None:
 
 
 def series_from_trajectory(traj: Any, system: int = 0, source: str = "trajectory") -> RunSeries:
-    """RunSeries of one system of a simulator ``Trajectory`` (or a dict of its arrays).
+    """RunSeries of one system of a simulator ``Trajectory`` v2 (or a dict of its arrays).
 
-    Scalar curves carry a 10–90 % band over all systems when the batch has more than one."""
+    Scalar curves carry a 10–90 % band over all systems when the batch has more than one.
+    The landscape is per layer: valley/ridge counts are means over layers; MaxVio is that of
+    each tick's slot counts (``maxvio_BTL``), the load figure shows the usage EMA."""
     R = _get(traj, "R_BT")
     tick = _get(traj, "tick_T")
     if R is None or tick is None:
@@ -339,28 +364,27 @@ def series_from_trajectory(traj: Any, system: int = 0, source: str = "trajectory
 
     put("R", R)
     for name, key in (("dR", "dR_BT"), ("kappa", "kappa_BT"), ("gate", "gate_BT"),
-                      ("loss", "loss_BT"), ("tbar_variance", "variance_global_BT")):
+                      ("loss", "loss_BT"), ("tbar_global", "Tbar_global_BT"),
+                      ("exploration_rate", "exploration_BT")):
         put(name, _get(traj, key))
     vl = _get(traj, "variance_local_BTL")
     if vl is not None:
         put("tbar_variance_local", vl.mean(axis=-1))
-    for name, key in (("valleys", "valley_global_BTE"), ("ridges", "ridge_global_BTE")):
+    for name, key in (("valleys", "valley_local_BTLE"), ("ridges", "ridge_local_BTLE")):
         m = _get(traj, key)
         if m is not None:
-            put(name, m.sum(axis=-1))
+            put(name, m.sum(axis=-1).mean(axis=-1))
     usage = _get(traj, "usage_BTLE")
-    load = None
+    load = None if usage is None else usage[system].astype(np.float64)
+    mv = _get(traj, "maxvio_BTL")
     maxvio_L = None
-    if usage is not None:
-        load = usage[system].astype(np.float64)
-        scalars["maxvio"] = _maxvio(load)
-        maxvio_L = _maxvio_L(load)
+    if mv is not None:
+        put("maxvio", mv.mean(axis=-1))
+        maxvio_L = mv[system].astype(np.float64)
     tl = _get(traj, "Tbar_local_BTLE")
-    tg = _get(traj, "Tbar_global_BTE")
     return RunSeries(source=source, step_T=tick.astype(np.int64), scalars=scalars, bands=bands,
                      load_TLE=load, load_label="usage EMA u", maxvio_TL=maxvio_L,
                      tbar_local_TLE=None if tl is None else tl[system].astype(np.float64),
-                     tbar_global_TE=None if tg is None else tg[system].astype(np.float64),
                      step_label="tick")
 
 
@@ -372,6 +396,9 @@ def _load_npz(path: Path, system: int) -> RunSeries:
             traj = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: cannot read simulator trajectory ({e})") from None
+    if "meta_json" in traj:
+        from .trajectory import check_format
+        check_format(json.loads(str(traj["meta_json"])).get("format"), path)
     return series_from_trajectory(traj, system=system, source=str(path))
 
 
@@ -493,7 +520,8 @@ def _fig_landscape(s: RunSeries, out: Path) -> Path | None:
         shade_band(ax, *HEALTHY_RANGES["valleys"])
         ax.legend(fontsize=7, loc="upper left")
     ax.set_ylabel("count")
-    ax.set_title("valleys and ridges of the global T̄", fontsize=9, loc="left")
+    ax.set_title("valleys and ridges (per layer: mean over layers for a trajectory)", fontsize=9,
+                 loc="left")
     ax.set_xlabel(s.step_label)
     return save_figure(fig, out / "landscape.png")
 
@@ -631,8 +659,51 @@ def _fig_loss(s: RunSeries, out: Path) -> Path | None:
     return save_figure(fig, out / "loss.png")
 
 
+def _fig_routing(s: RunSeries, out: Path) -> Path | None:
+    """Run metrics v2: exploration, entropies, logit scale, MaxVio (train and eval)."""
+    has = {n: s.scalar(n) is not None for n in ("exploration_rate", "routing_entropy",
+                                                 "load_entropy", "maxvio")}
+    mv_eval = s.eval_maxvio_global is not None and np.any(np.isfinite(s.eval_maxvio_global))
+    has_scale = s.logit_scale_TL is not None and np.any(np.isfinite(s.logit_scale_TL))
+    if not (has["exploration_rate"] or has["routing_entropy"] or has_scale or mv_eval):
+        return None
+    fig, axes = new_figure(4, 1, sharex=True, height=1.9)
+    ax = axes[0, 0]
+    _line(ax, s, "exploration_rate", "exploration rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("fraction of slots")
+    ax.set_title("slots routed outside the noiseless top-k", fontsize=9, loc="left")
+    ax.legend(fontsize=7, loc="upper right")
+    ax = axes[1, 0]
+    _line(ax, s, "routing_entropy", "routing entropy (per token)")
+    _line(ax, s, "load_entropy", "load entropy (slot shares)")
+    ax.set_ylabel("entropy [nats]")
+    ax.set_title("entropy of the routing", fontsize=9, loc="left")
+    if has["routing_entropy"] or has["load_entropy"]:
+        ax.legend(fontsize=7, loc="lower right")
+    ax = axes[2, 0]
+    if has_scale:
+        for l in range(s.logit_scale_TL.shape[1]):
+            ax.plot(s.step_T, s.logit_scale_TL[:, l], lw=1, label=f"layer {l}")
+        ax.legend(fontsize=6, ncol=min(4, s.logit_scale_TL.shape[1]), loc="upper left")
+    ax.set_ylabel("σ [logit units]")
+    ax.set_title("router logit scale σ (mean per-token std across experts)", fontsize=9,
+                 loc="left")
+    ax = axes[3, 0]
+    _line(ax, s, "maxvio", "MaxVio (batch, layer mean)", color="tab:red")
+    if mv_eval:
+        ax.plot(s.eval_step, s.eval_maxvio_global, "o", ms=4, color="k",
+                label="MaxVio_global (eval set)")
+    ax.set_ylabel("max/mean − 1")
+    ax.set_title("load imbalance", fontsize=9, loc="left")
+    ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel(s.step_label)
+    fig.suptitle(f"routing — {Path(s.source).name}", fontsize=10)
+    return save_figure(fig, out / "routing.png")
+
+
 _FIGURES = (_fig_curves, _fig_landscape, _fig_tbar_snapshots, _fig_tbar_time, _fig_load,
-            _fig_loss)
+            _fig_routing, _fig_loss)
 
 
 def plot_series(series: RunSeries, out_dir: str | Path) -> list[Path]:

@@ -1,17 +1,20 @@
 """Batched closed-loop simulation: B controllers, each over its own synthetic routing
-environment (``env.py``), under a κ schedule and scripted events.
+environment (``env.py``), under a κ schedule and scripted events (law version 2).
 
 Shape legend: B systems, T recorded ticks, L layers, E experts.
 
 Per tick t = 1..ticks of each system:
   1. events scheduled for tick t change the environment;
   2. κ_t = kappa_at(schedule, t − 1) (adaptive: plus the rule-based offset, updated on macro
-     ticks from R and var(T̄_global));
-  3. the environment routes its tokens with ``routing_fields`` of the controller (at the κ this
-     tick's step puts in effect) and returns counts, gate-weight sums and token losses;
+     ticks from R and the whole-model T̄ variance, the mean over layers of var(T̄_local[l]));
+  3. the environment routes its tokens by the v2 rule with ``routing_fields`` of the controller
+     (at the κ this tick's step puts in effect) and returns counts, gate-weight sums, token
+     losses, the logit scale per layer and the explored slots; ``controller_fields=False``
+     routes by the plain top-k of the raw logits (the ablation: the controller still observes
+     and ticks);
   4. ``step`` (the reference law; in Numba, a line-by-line port) with κ_t;
   5. the router learns from the slot losses it saw;
-  6. every ``record_every`` ticks the trajectory records the state.
+  6. every ``record_every`` ticks the trajectory (``trajectory.Trajectory``) records the state.
 
 System b uses the seed ``seed + b`` for everything (controller init, phase noise, environment),
 so system b of a batch equals a one-system run with that seed.
@@ -20,36 +23,19 @@ so system b of a batch equals a one-system run with that seed.
 ``backend="numpy"`` runs the same environment in NumPy (``env.route``/``env.learn``) and calls
 the reference ``chronomoe_dyn.step`` every tick: the reference the kernel must match.
 
-Calibration (ControllerConfig.drift_gain, and this environment's router constants), against
-the default environment and ``default_schedule`` over 4000 ticks, 16 systems. Varied: α
-(drift_gain) 1–6, router sharpness 2–6, the router's prior count (inertia) 2–80 000, batch
-noise 1–2, the domain mixture, K 0.25–0.35. Seen: with α = 1 (the design's toy value) R is
-≈ 0.8 over the first 400 ticks and ≥ 0.95 from tick ≈ 1000 on, whatever the router does; R only
-responds to routing when α·δ is comparable with K, and the only drift that changes over a run
-is the router's own (batch-context noise moves tokens en masse while its logits are flat, not
-once it has learned gaps larger than that noise); token sampling alone leaves δ with a std of
-≈ 0.12 per tick at 256 tokens. A router that learns in its first ticks (prior count 2) puts R
-at ≈ 0.89 by tick 400 for good; a uniform domain mixture lets every expert end up balanced and
-the landscape fade (var(T̄_local) peaks at 0.011, then 0.001 by the end). Chosen: α = 4 (K 0.25,
-ω₀ 1, disorder 0.05, σ 0, dt 0.5, lens_max 1 unchanged), prior count 80 000, sharpness 5,
-mixture (0.4, 0.3, 0.2, 0.1). Then, mean over 16 systems: ticks 0–1000 (κ = 0.5) R ≈ 0.18
-(the incoherent 1/sqrt(32)), var(T̄_local) ≈ 0.005; the local landscape forms (var > 0.01)
-at tick ≈ 850 (780–1080 across systems), just before the warm-up ends; ticks 1000–2800 R rises
-0.24 → 0.85 as the router settles (loss 2.06 → 1.44); ticks 2800–4000 (κ → −0.3) R ≈ 0.88,
-var(T̄_local) ≈ 0.014, valleys healthy (mean reliability 0.50, < 0.3 in 0 % of cases).
-Honest caveats: var(T̄_global) stays ≈ 0.004 (< 0.01: layers disagree on which experts are
-valleys, the global mean washes it out); layers show ≈ 4 valleys and 3–4 ridges of 8 (the seed
-says 1–3); the landscape's formation time is set by η_local (≈ 500 ticks), not by κ; and κ
-barely matters here: a constant κ = 0.5 or −0.3 gives the same R and variance within 0.005,
-because a layer-wide temperature factor cannot change a top-k choice and the bias
-(pressure_scale 0.1) is small against the learned logit gaps. The rise of R is the router's.
+Calibration. The version-2 constants are provisional (``ControllerConfig`` says which and why);
+the calibration study of issue 9 chooses them against this environment and the real-text
+benchmark. The environment's own constants come from the version-1 calibration (default
+environment and ``default_schedule``, 4000 ticks, 16 systems): router prior count 80 000 (the
+router learns during the run, its estimates separating over ~1000–2000 ticks), sharpness 5,
+domain mixture (0.4, 0.3, 0.2, 0.1) (a uniform mixture lets every expert end up balanced and
+the landscape fade). Version 1's finding that motivated version 2: a constant κ = 0.5 or −0.3
+gave the same R and T̄ variance within 0.005 (a layer-wide temperature cannot change a top-k
+choice; the bias, pressure_scale 0.1 in logit units, was small against the learned gaps).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -57,9 +43,11 @@ import numpy as np
 from .config import ControllerConfig
 from .env import (EnvConfig, Event, apply_event, domain_cumulative, init_env, learn, make_quality,
                   route)
-from .law import routing_fields, step
-from .schedule import AdaptiveRule, AdaptiveState, KnobSchedule, adaptive_update, kappa_at
+from .landscape import landscape_masks
+from .law import coherence_gate, routing_fields, smooth_kappa, step
+from .schedule import AdaptiveState, KnobSchedule, adaptive_update, kappa_at
 from .state import ControllerState, RoutingObservation, init_state
+from .trajectory import LAYER_FIELDS, Trajectory
 
 __all__ = ["Trajectory", "simulate", "default_schedule", "DEFAULT_TICKS", "GATE_MIN_COHERENCE",
            "GATE_STRENGTH"]
@@ -70,94 +58,6 @@ GATE_MIN_COHERENCE = 0.2
 """min_coherence of the recorded gate (seed default)."""
 GATE_STRENGTH = 0.5
 """gating_strength of the recorded gate (seed default)."""
-
-_LAYER_FIELDS = ("Tbar_local_BTLE", "T_fast_BTLE", "usage_BTLE", "reliability_BTLE",
-                 "valley_local_BTLE", "ridge_local_BTLE")
-_ARRAY_FIELDS = ("tick_T", "seeds_B", "R_BT", "dR_BT", "kappa_BT", "gate_BT", "loss_BT",
-                 "Tbar_global_BTE", "variance_global_BT", "variance_local_BTL",
-                 "valley_global_BTE", "ridge_global_BTE") + _LAYER_FIELDS
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    """What ``simulate`` records every ``record_every`` ticks, per system. Leading dims [B, T].
-    The [B, T, L, E] fields are None when the run used ``record_layers=False``."""
-
-    tick_T: np.ndarray
-    """[T] tick of each record (record_every, 2·record_every, ...)."""
-    seeds_B: np.ndarray
-    """[B] seed of each system (seed + b)."""
-    R_BT: np.ndarray
-    """Kuramoto coherence R after the tick."""
-    dR_BT: np.ndarray
-    """ΔR of the tick."""
-    kappa_BT: np.ndarray
-    """κ in effect in the controller (after its smoothing)."""
-    gate_BT: np.ndarray
-    """coherence_gate(R, 0.2, 0.5): the seed's optimizer gate."""
-    loss_BT: np.ndarray
-    """Mean token loss of the tick over layers and tokens."""
-    Tbar_global_BTE: np.ndarray
-    """Global structural temperature."""
-    variance_global_BT: np.ndarray
-    """var over experts of T̄_global."""
-    variance_local_BTL: np.ndarray
-    """var over experts of each layer's T̄_local."""
-    valley_global_BTE: np.ndarray
-    """bool: T̄_global < mean − c·std (c = landscape_threshold_std)."""
-    ridge_global_BTE: np.ndarray
-    """bool: T̄_global > mean + c·std."""
-    Tbar_local_BTLE: np.ndarray | None
-    T_fast_BTLE: np.ndarray | None
-    usage_BTLE: np.ndarray | None
-    reliability_BTLE: np.ndarray | None
-    valley_local_BTLE: np.ndarray | None
-    """bool: valleys of each layer's T̄_local."""
-    ridge_local_BTLE: np.ndarray | None
-    config: ControllerConfig
-    env: EnvConfig
-    schedule: KnobSchedule
-    events: tuple[Event, ...]
-    final_states: list[ControllerState] = field(repr=False)
-    """The controller state of each system after the last tick."""
-
-    @property
-    def num_systems(self) -> int:
-        return int(self.R_BT.shape[0])
-
-    def to_npz(self, path: str | Path) -> Path:
-        """Save every array, the configs (JSON) and the final states to one .npz file."""
-        p = Path(path)
-        arrays = {n: getattr(self, n) for n in _ARRAY_FIELDS if getattr(self, n) is not None}
-        meta = {"config": self.config.to_dict(), "env": self.env.to_dict(),
-                "schedule": asdict(self.schedule), "events": [e.to_dict() for e in self.events],
-                "format": "chronomoe_dyn.Trajectory/1"}
-        arrays["meta_json"] = np.array(json.dumps(meta))
-        for name in ("tick", "seed", "R", "psi", "dR", "kappa"):
-            arrays[f"final_{name}"] = np.array([getattr(s, name) for s in self.final_states])
-        for name in ControllerState.__dataclass_fields__:
-            v = getattr(self.final_states[0], name)
-            if isinstance(v, np.ndarray):
-                arrays[f"final_{name}"] = np.stack([getattr(s, name) for s in self.final_states])
-        np.savez_compressed(p, **arrays)
-        return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
-
-    @classmethod
-    def from_npz(cls, path: str | Path) -> "Trajectory":
-        with np.load(Path(path), allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-        meta = json.loads(str(data.pop("meta_json")))
-        sched = dict(meta["schedule"])
-        sched["rule"] = AdaptiveRule(**sched["rule"])
-        B = int(data["R_BT"].shape[0])
-        finals = []
-        for b in range(B):
-            d = {k[len("final_"):]: v[b] for k, v in data.items() if k.startswith("final_")}
-            finals.append(ControllerState.from_dict(d))
-        kw = {n: data.get(n) for n in _ARRAY_FIELDS}
-        return cls(**kw, config=ControllerConfig.from_dict(meta["config"]),
-                   env=EnvConfig.from_dict(meta["env"]), schedule=KnobSchedule(**sched),
-                   events=tuple(Event.from_dict(e) for e in meta["events"]), final_states=finals)
 
 
 def default_schedule(ticks: int) -> KnobSchedule:
@@ -178,7 +78,7 @@ def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
 
 
 def _validate(config, env, schedule, num_systems, ticks, seed, record_every, events, backend,
-              progress, record_layers):
+              progress, record_layers, controller_fields):
     if not isinstance(config, ControllerConfig):
         raise ValueError(f"config={config!r}: expected a ControllerConfig")
     if not isinstance(env, EnvConfig):
@@ -204,26 +104,11 @@ def _validate(config, env, schedule, num_systems, ticks, seed, record_every, eve
     events = tuple(sorted(events, key=lambda e: e.tick))    # stable: same-tick order kept
     if backend not in ("numba", "numpy"):
         raise ValueError(f"backend={backend!r}: allowed values are 'numba', 'numpy'")
-    for name, v in (("progress", progress), ("record_layers", record_layers)):
+    for name, v in (("progress", progress), ("record_layers", record_layers),
+                    ("controller_fields", controller_fields)):
         if not isinstance(v, (bool, np.bool_)):
             raise ValueError(f"{name}={v!r}: expected a bool")
     return schedule, B, ticks, seed, record_every, events
-
-
-def _gate(R: np.ndarray) -> np.ndarray:
-    """law.coherence_gate(R, 0.2, 0.5) elementwise (same operations)."""
-    r = np.clip(R, 0.0, 1.0)
-    g = np.where(r < GATE_MIN_COHERENCE, 0.0,
-                 (r - GATE_MIN_COHERENCE) / (1.0 - GATE_MIN_COHERENCE))
-    return np.clip(1.0 - GATE_STRENGTH * (1.0 - g), 0.0, 1.0)
-
-
-def _landscape_masks(tbar: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """landscape() along the last axis: (variance, valley mask, ridge mask)."""
-    mean = tbar.mean(axis=-1, keepdims=True)
-    var = tbar.var(axis=-1, keepdims=True)
-    std = np.sqrt(var)
-    return var[..., 0], tbar < mean - c * std, tbar > mean + c * std
 
 
 class _Records:
@@ -233,7 +118,9 @@ class _Records:
         TL = T if record_layers else 0
         self.R_BT, self.dR_BT = np.zeros((B, T)), np.zeros((B, T))
         self.kappa_BT, self.loss_BT = np.zeros((B, T)), np.zeros((B, T))
-        self.Tbar_global_BTE = np.zeros((B, T, E))
+        self.Tbar_global_BT, self.explore_BT = np.zeros((B, T)), np.zeros((B, T))
+        self.logit_scale_BTL = np.zeros((B, T, L))
+        self.maxvio_BTL = np.zeros((B, T, L))
         self.var_local_BTL = np.zeros((B, T, L))
         self.Tbar_local_BTLE = np.zeros((B, TL, L, E))
         self.T_fast_BTLE = np.zeros((B, TL, L, E))
@@ -249,17 +136,18 @@ def _kappa_inputs(schedule: KnobSchedule, ticks: int) -> tuple[np.ndarray, np.nd
             np.asarray(schedule.progress(steps), dtype=np.float64))
 
 
-def _smoothed(config: ControllerConfig, k_old: float, k_in: float) -> float:
-    """The κ that step() will put in effect (law.step, item 7)."""
-    r = config.kappa_smoothing
-    return float(np.clip((1.0 - r) * k_old + r * k_in, min(k_old, k_in), max(k_old, k_in)))
+def maxvio(counts_LE: np.ndarray) -> np.ndarray:
+    """[L] max_e count / mean count − 1 of each layer (the kernel's operations)."""
+    E = counts_LE.shape[-1]
+    return counts_LE.max(axis=-1) / (counts_LE.sum(axis=-1) / E) - 1.0
 
 
 # ---------------------------------------------------------------------------------------------
 # backends
 
-def _run_numpy(config, env, schedule, seeds, ticks, record_every, events, rec, bar):
-    L, E = env.num_layers, env.num_experts
+def _run_numpy(config, env, schedule, seeds, ticks, record_every, events, rec, bar,
+               controller_fields):
+    L, E, T, K = env.num_layers, env.num_experts, env.tokens_per_tick, env.top_k
     kappa_T, _ = _kappa_inputs(schedule, ticks)
     adaptive = schedule.kind == "adaptive"
     finals = []
@@ -273,20 +161,24 @@ def _run_numpy(config, env, schedule, seeds, ticks, record_every, events, rec, b
                 if ev.tick == t:
                     apply_event(es, ev)
             k_in = float(kappa_at(schedule, t - 1, ad)) if adaptive else float(kappa_T[t - 1])
-            bias_LE, temp_LE = routing_fields(state, config, _smoothed(config, state.kappa, k_in))
-            routed = route(env, es, bias_LE, temp_LE, sb, t)
-            state = step(state, config, RoutingObservation(routed.counts_LE, routed.wsum_LE,
-                                                           routed.loss_LE), k_in)
+            fields = routing_fields(state, config,
+                                    float(smooth_kappa(state.kappa, k_in, config.kappa_smoothing)))
+            routed = route(env, es, fields, sb, t, controller_fields)
+            state = step(state, config, RoutingObservation(
+                routed.counts_LE, routed.wsum_LE, routed.loss_LE, routed.logit_scale_L), k_in)
             learn(env, es, routed)
             if adaptive and state.tick % config.macro_period == 0:
-                var_g = float(state.Tbar_global_E.var())
-                ad = adaptive_update(ad, schedule.rule, state.R, var_g,
-                                     var_g > config.landscape_formed_variance)
+                var_m = float(state.Tbar_local_LE.var(axis=1).mean())
+                ad = adaptive_update(ad, schedule.rule, state.R, var_m,
+                                     var_m > config.landscape_formed_variance)
             if t % record_every == 0:
                 r = t // record_every - 1
                 rec.R_BT[b, r], rec.dR_BT[b, r] = state.R, state.dR
                 rec.kappa_BT[b, r], rec.loss_BT[b, r] = state.kappa, routed.mean_loss
-                rec.Tbar_global_BTE[b, r] = state.Tbar_global_E
+                rec.Tbar_global_BT[b, r] = state.Tbar_global
+                rec.explore_BT[b, r] = routed.explored_L.sum() / (L * T * K)
+                rec.logit_scale_BTL[b, r] = routed.logit_scale_L
+                rec.maxvio_BTL[b, r] = maxvio(routed.counts_LE)
                 rec.var_local_BTL[b, r] = state.Tbar_local_LE.var(axis=1)
                 if rec.keep_layers:
                     rec.Tbar_local_BTLE[b, r] = state.Tbar_local_LE
@@ -301,45 +193,8 @@ def _run_numpy(config, env, schedule, seeds, ticks, record_every, events, rec, b
     return finals
 
 
-def _ctrl_params(config: ControllerConfig):
-    from ._kernels import CtrlParams
-    c = config
-    return CtrlParams(
-        int(c.micro_period), int(c.macro_period), float(c.usage_decay),
-        float(c.reliability_sharpness), float(c.coupling), float(c.omega0), float(c.drift_gain),
-        float(c.phase_noise), float(c.dt), float(c.eta_structural_T_global),
-        float(c.eta_structural_T_local), float(c.T_base), float(c.beta_R), float(c.beta_drift),
-        float(c.beta_reliability), float(c.T_min), float(c.T_max), float(c.lens_rate),
-        float(c.lens_max), float(c.beta_pressure), float(c.beta_temperature),
-        float(c.beta_lens), float(c.kappa_smoothing), float(c.pressure_scale),
-        float(c.temperature_scale), float(c.landscape_threshold_std),
-        float(c.landscape_formed_variance))
-
-
-def _run_numba(config, env, schedule, seeds, ticks, record_every, events, rec, bar):
+def _numba_events(events, D):
     from . import _kernels as K
-    L, E, D = env.num_layers, env.num_experts, env.num_domains
-    B = len(seeds)
-    init = [init_state(config, L, E, int(s)) for s in seeds]
-    st = K.BatchState(
-        tick_B=np.zeros(B, dtype=np.int64), seed_B=np.asarray(seeds, dtype=np.int64),
-        theta_BLE=np.stack([s.theta_LE for s in init]),
-        omega_BLE=np.stack([s.omega_disorder_LE for s in init]),
-        usage_BLE=np.stack([s.usage_LE for s in init]),
-        rel_BLE=np.stack([s.reliability_LE for s in init]),
-        delta_BLE=np.stack([s.delta_LE for s in init]),
-        pressure_BLE=np.stack([s.pressure_LE for s in init]),
-        lens_BLE=np.stack([s.lens_LE for s in init]),
-        T_fast_BLE=np.stack([s.T_fast_LE for s in init]),
-        Tbar_local_BLE=np.stack([s.Tbar_local_LE for s in init]),
-        Tbar_global_BE=np.stack([s.Tbar_global_E for s in init]),
-        T_eff_BLE=np.stack([s.T_eff_LE for s in init]),
-        scal_B4=np.array([[s.R, s.psi, s.dR, s.kappa] for s in init], dtype=np.float64),
-        offset_B=np.zeros(B),
-        quality_BLED=np.stack([make_quality(env, int(s)) for s in seeds]),
-        est_BLDE=np.full((B, L, D, E), env.prior_loss),
-        nobs_BLDE=np.full((B, L, D, E), float(env.router_prior_count)),
-        cum_BD=np.tile(domain_cumulative(env.weights_D), (B, 1)))
     shifts = [e for e in events if e.kind == "domain_shift"]
     cum_XD = np.zeros((max(len(shifts), 1), D))
     kind_X, index_X, layer_X, value_X = [], [], [], []
@@ -356,22 +211,43 @@ def _run_numba(config, env, schedule, seeds, ticks, record_every, events, rec, b
             index_X.append(row)
             layer_X.append(-1)
             value_X.append(0.0)
-    ev_arrays = K.Events(np.array([e.tick for e in events], dtype=np.int64),
-                         np.array(kind_X, dtype=np.int64), np.array(layer_X, dtype=np.int64),
-                         np.array(index_X, dtype=np.int64), np.array(value_X, dtype=np.float64),
-                         cum_XD)
-    recs = K.Records(rec.R_BT, rec.dR_BT, rec.kappa_BT, rec.loss_BT, rec.Tbar_global_BTE,
-                     rec.var_local_BTL, rec.Tbar_local_BTLE, rec.T_fast_BTLE, rec.usage_BTLE,
-                     rec.rel_BTLE)
-    ep = K.EnvParams(int(env.tokens_per_tick), int(env.top_k), float(env.loss_floor),
-                     float(env.loss_range), float(env.loss_noise), float(env.token_noise),
-                     float(env.batch_noise), float(env.router_sharpness),
-                     float(env.router_memory))
+    return K.Events(np.array([e.tick for e in events], dtype=np.int64),
+                    np.array(kind_X, dtype=np.int64), np.array(layer_X, dtype=np.int64),
+                    np.array(index_X, dtype=np.int64), np.array(value_X, dtype=np.float64),
+                    cum_XD)
+
+
+def _run_numba(config, env, schedule, seeds, ticks, record_every, events, rec, bar,
+               controller_fields):
+    from . import _kernels as K
+    L, E, D = env.num_layers, env.num_experts, env.num_domains
+    B = len(seeds)
+    init = [init_state(config, L, E, int(s)) for s in seeds]
+
+    def stack(name):
+        return np.stack([getattr(s, name) for s in init])
+    st = K.BatchState(
+        tick_B=np.zeros(B, dtype=np.int64), seed_B=np.asarray(seeds, dtype=np.int64),
+        theta_BLE=stack("theta_LE"), omega_BLE=stack("omega_disorder_LE"),
+        usage_BLE=stack("usage_LE"), rel_BLE=stack("reliability_LE"), delta_BLE=stack("delta_LE"),
+        pressure_BLE=stack("pressure_LE"), lens_BLE=stack("lens_LE"),
+        T_fast_BLE=stack("T_fast_LE"), Tbar_local_BLE=stack("Tbar_local_LE"),
+        T_eff_BLE=stack("T_eff_LE"), logit_scale_BL=stack("logit_scale_L"),
+        scal_B5=np.array([[s.R, s.psi, s.dR, s.kappa, s.Tbar_global] for s in init]),
+        offset_B=np.zeros(B),
+        quality_BLED=np.stack([make_quality(env, int(s)) for s in seeds]),
+        est_BLDE=np.full((B, L, D, E), env.prior_loss),
+        nobs_BLDE=np.full((B, L, D, E), float(env.router_prior_count)),
+        cum_BD=np.tile(domain_cumulative(env.weights_D), (B, 1)))
+    ev_arrays = _numba_events(events, D)
+    recs = K.Records(rec.R_BT, rec.dR_BT, rec.kappa_BT, rec.loss_BT, rec.Tbar_global_BT,
+                     rec.explore_BT, rec.logit_scale_BTL, rec.maxvio_BTL, rec.var_local_BTL,
+                     rec.Tbar_local_BTLE, rec.T_fast_BTLE, rec.usage_BTLE, rec.rel_BTLE)
     r = schedule.rule
     ap = K.AdaptParams(schedule.kind == "adaptive", float(r.R_low), float(r.R_high),
                        float(r.variance_high), float(r.rate), float(r.decay), float(r.max_offset))
     kappa_T, p_T = _kappa_inputs(schedule, ticks)
-    cp = _ctrl_params(config)
+    cp, ep = K.ctrl_params(config), K.env_params(env)
     # Systems are independent and each runs sequentially, so both kernels give the same bits.
     kernel = K.simulate_serial if B == 1 else K.simulate_batch
     # Chunks only to move the progress bar; the state carries over exactly between them.
@@ -379,21 +255,23 @@ def _run_numba(config, env, schedule, seeds, ticks, record_every, events, rec, b
     t0 = 0
     while t0 < ticks:
         t1 = min(ticks, t0 + chunk)
-        kernel(t0, t1, record_every, cp, ep, ap, kappa_T, p_T, *st, *ev_arrays, *recs)
+        kernel(t0, t1, record_every, bool(controller_fields), cp, ep, ap, kappa_T, p_T, *st,
+               *ev_arrays, *recs)
         if bar is not None:
             bar.update((t1 - t0) * B)
         t0 = t1
     finals = []
     for b in range(B):
-        R, psi, dR, kap = (float(x) for x in st.scal_B4[b])
+        R, psi, dR, kap, tbar_g = (float(x) for x in st.scal_B5[b])
         finals.append(ControllerState(
             tick=int(st.tick_B[b]), seed=int(seeds[b]), theta_LE=st.theta_BLE[b].copy(),
             omega_disorder_LE=st.omega_BLE[b].copy(), R=R, psi=psi, dR=dR,
             usage_LE=st.usage_BLE[b].copy(), reliability_LE=st.rel_BLE[b].copy(),
             delta_LE=st.delta_BLE[b].copy(), pressure_LE=st.pressure_BLE[b].copy(),
             lens_LE=st.lens_BLE[b].copy(), T_fast_LE=st.T_fast_BLE[b].copy(),
-            Tbar_local_LE=st.Tbar_local_BLE[b].copy(), Tbar_global_E=st.Tbar_global_BE[b].copy(),
-            T_eff_LE=st.T_eff_BLE[b].copy(), kappa=kap))
+            Tbar_local_LE=st.Tbar_local_BLE[b].copy(), Tbar_global=tbar_g,
+            T_eff_LE=st.T_eff_BLE[b].copy(), logit_scale_L=st.logit_scale_BL[b].copy(),
+            kappa=kap))
     return finals
 
 
@@ -403,7 +281,7 @@ def simulate(config: ControllerConfig = ControllerConfig(), env: EnvConfig = Env
              schedule: KnobSchedule | None = None, num_systems: int = 1,
              ticks: int = DEFAULT_TICKS, seed: int = 0, record_every: int = 10,
              events: Sequence[Event] = (), backend: str = "numba", progress: bool = False,
-             record_layers: bool = True) -> Trajectory:
+             record_layers: bool = True, controller_fields: bool = True) -> Trajectory:
     """Simulate ``num_systems`` independent controllers over their environments.
 
     config: the controller's constants. env: the synthetic environment.
@@ -413,10 +291,12 @@ def simulate(config: ControllerConfig = ControllerConfig(), env: EnvConfig = Env
     record_every: record every n ticks (ticks n, 2n, ...). events: scripted ``Event``s.
     backend: "numba" (parallel kernel) or "numpy" (the reference ``step`` in a Python loop).
     progress: show a tqdm bar. record_layers: keep the [B, T, L, E] fields (False for big B).
+    controller_fields: False routes by the plain top-k of the raw logits (the ablation); the
+        controller still observes and ticks.
     """
     schedule, B, ticks, seed, record_every, events = _validate(
         config, env, schedule, num_systems, ticks, seed, record_every, events, backend,
-        progress, record_layers)
+        progress, record_layers, controller_fields)
     L, E = env.num_layers, env.num_experts
     T = ticks // record_every
     seeds = np.arange(B, dtype=np.int64) + seed
@@ -428,23 +308,24 @@ def simulate(config: ControllerConfig = ControllerConfig(), env: EnvConfig = Env
                    dynamic_ncols=True)
     try:
         run = _run_numba if backend == "numba" else _run_numpy
-        finals = run(config, env, schedule, seeds, ticks, record_every, events, rec, bar)
+        finals = run(config, env, schedule, seeds, ticks, record_every, events, rec, bar,
+                     bool(controller_fields))
     finally:
         if bar is not None:
             bar.close()
 
-    c = config.landscape_threshold_std
-    var_g, valley_g, ridge_g = _landscape_masks(rec.Tbar_global_BTE, c)
-    layers: dict[str, np.ndarray | None] = dict.fromkeys(_LAYER_FIELDS)
+    layers: dict[str, np.ndarray | None] = dict.fromkeys(LAYER_FIELDS)
     if record_layers:
-        _, valley_l, ridge_l = _landscape_masks(rec.Tbar_local_BTLE, c)
+        m = landscape_masks(rec.Tbar_local_BTLE, config.landscape_threshold_std)
         layers.update(Tbar_local_BTLE=rec.Tbar_local_BTLE, T_fast_BTLE=rec.T_fast_BTLE,
                       usage_BTLE=rec.usage_BTLE, reliability_BTLE=rec.rel_BTLE,
-                      valley_local_BTLE=valley_l, ridge_local_BTLE=ridge_l)
+                      valley_local_BTLE=m.valley, ridge_local_BTLE=m.ridge)
     return Trajectory(
         tick_T=np.arange(1, T + 1, dtype=np.int64) * record_every, seeds_B=seeds,
-        R_BT=rec.R_BT, dR_BT=rec.dR_BT, kappa_BT=rec.kappa_BT, gate_BT=_gate(rec.R_BT),
-        loss_BT=rec.loss_BT, Tbar_global_BTE=rec.Tbar_global_BTE, variance_global_BT=var_g,
-        variance_local_BTL=rec.var_local_BTL, valley_global_BTE=valley_g,
-        ridge_global_BTE=ridge_g, **layers, config=config, env=env, schedule=schedule,
-        events=events, final_states=finals)
+        R_BT=rec.R_BT, dR_BT=rec.dR_BT, kappa_BT=rec.kappa_BT,
+        gate_BT=coherence_gate(rec.R_BT, GATE_MIN_COHERENCE, GATE_STRENGTH),
+        loss_BT=rec.loss_BT, Tbar_global_BT=rec.Tbar_global_BT, exploration_BT=rec.explore_BT,
+        logit_scale_BTL=rec.logit_scale_BTL, maxvio_BTL=rec.maxvio_BTL,
+        variance_local_BTL=rec.var_local_BTL, **layers, config=config, env=env,
+        schedule=schedule, events=events, controller_fields=bool(controller_fields),
+        final_states=finals)

@@ -1,11 +1,15 @@
-"""Controller state, routing observations, and ``init_state``.
+"""Controller state (law version 2), routing observations, ``init_state`` and the Kuramoto
+order parameter.
 
 Shape legend: L layers, E experts. Suffixes name shapes (``usage_LE`` is [L, E],
-``tbar_global_E`` is [E]). Scalars are Python floats/ints. Arrays are float64.
+``logit_scale_L`` is [L]). Scalars are Python floats/ints. Arrays are float64.
+
+This module depends on ``config`` only; ``law`` builds on it (no import cycle).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,12 +17,27 @@ import numpy as np
 
 from .config import ControllerConfig
 
-__all__ = ["ControllerState", "RoutingObservation", "init_state", "validate_observation"]
+__all__ = ["ControllerState", "RoutingObservation", "init_state", "validate_observation",
+           "order_parameter"]
 
 _ARRAY_FIELDS = (
     "theta_LE", "omega_disorder_LE", "usage_LE", "reliability_LE", "delta_LE", "pressure_LE",
-    "lens_LE", "T_fast_LE", "Tbar_local_LE", "Tbar_global_E", "T_eff_LE",
+    "lens_LE", "T_fast_LE", "Tbar_local_LE", "T_eff_LE", "logit_scale_L",
 )
+_INT_FIELDS = ("tick", "seed")
+
+
+def order_parameter(theta: np.ndarray) -> tuple[float, float]:
+    """Kuramoto order parameter of all phases in ``theta`` (any shape): (R, ψ).
+
+    R = |mean(e^{iθ})| clipped to [0, 1]; ψ = arg of the mean, in (-π, π]."""
+    th = np.asarray(theta, dtype=np.float64)
+    if th.size == 0:
+        raise ValueError("order_parameter: theta is empty")
+    c = float(np.mean(np.cos(th)))
+    s = float(np.mean(np.sin(th)))
+    R = min(1.0, math.hypot(c, s))
+    return R, math.atan2(s, c)
 
 
 @dataclass(frozen=True)
@@ -46,7 +65,8 @@ class ControllerState:
     reliability_LE: np.ndarray
     """[L, E] reliability EMA s in [0, 1]."""
     delta_LE: np.ndarray
-    """[L, E] signed routing drift δ = E·(frac − u) of the last tick (0 for an empty layer)."""
+    """[L, E] z-scored routing drift of the last tick, δ = (frac − u)/sqrt(max(u(1−u), 1/E²)/n)
+    with u before the update and n the layer's slots (0 for a layer without tokens)."""
     pressure_LE: np.ndarray
     """[L, E] pressure P in [-1, 1] (positive for under-used experts), from the last micro tick."""
     lens_LE: np.ndarray
@@ -55,10 +75,16 @@ class ControllerState:
     """[L, E] fast temperature in [T_min, T_max]."""
     Tbar_local_LE: np.ndarray
     """[L, E] per-layer structural temperature T̄_local (slow EMA of T_fast)."""
-    Tbar_global_E: np.ndarray
-    """[E] global structural temperature T̄_global (slowest EMA of the layer mean of T_fast)."""
+    Tbar_global: float
+    """Global structural temperature T̄_global: the model's slowest level, a scalar EMA of the
+    mean of T_fast over every layer and expert (version 1 kept one per expert index, averaging
+    unrelated experts of different layers)."""
     T_eff_LE: np.ndarray
     """[L, E] effective temperature T_fast · T̄_global · T̄_local."""
+    logit_scale_L: np.ndarray
+    """[L] σ_L: EMA of the router's observed logit scale (mean over tokens of the std across
+    experts of the raw logits). 0 = not observed yet; routing divides by
+    max(σ_L, logit_scale_floor)."""
     kappa: float
     """Meta-knob κ in effect (after the controller's optional smoothing), in [-1, 1]."""
 
@@ -73,7 +99,7 @@ class ControllerState:
     @property
     def Tbar_hier_LE(self) -> np.ndarray:
         """[L, E] hierarchical structural temperature T̄_global · T̄_local."""
-        return self.Tbar_global_E[None, :] * self.Tbar_local_LE
+        return self.Tbar_global * self.Tbar_local_LE
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as a dict (arrays are copied)."""
@@ -82,6 +108,12 @@ class ControllerState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ControllerState":
+        """Inverse of ``to_dict``. A version-1 state (``Tbar_global_E``, no ``logit_scale_L``)
+        is refused with a message saying so."""
+        if "Tbar_global_E" in d and "Tbar_global" not in d:
+            raise ValueError("ControllerState.from_dict: this is a version-1 controller state "
+                             "(Tbar_global_E per expert, no logit_scale_L); the version-2 law "
+                             "cannot continue it: start a new run")
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in d]
         if missing:
@@ -91,14 +123,14 @@ class ControllerState:
             v = d[n]
             if n in _ARRAY_FIELDS:
                 kw[n] = np.array(v, dtype=np.float64)
-            elif n in ("tick", "seed"):
+            elif n in _INT_FIELDS:
                 kw[n] = int(v)
             else:
                 kw[n] = float(v)
         state = cls(**kw)
         L, E = state.theta_LE.shape
         for n in _ARRAY_FIELDS:
-            want = (E,) if n == "Tbar_global_E" else (L, E)
+            want = (L,) if n == "logit_scale_L" else (L, E)
             if getattr(state, n).shape != want:
                 raise ValueError(f"ControllerState.from_dict: {n} has shape "
                                  f"{getattr(state, n).shape}, expected {want}")
@@ -121,16 +153,43 @@ class RoutingObservation:
     weight_sum: [L, E] sum of the gate weights of those slots, >= 0.
     loss_sum: optional [L, E] sum of the per-token losses (>= 0) of those tokens; enables the
         loss-based reliability signal.
+    logit_scale: optional [L] mean over the tick's (non-padding) tokens of the population
+        standard deviation across experts of the raw router logits z; finite, >= 0. None (or a
+        layer without tokens) leaves σ_L unchanged.
     """
 
     counts: np.ndarray
     weight_sum: np.ndarray
     loss_sum: np.ndarray | None = None
+    logit_scale: np.ndarray | None = None
+
+
+def _as_array(name: str, v: Any, want: tuple[int, ...], what: str) -> np.ndarray:
+    """``v`` as a finite, non-negative float64 array of shape ``want``, or ValueError."""
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"RoutingObservation.{name} is not a numeric array of shape {want}: "
+                         f"{e}") from None
+    if a.shape != want:
+        raise ValueError(f"RoutingObservation.{name} has shape {a.shape}, expected {want} "
+                         f"({what})")
+    if not np.all(np.isfinite(a)):
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"RoutingObservation.{name} has a non-finite value "
+                         f"{a[tuple(bad)]!r} at {what}={tuple(int(i) for i in bad)}")
+    if np.any(a < 0):
+        bad = np.argwhere(a < 0)[0]
+        raise ValueError(f"RoutingObservation.{name} has a negative value "
+                         f"{a[tuple(bad)]!r} at {what}={tuple(int(i) for i in bad)}; "
+                         f"must be >= 0")
+    return a
 
 
 def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: int
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Return the observation as float64 arrays, or raise ValueError naming what is wrong."""
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Return (counts, weight_sum, loss_sum, logit_scale) as float64 arrays (the optional ones
+    may be None), or raise ValueError naming the field and what is wrong."""
     if not isinstance(obs, RoutingObservation):
         raise TypeError(f"expected a RoutingObservation, got {type(obs).__name__}")
     want = (num_layers, num_experts)
@@ -142,23 +201,7 @@ def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: 
                 raise ValueError(f"RoutingObservation.{name} is None; expected an array of shape {want}")
             out.append(None)
             continue
-        try:
-            a = np.asarray(v, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"RoutingObservation.{name} is not a numeric array of shape {want}: "
-                             f"{e}") from None
-        if a.shape != want:
-            raise ValueError(f"RoutingObservation.{name} has shape {a.shape}, expected {want} "
-                             f"(layers, experts)")
-        if not np.all(np.isfinite(a)):
-            bad = np.argwhere(~np.isfinite(a))[0]
-            raise ValueError(f"RoutingObservation.{name} has a non-finite value "
-                             f"{a[tuple(bad)]!r} at (layer, expert)={tuple(int(i) for i in bad)}")
-        if np.any(a < 0):
-            bad = np.argwhere(a < 0)[0]
-            raise ValueError(f"RoutingObservation.{name} has a negative value "
-                             f"{a[tuple(bad)]!r} at (layer, expert)={tuple(int(i) for i in bad)}; "
-                             f"must be >= 0")
+        a = _as_array(name, v, want, "(layer, expert)")
         # Finite entries can still overflow once summed over a layer (frac and the mean loss
         # would turn into 0 or NaN): reject such an observation here, before the state moves.
         with np.errstate(over="ignore"):
@@ -178,13 +221,16 @@ def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: 
         if not (np.all(np.isfinite(m)) and np.all(np.isfinite(mbar))):
             raise ValueError("RoutingObservation.loss_sum: the mean loss per token "
                              "(loss_sum / counts) overflows float64")
-    return out[0], out[1], out[2]
+    scale = None if obs.logit_scale is None else \
+        _as_array("logit_scale", obs.logit_scale, (num_layers,), "(layer,)")
+    return out[0], out[1], out[2], scale
 
 
 def init_state(config: ControllerConfig, num_layers: int, num_experts: int, seed: int = 0
                ) -> ControllerState:
-    """Fresh controller state: uniform usage, reliability 0.5, flat landscape (T̄ = 1),
-    phases uniform on [0, 2π) and Gaussian frequency disorder, both drawn from ``seed``."""
+    """Fresh controller state: uniform usage, reliability 0.5, flat landscape (T̄ = 1), σ_L = 0
+    (not observed yet), phases uniform on [0, 2π) and Gaussian frequency disorder, both drawn
+    from ``seed``."""
     if not isinstance(config, ControllerConfig):
         raise TypeError(f"config must be a ControllerConfig, got {type(config).__name__}")
     for name, v in (("num_layers", num_layers), ("num_experts", num_experts)):
@@ -196,13 +242,12 @@ def init_state(config: ControllerConfig, num_layers: int, num_experts: int, seed
     rng = np.random.default_rng(int(seed))
     theta = rng.uniform(0.0, 2.0 * np.pi, size=(L, E))
     omega = rng.standard_normal((L, E)) * config.omega_disorder_std
-    from .law import order_parameter  # local import: law imports this module
     R, psi = order_parameter(theta)
     T_fast = np.full((L, E), float(np.clip(config.T_base, config.T_min, config.T_max)))
     return ControllerState(
         tick=0, seed=int(seed), theta_LE=theta, omega_disorder_LE=omega, R=R, psi=psi, dR=0.0,
         usage_LE=np.full((L, E), 1.0 / E), reliability_LE=np.full((L, E), 0.5),
         delta_LE=np.zeros((L, E)), pressure_LE=np.zeros((L, E)), lens_LE=np.zeros((L, E)),
-        T_fast_LE=T_fast, Tbar_local_LE=np.ones((L, E)), Tbar_global_E=np.ones(E),
-        T_eff_LE=T_fast.copy(), kappa=0.0,
+        T_fast_LE=T_fast, Tbar_local_LE=np.ones((L, E)), Tbar_global=1.0,
+        T_eff_LE=T_fast.copy(), logit_scale_L=np.zeros(L), kappa=0.0,
     )

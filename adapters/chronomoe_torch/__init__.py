@@ -17,6 +17,11 @@ from .model import ChronovisorMixtralForCausalLM, MixtralConfig, MoECausalLMOutp
 from .moe import SparseMoE
 from .optim import CoherenceGatedOptimizer, coherence_gate_tensor
 from .data import ByteDataset, byte_dataloader, stdlib_source_files, unigram_entropy
+# Bound eagerly, after the submodule import: ``chronomoe_torch.attach`` is the function (the
+# submodule of the same name would otherwise shadow it once anything imported it; its names stay
+# importable as ``from chronomoe_torch.attach import AttachHandle``).
+from .attach import AttachError, AttachHandle, attach, find_routers
+from .routing import route
 
 __version__ = "0.1.0"
 
@@ -38,10 +43,6 @@ _LAZY = {
     "list_checkpoints": ".checkpoint",
     "latest_checkpoint": ".checkpoint",
     "prune_checkpoints": ".checkpoint",
-    "attach": ".attach",
-    "AttachHandle": ".attach",
-    "AttachError": ".attach",
-    "find_routers": ".attach",
     "ChronoMoECallback": ".hf_callback",
     "ChronoMoEHFTrainer": ".hf_callback",
 }
@@ -57,5 +58,6 @@ __all__ = [
     "PxTController", "KnobScheduler", "MetaKnob", "AdaptiveKnobController", "ChronoMoELoss",
     "LossOutput", "MixtralConfig", "ChronovisorMixtralForCausalLM", "MoECausalLMOutput",
     "SparseMoE", "CoherenceGatedOptimizer", "coherence_gate_tensor", "ByteDataset",
-    "byte_dataloader", "stdlib_source_files", "unigram_entropy", *_LAZY,
+    "byte_dataloader", "stdlib_source_files", "unigram_entropy", "attach", "AttachHandle",
+    "AttachError", "find_routers", "route", *_LAZY,
 ]

@@ -1,4 +1,5 @@
-"""The on-disk format of a checkpoint (version 1): its file names, its manifest, and the errors
+"""The on-disk format of a checkpoint (version 2: controller law v2; the layout is version 1's,
+the controller state in it is not): its file names, its manifest, and the errors
 that checkpoint IO raises. Everything here is public through ``chronomoe_torch.checkpoint``.
 
 A checkpoint is a *directory*::
@@ -22,7 +23,9 @@ import re
 from pathlib import Path
 
 FORMAT_NAME = "chronomoe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: controller law v2 (DESIGN.md §3 v2). Version 1 holds law-v1 controller state, which has no
+v2 meaning (T̄_global per expert, drift in other units), so it is refused, never converted."""
 LATEST_POINTER = "latest"
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
@@ -99,6 +102,11 @@ def _parse_manifest(data: bytes | None, path: Path, expect_version: int) -> dict
         raise CheckpointVersionError(f"checkpoint file {mfile}: format {got!r}, expected "
                                      f"{FORMAT_NAME!r}")
     version = manifest.get("format_version")
+    if version == 1 and expect_version == 2:
+        raise CheckpointVersionError(
+            f"checkpoint {path} has format version 1 (controller law v1); this chronomoe_torch "
+            f"reads format version 2 (controller law v2): v1 controller state cannot be "
+            f"converted: start a new run (or read it with a law-v1 checkout of chronomoe_torch)")
     if version != expect_version:
         raise CheckpointVersionError(
             f"checkpoint {path} has format version {version!r} ({mfile}); this chronomoe_torch "

@@ -25,10 +25,12 @@ import math
 
 import torch
 
-from chronomoe_dyn.rng import GOLDEN32, MASK32, STREAM_PHASE
+from chronomoe_dyn.rng import GOLDEN32, MASK32, STREAM_GUMBEL, STREAM_PHASE
 
-__all__ = ["MASK32", "STREAM_PHASE", "mix32", "mix32_int", "key_prefix", "hash_key",
-           "uniform", "normal", "normal_from_pairs"]
+__all__ = ["MASK32", "STREAM_PHASE", "STREAM_GUMBEL", "mix32", "mix32_wrap", "mix32_int",
+           "key_prefix",
+           "hash_key", "uniform", "normal", "normal_from_pairs", "gumbel_prefix",
+           "uniform_from_prefix"]
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
@@ -66,6 +68,18 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     x = _mul32(x, _M2)
     x = x ^ (x >> 16)
     return x
+
+
+def mix32_wrap(x: torch.Tensor) -> torch.Tensor:
+    """``mix32`` for int64 values already < 2³², with plain int64 products: (x·0x846CA68B) can
+    pass 2⁶³ and relies on two's-complement wrap-around, which ATen's CPU and CUDA integer
+    kernels do (only the low 32 bits are kept). 10 ops instead of 15: for the routing noise,
+    drawn for every token; tested bit for bit against the reference hash."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & MASK32
+    return x ^ (x >> 16)
 
 
 def key_prefix(seed: int | torch.Tensor, stream: int, tick: int | torch.Tensor
@@ -123,3 +137,16 @@ def normal_from_pairs(h1: int | torch.Tensor, index_pairs: torch.Tensor,
     2i+1 (the controller keeps that tensor, saving two ops per tick)."""
     u = (mix32(index_pairs ^ h1).to(dtype) + 0.5) * _INV_2_32          # [2, N]
     return torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos((2.0 * math.pi) * u[1])
+
+
+# --- Gumbel routing noise (routing.py) ----------------------------------------------------------
+def gumbel_prefix(seed: int, tick: int, layer: int) -> int:
+    """Host-side key of a layer's routing noise within a tick: the reference chain (seed,
+    STREAM_GUMBEL, tick) extended by one more word, ``mix(h1 ^ layer)``. A Python int < 2³²."""
+    h1 = key_prefix(int(seed), STREAM_GUMBEL, int(tick))
+    return mix32_int(h1 ^ (int(layer) & MASK32))
+
+
+def uniform_from_prefix(prefix: int, index: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in (0, 1) of ``mix(index ^ prefix)``, one per int64 index."""
+    return (mix32(index ^ prefix).to(torch.float64) + 0.5) * _INV_2_32

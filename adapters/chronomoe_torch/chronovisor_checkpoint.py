@@ -36,7 +36,8 @@ _CORE_BUFFERS = {
     "theta_LE": "phases_LE", "omega_disorder_LE": "frequencies_LE",
     "R": "R", "psi": "psi", "dR": "dR",
     "usage_LE": "usage_LE", "reliability_LE": "reliability_LE", "delta_LE": "delta_LE",
-    "Tbar_global_E": "structural_T_global", "kappa": "kappa", "kappa_target": "kappa_target",
+    "Tbar_global": "structural_T_global", "logit_scale_L": "logit_scale_L",
+    "kappa": "kappa", "kappa_target": "kappa_target",
 }
 _LENS_BUFFERS = {"lens_LE": "lens_E", "pressure_LE": "pressure_E", "T_fast_LE": "T_fast_E",
                  "Tbar_local_LE": "Tbar_local_E", "T_eff_LE": "T_eff_E"}
@@ -120,7 +121,10 @@ class ChronovisorCheckpoint:
     skipped_ticks: int
     """Ticks whose observation was rejected (non-finite or negative)."""
     structural_T_global: torch.Tensor
-    """[E] global structural temperature T̄_global (slowest timescale)."""
+    """0-d global structural temperature T̄_global (law v2: a scalar, the model's slowest
+    temperature level)."""
+    logit_scale_L: torch.Tensor
+    """[L] σ_L, the EMA of each layer's observed router-logit scale (0: not observed yet)."""
     lens_states: list[LensState]
     """Per layer: lens, pressure, T_fast, T̄_local, T̄_hier, T_eff."""
     phases_LE: torch.Tensor
@@ -212,7 +216,7 @@ class ChronovisorCheckpoint:
         hist = {k: _ordered_history(sd[k], tick) for k in _HISTORY_BUFFERS}
         if history_length is not None:
             hist = {k: v[max(0, v.shape[0] - history_length):].clone() for k, v in hist.items()}
-        tg = sd["Tbar_global_E"]
+        tg = sd["Tbar_global"]
         L, E = sd["theta_LE"].shape
         lens = [LensState(**{f: sd[b][i].clone() for b, f in _LENS_BUFFERS.items()},
                           Tbar_hier_E=tg * sd["Tbar_local_LE"][i]) for i in range(L)]
@@ -240,8 +244,9 @@ class ChronovisorCheckpoint:
         if len(self.lens_states) != L:
             raise bad("lens_states", f"{len(self.lens_states)} layers, expected {L}")
         want = {"phases_LE": (L, E), "frequencies_LE": (L, E), "usage_LE": (L, E),
-                "reliability_LE": (L, E), "delta_LE": (L, E), "structural_T_global": (E,),
-                "R": (), "psi": (), "dR": (), "kappa": (), "kappa_target": ()}
+                "reliability_LE": (L, E), "delta_LE": (L, E), "structural_T_global": (),
+                "logit_scale_L": (L,), "R": (), "psi": (), "dR": (), "kappa": (),
+                "kappa_target": ()}
         for name, shape in want.items():
             v = getattr(self, name)
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
@@ -273,6 +278,7 @@ class ChronovisorCheckpoint:
             ("kappa", self.kappa.abs() <= 1, "must lie in [-1, 1]"),
             ("kappa_target", self.kappa_target.abs() <= 1, "must lie in [-1, 1]"),
             ("structural_T_global", (self.structural_T_global > 0).all(), "must be > 0"),
+            ("logit_scale_L", (self.logit_scale_L >= 0).all(), "must be >= 0"),
             ("lens_states[*].T_fast_E",
              ((T_fast >= cfg.T_min / tol) & (T_fast <= cfg.T_max * tol)).all(),
              f"must lie in [T_min, T_max] = [{cfg.T_min}, {cfg.T_max}]"),

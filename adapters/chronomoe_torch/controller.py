@@ -1,53 +1,62 @@
-"""``PxTController``: the chronomoe_dyn P×T control law on torch tensors (DESIGN.md §3).
+"""``PxTController``: the chronomoe_dyn P×T control law v2 on torch tensors (DESIGN.md §3 v2,
+docs/CONTRACTS.md "Version 2 contracts").
 
-Shape legend: L layers, E experts, N = L·E oscillators, H history length. Suffixes name shapes.
+Shape legend: L layers, E experts, N = L·E oscillators, H history length, F the width of one
+layer's observation row (3E + 2). Suffixes name shapes.
 
 The law is the NumPy reference's (``chronomoe_dyn.law.step``), ported op for op so that the same
 observation sequence gives the same state (float64 ≤ 1e-10, float32 ≤ 1e-5; tested). The state is
 a set of persistent buffers named after the ``ControllerState`` fields, so ``state_dict`` is a
 complete checkpoint of the controller and ``to_reference_state``/``load_reference_state`` convert
-at one boundary.
+at one boundary. The tick itself lives in ``_tick.py``; this module holds the state, the
+observation, the routing fields and the torch plumbing.
 
-Training-loop contract:
-  * forward passes call ``observe``/``observe_all``/``observe_loss``: detached, on-device
-    accumulation into non-persistent buffers (no host sync);
-  * ``tick()`` runs once per optimizer step, in an optimizer step pre-hook (``register_on``), on
-    the summed observation of all micro-batches since the last tick, then clears it;
-  * the router reads ``routing_fields()``/``layer_fields(i)``: float32 tensors recomputed after
-    ``tick()`` and ``set_knob()``. They are fresh tensors each time (never modified in place), so
-    a forward pass that saved them for backward is never invalidated by a tick.
+Training-loop contract (one path for the native model and attached models):
+  * router calls add their routing (``observe_stats``: the row of ``routing.route``; or
+    ``observe``/``observe_all``) and the loss adds token-loss sums (``observe_loss*``) to ONE flat
+    device buffer [L, F] per layer: counts [E] | gate sums [E] | Σ logit std | tokens | loss
+    sums [E] (detached, no host sync);
+  * ``tick()`` runs once per optimizer step (``register_on``: an optimizer step pre-hook). It
+    first sums the buffer over the data-parallel ranks when a process group with more than one
+    rank is initialised (one ``all_reduce`` of the whole buffer; ``set_distributed`` disables it
+    or picks a group), so every rank ticks on the global batch and the controllers stay bitwise
+    equal; then it steps the law and clears the buffer;
+  * the routers read ``layer_fields(i)`` (bias, temperature, σ_L floored, τ, 1/(σ_L·T)) and, in
+    training, ``noise_key(i, N)`` (the Gumbel noise key of a call of N tokens, see ``routing``).
+    The field buffers are updated in place after ``tick()`` and ``set_knob()``: the routing
+    reads them without autograd (v2 gates come from the raw logits), so no graph holds them,
+    and the per-layer views are made once instead of after every tick.
 
-No host–device sync in ``observe*``, ``tick``, ``routing_fields``, ``coherence`` or
-``set_knob(tensor)``: the micro/macro clock decisions use a host-side Python mirror of the tick
-counter (deterministic: it counts ``tick()`` calls, and ``load_state_dict`` re-syncs it from the
-buffer), data-dependent choices use ``torch.where``/``clamp``, and the phase noise is the
-counter-based hash of ``chronomoe_dyn.rng`` keyed on (seed, STREAM_PHASE, tick, l·E + e).
+No host–device sync in ``observe*``, ``tick``, ``layer_fields``, ``noise_key``, ``coherence`` or
+``set_knob(tensor)``: clock decisions use a host mirror of the tick counter (it counts ``tick()``
+calls; ``load_state_dict`` re-syncs it), data-dependent choices use ``torch.where``/``clamp``,
+and the phase and routing noise are the counter-based hash of ``chronomoe_dyn.rng``.
 Diagnostics (``get_*``, ``to_reference_state``) do sync: call them on the logging cadence.
 
 Bad input: wrong shapes or layer indices raise ``ValueError`` at ``observe*`` time. Values
 cannot be inspected on the host without a sync, so ``tick()`` checks the accumulated observation
 on the device: if any value is non-finite or negative, or large enough that a layer's sum or a
 mean loss per token would overflow (what ``chronomoe_dyn.validate_observation`` rejects; the
-bounds are those of ``dtype``), the tick leaves the law state (phases, usage, reliability,
+bounds are those of ``dtype``), the tick leaves the law state (phases, usage, reliability, σ_L,
 temperatures, lens, κ) untouched and increments ``skipped_ticks``. The clock (``tick_counter``)
 still advances: it counts optimizer steps, and the host mirror must equal it without a sync. A
 skipped tick is therefore the reference state with ``tick + 1``.
 
 Precision. The phase subsystem (θ, ω_disorder, R, ψ, ΔR, the usage EMA u and its drift δ) is
-always float64: the phases integrate α·dt·δ every tick and Σδ telescopes to E·(u_T − u_0)/(1−ρ),
-so a persistent rounding bias of u is amplified by E·α·dt/(1−ρ) (80 at E = 8, 640 at E = 64)
-into a phase error that grows linearly with time. Measured with an all-float32 port: 4e-5 rad
-after 120 ticks at L = 3, E = 8, past the 1e-5 equivalence bound and growing. These tensors are
-[L, E]: float64 costs nothing measurable (the tick is latency bound). ``dtype`` sets the
-precision of everything else (reliability, pressure, lens, T_fast, T̄_local, T̄_global, T_eff, κ,
-accumulators, histories). In float32 (default) T̄ stays within ~2e-6 and T_eff within ~7e-6 of
-the float64 reference over 10⁴ ticks (measured, L = 4, E = 16): a float32 EMA of rate η stops
-moving once |input − T̄| < ulp(T̄)/(2η) ≈ 1.2e-5 for T̄_global (η_g = 0.005), so float32
-cannot resolve landscape differences below ~1e-5, far below the variance 0.01 that defines a
-formed landscape. Use float64 to replay a run against the reference over long horizons or to
-study tiny landscape differences. Devices without float64 (MPS) are not supported. The dtype of
-every buffer is fixed at construction: ``Module.to(dtype)``/``.half()`` move the controller
-between devices but keep its dtypes (a bf16 controller would lose the slow EMAs entirely).
+always float64: the phases integrate α·dt·δ every tick, and a persistent rounding bias of u is
+amplified into a phase error that grows linearly with time (measured with an all-float32 port in
+v1: 4e-5 rad after 120 ticks at L = 3, E = 8, past the 1e-5 equivalence bound and growing).
+These tensors are [L, E]: float64 costs nothing measurable (the tick is latency bound). ``dtype``
+sets the precision of everything else (reliability, σ_L, pressure, lens, T_fast, T̄_local,
+T̄_global, T_eff, κ, the observation, histories). In float32 (default) a slow EMA of rate η stops
+moving once |input − T̄| < ulp(T̄)/(2η) ≈ 1.2e-5 for T̄_global (η_g = 0.005): float32 cannot
+resolve landscape differences below ~1e-5, far below the variance 0.01 that defines a formed
+landscape. Use float64 to replay a run against the reference over long horizons. Devices without
+float64 (MPS) are not supported. The dtype of every buffer is fixed at construction:
+``Module.to(dtype)``/``.half()`` move the controller between devices but keep its dtypes.
+
+This module is over 400 lines: it is the one torch object that holds the law's state, its
+observation and its outputs, and splitting those would spread one buffer layout over files.
 """
 
 from __future__ import annotations
@@ -61,12 +70,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from chronomoe_dyn import ControllerConfig, ControllerState, init_state
-from chronomoe_dyn.landscape import state_landscape, valley_health
-from chronomoe_dyn.law import (DRIFT_EPS, LENS_DR_GAIN, TEMPERATURE_MAX, TEMPERATURE_MIN,
-                               TWO_PI, check_kappa, knob_factors)
-from chronomoe_dyn.rng import STREAM_PHASE
+from chronomoe_dyn.landscape import model_landscape, model_valley_health, valley_health
+from chronomoe_dyn.law import check_kappa, knob_factors
 
-from . import _rng
+from . import _rng, _tick
+from . import distributed as _dist
+from .routing import LayerFields, NoiseKey, gumbel_NE, in_backward, obs_width
 
 __all__ = ["PxTController"]
 
@@ -77,21 +86,12 @@ _STATE_FIELDS = {
     "psi": ("", "phase"), "dR": ("", "phase"), "usage_LE": ("LE", "phase"),
     "reliability_LE": ("LE", "state"), "delta_LE": ("LE", "phase"),
     "pressure_LE": ("LE", "state"), "lens_LE": ("LE", "state"), "T_fast_LE": ("LE", "state"),
-    "Tbar_local_LE": ("LE", "state"), "Tbar_global_E": ("E", "state"),
-    "T_eff_LE": ("LE", "state"), "kappa": ("", "state"),
+    "Tbar_local_LE": ("LE", "state"), "Tbar_global": ("", "state"),
+    "T_eff_LE": ("LE", "state"), "logit_scale_L": ("L", "state"), "kappa": ("", "state"),
 }
 PHASE_DTYPE = torch.float64
-_BELOW_TWO_PI = float(np.nextafter(TWO_PI, 0.0))   # x ≥ 2π ⟺ x > this
-_ACC_COUNTS, _ACC_WSUM, _ACC_LOSS = 0, 1, 2
-
-
-def _ema(old: torch.Tensor, new: torch.Tensor, rate: float) -> torch.Tensor:
-    """(1 − rate)·old + rate·new, clamped to the hull of old and new (as the reference).
-
-    Where ``new`` equals ``old`` the result is ``old`` exactly (the hull is a point): the tick
-    uses that to leave entries unchanged without a separate ``where``."""
-    out = old * (1.0 - rate) + new * rate
-    return torch.clamp(out, torch.minimum(old, new), torch.maximum(old, new))
+NOISE_BATCH_MAX = 1 << 22
+"""Most Gumbel values (L·N·E) drawn at once for all layers (16 MiB of float32)."""
 
 
 def _sync_after_load(module: "PxTController", incompatible_keys: Any) -> None:
@@ -105,7 +105,8 @@ class PxTController(nn.Module):
         num_layers: L, MoE layers controlled.
         num_experts: E, experts per layer.
         config: the law's constants (``chronomoe_dyn.ControllerConfig``).
-        seed: key of the initial phases/frequency disorder and of the phase noise, in [0, 2³²).
+        seed: key of the initial phases/frequency disorder, the phase noise and the routing
+            noise, in [0, 2³²).
         dtype: state precision, torch.float32 (default) or torch.float64 (see module docstring).
         device: where the state lives (the model's device).
         history_length: H, length of the on-device ring buffers ``coherence_history`` and
@@ -136,7 +137,7 @@ class PxTController(nn.Module):
         self.register_buffer("tick_counter", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("seed", torch.zeros((), dtype=torch.int64, device=device))
         for name, (shape, prec) in _STATE_FIELDS.items():
-            size = {"LE": (L, E), "E": (E,), "": ()}[shape]
+            size = {"LE": (L, E), "L": (L,), "": ()}[shape]
             self.register_buffer(name, torch.zeros(
                 size, dtype=PHASE_DTYPE if prec == "phase" else dtype, device=device))
         self.register_buffer("kappa_target", torch.zeros((), **fkw))
@@ -144,43 +145,34 @@ class PxTController(nn.Module):
         self.register_buffer("coherence_history", torch.zeros(history_length, **fkw))
         self.register_buffer("meta_knob_history", torch.zeros(history_length, **fkw))
 
-        # Per-step scratch, not checkpointed.
-        self.register_buffer("_acc_FLE", torch.zeros((3, L, E), **fkw), persistent=False)
-        self.register_buffer("_acc_has_loss_L", torch.zeros(L, dtype=torch.bool, device=device),
+        # The observation: one flat buffer (one all-reduce), not checkpointed.
+        self.register_buffer("_obs_LF", torch.zeros((L, 3 * E + 2), **fkw), persistent=False)
+        self.register_buffer("_has_loss_L", torch.zeros(L, dtype=torch.bool, device=device),
                              persistent=False)
-        idx = torch.arange(L * E, dtype=torch.int64, device=device)
-        self.register_buffer("_noise_index_2N", torch.stack([idx * 2, idx * 2 + 1]),
-                             persistent=False)
-        self.register_buffer("_bias_LE", torch.zeros((L, E), dtype=torch.float32, device=device),
-                             persistent=False)
-        self.register_buffer("_temperature_LE",
-                             torch.ones((L, E), dtype=torch.float32, device=device),
-                             persistent=False)
-        # Constants of the tick (0-d, so a where() takes them without a scalar→tensor kernel).
-        self.register_buffer("_inf", torch.full((), math.inf, **fkw), persistent=False)
-        self.register_buffer("_inf64", torch.full((), math.inf, dtype=PHASE_DTYPE, device=device),
-                             persistent=False)
-        self.register_buffer("_zero64", torch.zeros((), dtype=PHASE_DTYPE, device=device),
-                             persistent=False)
-        self.register_buffer("_beta_pt_2", torch.tensor(
-            [config.beta_pressure, config.beta_temperature], **fkw), persistent=False)
+        # Router fields, float32, updated in place by _refresh_fields.
+        f32 = {"dtype": torch.float32, "device": device}
+        self.register_buffer("_bias_LE", torch.zeros((L, E), **f32), persistent=False)
+        self.register_buffer("_temperature_LE", torch.ones((L, E), **f32), persistent=False)
+        self.register_buffer("_scale_L", torch.ones(L, **f32), persistent=False)
+        self.register_buffer("_tau", torch.zeros((), **f32), persistent=False)
+        self.register_buffer("_inv_LE", torch.ones((L, E), **f32), persistent=False)
         self._buffer_dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
-        # Accepted entries are < finfo.max / E (E·entry < max: a layer's sum stays finite),
-        # checked as x ≤ the largest value of ``dtype`` below that bound.
-        np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        bound = np_dtype(torch.finfo(dtype).max / E)
-        self._max_entry_incl = float(np.nextafter(bound, np_dtype(0)))
-        self._tiny = float(torch.finfo(dtype).tiny)
-        self._acc_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._drive0_key: tuple[torch.Tensor, int] | None = None
-        self._drive0_val: torch.Tensor | None = None
+        self._kernel = _tick.TickKernel(self)
         self._field_rows: tuple | None = None
 
         # Host-side mirrors (deterministic; re-synced from the buffers on load).
         self._tick_host = 0
         self._seed_host = int(seed)
         self._loss_layers: set[int] = set()
+        self._offset_L = [0] * L        # tokens each layer routed since the tick (noise)
+        self._last_offset_L = [0] * L
+        self._prefix_cache: list = [-1, None]
+        self._noise_cache: tuple | None = None
+        self._obs_rows: tuple | None = None
+        self._rank_world_cache: tuple | None = None
         self._hook_handles: dict[int, RemovableHandle] = {}
+        self.distributed: bool | None = None
+        self.process_group = None
         self.register_load_state_dict_post_hook(_sync_after_load)
         self.load_reference_state(ref)
 
@@ -221,21 +213,54 @@ class PxTController(nn.Module):
             raise ValueError(f"{what} has shape {tuple(x.shape)}, expected {shape}")
         if x.is_complex() or x.dtype == torch.bool:
             raise ValueError(f"{what} has dtype {x.dtype}, expected a real number type")
-        return x.detach().to(device=self._acc_FLE.device, dtype=self.dtype)
+        return x.detach().to(device=self._obs_LF.device, dtype=self.dtype)
+
+    def observation_views(self) -> dict[str, torch.Tensor]:
+        """Named views of the observation buffer: counts_LE, wsum_LE, logit_std_sum_L,
+        tokens_L, loss_LE."""
+        return _tick.obs_views(self._obs_LF, self.num_experts)
+
+    def observe_stats(self, layer: int, stats_F: torch.Tensor) -> None:
+        """Add a router call's stats row (``routing.route``; its first 2E + 2 entries: counts,
+        gate sums, Σ logit std, tokens). Not counted when called inside backward (an
+        activation-checkpoint recompute repeats a forward already observed)."""
+        li = self._check_layer(layer)
+        if in_backward():
+            return
+        w = obs_width(self.num_experts)
+        if stats_F.dim() != 1 or stats_F.shape[0] < w:
+            raise ValueError(f"observe_stats(layer={li}): stats_F has shape "
+                             f"{tuple(stats_F.shape)}, expected [>= {w}]")
+        obs = self._buffers["_obs_LF"]
+        rows = self._obs_rows
+        if rows is None or rows[0] is not obs:            # views cached per buffer object
+            rows = self._obs_rows = (obs, obs[:, :w].unbind(0))
+        rows[1][li].add_(stats_F[:w])
 
     def observe(self, layer: int, counts_E: torch.Tensor, weight_sum_E: torch.Tensor,
-                loss_sum_E: torch.Tensor | None = None) -> None:
-        """Add one layer's routing of one micro-batch: tokens per expert (top-k slots counted),
-        the sum of their gate weights, and optionally the sum of their token losses."""
+                loss_sum_E: torch.Tensor | None = None, logit_std_sum: Any = None,
+                tokens: Any = None) -> None:
+        """Add one layer's routing of one micro-batch: top-k slots per expert, the sum of their
+        gate weights, optionally their token-loss sums and, together, the sum over tokens of
+        the std across experts of the raw logits and the token count (for σ_L)."""
         li = self._check_layer(layer)
         E = self.num_experts
         c = self._as_obs(counts_E, f"observe(layer={li}): counts_E", (E,))
         w = self._as_obs(weight_sum_E, f"observe(layer={li}): weight_sum_E", (E,))
         lo = None if loss_sum_E is None else \
             self._as_obs(loss_sum_E, f"observe(layer={li}): loss_sum_E", (E,))
+        if (logit_std_sum is None) != (tokens is None):
+            raise ValueError(f"observe(layer={li}): logit_std_sum and tokens go together")
+        st = None
+        if tokens is not None:
+            st = torch.stack([self._as_obs(logit_std_sum, "observe: logit_std_sum", ()),
+                              self._as_obs(tokens, "observe: tokens", ())])
         # Validated before anything is added: a bad call accumulates nothing.
-        self._acc_FLE[_ACC_COUNTS, li].add_(c)
-        self._acc_FLE[_ACC_WSUM, li].add_(w)
+        v = self.observation_views()
+        v["counts_LE"][li].add_(c)
+        v["wsum_LE"][li].add_(w)
+        if st is not None:
+            self._obs_LF[li, 2 * E:2 * E + 2].add_(st)
         if lo is not None:
             self._add_loss(li, lo)
 
@@ -246,248 +271,187 @@ class PxTController(nn.Module):
         self._add_loss(li, self._as_obs(loss_sum_E, f"observe_loss(layer={li}): loss_sum_E",
                                         (self.num_experts,)))
 
+    def observe_loss_all(self, loss_LE: torch.Tensor) -> None:
+        """Add the token-loss sums of every layer at once ([L, E])."""
+        lo = self._as_obs(loss_LE, "observe_loss_all: loss_LE", (self.num_layers,
+                                                                  self.num_experts))
+        self.observation_views()["loss_LE"].add_(lo)
+        self._mark_all_loss()
+
     def _add_loss(self, li: int, loss_E: torch.Tensor) -> None:
-        self._acc_FLE[_ACC_LOSS, li].add_(loss_E)
-        self._acc_has_loss_L[li] = True
-        self._loss_layers.add(li)
+        self.observation_views()["loss_LE"][li].add_(loss_E)
+        if li not in self._loss_layers:
+            self._has_loss_L[li] = True
+            self._loss_layers.add(li)
+
+    def _mark_all_loss(self) -> None:
+        if len(self._loss_layers) < self.num_layers:
+            self._has_loss_L.fill_(True)
+            self._loss_layers.update(range(self.num_layers))
 
     def observe_all(self, counts_LE: torch.Tensor, wsum_LE: torch.Tensor,
-                    loss_LE: torch.Tensor | None = None) -> None:
-        """Add the routing of every layer at once ([L, E] each)."""
+                    loss_LE: torch.Tensor | None = None,
+                    logit_scale_L: torch.Tensor | None = None) -> None:
+        """Add the routing of every layer at once ([L, E] each). ``logit_scale_L`` [L] (the
+        mean per-token logit std) is weighted by the layer's slot count (so one call per tick
+        gives the reference's ``RoutingObservation.logit_scale``)."""
         LE = (self.num_layers, self.num_experts)
         c = self._as_obs(counts_LE, "observe_all: counts_LE", LE)
         w = self._as_obs(wsum_LE, "observe_all: wsum_LE", LE)
         lo = None if loss_LE is None else self._as_obs(loss_LE, "observe_all: loss_LE", LE)
-        self._acc_FLE[_ACC_COUNTS].add_(c)
-        self._acc_FLE[_ACC_WSUM].add_(w)
+        sc = None if logit_scale_L is None else \
+            self._as_obs(logit_scale_L, "observe_all: logit_scale_L", (self.num_layers,))
+        v = self.observation_views()
+        v["counts_LE"].add_(c)
+        v["wsum_LE"].add_(w)
+        if sc is not None:
+            n_L = c.sum(dim=1)
+            v["logit_std_sum_L"].add_(sc * n_L)
+            v["tokens_L"].add_(n_L)
         if lo is not None:
-            self._acc_FLE[_ACC_LOSS].add_(lo)
-            self._acc_has_loss_L.fill_(True)
-            self._loss_layers.update(range(self.num_layers))
+            v["loss_LE"].add_(lo)
+            self._mark_all_loss()
 
     def clear_observations(self) -> None:
         """Drop the accumulated observation without ticking."""
-        self._acc_FLE.zero_()
+        self._obs_LF.zero_()
         if self._loss_layers:
-            self._acc_has_loss_L.zero_()
+            self._has_loss_L.zero_()
             self._loss_layers.clear()
 
     def observation_buffer(self) -> torch.Tensor:
-        """The accumulator [3, L, E] (counts, weight sums, loss sums), e.g. to all-reduce it
-        across data-parallel ranks before ``tick()`` so every rank ticks on the global batch."""
-        return self._acc_FLE
+        """The observation [L, 3E + 2] (views: ``observation_views``), the one tensor the
+        data-parallel all-reduce sums."""
+        return self._obs_LF
 
     # ------------------------------------------------------------------ the tick
-    # Cost model: the tick is ~60 small kernels on [L, E] tensors, so its time is dispatch, not
-    # arithmetic: a few µs per kernel in a loop, and several times that inside a training step,
-    # where it runs with caches evicted by the backward pass and each distinct op (Python
-    # binding, kernel) pays for it again. Hence few kernels and few distinct ops: no
-    # scalar→tensor conversions (constants are cached 0-d buffers), divisions guarded by an ∞
-    # denominator (x/∞ = 0) instead of a where on each side, idle rows left unchanged by the
-    # EMA's hull clamp instead of a where, cached views, and the same few operators throughout.
-    # Buffers are read from ``self._buffers`` (``b``): through ``Module.__getattr__`` each read
-    # costs ~0.7 µs, and a tick reads ~40.
-    # Every value keeps the reference's operations and order: float64 state is bitwise the
-    # previous implementation's (and float32 state too, on CPU).
+    def set_distributed(self, enabled: bool | None = None, process_group: Any = None) -> None:
+        """Data-parallel reduction of the observation before each tick: None (default) when a
+        process group with more than one rank is initialised, False never, True always (an
+        error outside torch.distributed is torch's). ``process_group``: the ranks to sum over
+        (default: the world)."""
+        if enabled not in (None, True, False):
+            raise ValueError(f"set_distributed: enabled={enabled!r}: expected None, True, False")
+        self.distributed, self.process_group = enabled, process_group
+        self._rank_world_cache = None
+
+    def _reduce_observation(self) -> None:
+        if self.distributed is False:
+            return
+        if self.distributed or _dist.is_distributed(self.process_group):
+            _dist.all_reduce_observation(self._obs_LF, self.process_group)
+
     @torch.no_grad()
     def tick(self) -> None:
-        """One control step on the accumulated observation, with the κ set by ``set_knob``.
-        No host sync. Clears the accumulators."""
-        cfg, b = self.config, self._buffers
+        """One control step on the observation accumulated since the last tick (summed over the
+        data-parallel ranks first, see ``set_distributed``), with the κ set by ``set_knob``.
+        No host sync. Clears the observation."""
+        self._reduce_observation()
         t = self._tick_host + 1
-        micro = t % cfg.micro_period == 0
-        macro = t % cfg.macro_period == 0
-        acc, counts, loss = self._acc_rows()
-        # Bad observation (non-finite, negative, or ≥ max_entry so that a layer's sum could
-        # overflow: what the reference rejects): the clamp moves it (NaN − NaN is NaN, nonzero).
-        bad = (torch.clamp(acc, 0.0, self._max_entry_incl) - acc).any()
-
-        # κ smoothing first, so this tick's lens sees it.
-        r = cfg.kappa_smoothing
-        kap_old, kap_in = b["kappa"], b["kappa_target"]
-        if r == 1.0:
-            kap = kap_in
-        else:
-            kap = torch.clamp(kap_old * (1.0 - r) + kap_in * r,
-                              torch.minimum(kap_old, kap_in), torch.maximum(kap_old, kap_in))
-
-        usage, delta, active_L1 = self._usage_step(counts)
-
-        # Reliability: experts that got tokens move; the others get target = s, which the EMA's
-        # hull clamp keeps exactly (the reference's where(counts > 0, ·, s)).
-        seen = counts > 0
-        target, bad_target = self._reliability_target(counts, loss, seen, active_L1, usage)
-        if bad_target is not None:
-            bad = bad | bad_target
-        s = b["reliability_LE"]
-        reliability = _ema(s, torch.where(seen, target, s), 1.0 - cfg.usage_decay)
-
-        th_new, R, psi, dR = self._phase_step(delta, t)
-        updates = [(b["kappa"], kap), (b["usage_LE"], usage), (b["delta_LE"], delta),
-                   (b["reliability_LE"], reliability), (b["theta_LE"], th_new),
-                   (b["R"], R), (b["psi"], psi), (b["dR"], dR)]
-        pressure = b["pressure_LE"]
-        if micro:
-            pressure, micro_updates = self._micro_step(usage, reliability, R)
-            updates += micro_updates
-        if macro:
-            # Lens: integral of pressure, rate scaled by κ and by σ(5ΔR).
-            rate = (torch.exp(kap * cfg.beta_lens) * cfg.lens_rate
-                    * torch.sigmoid(dR.to(self.dtype) * LENS_DR_GAIN))
-            lens = torch.clamp(b["lens_LE"] + pressure * rate, -cfg.lens_max, cfg.lens_max)
-            updates.append((b["lens_LE"], lens))
-
-        # Commit: a bad observation leaves every law buffer as it was.
-        for buf, new in updates:
-            torch.where(bad, buf, new, out=buf)
-        b["skipped_ticks"].add_(bad)
-        b["tick_counter"].fill_(t)
-        slot = (t - 1) % self.history_length
-        b["coherence_history"][slot] = b["R"]
-        b["meta_knob_history"][slot] = b["kappa"]
+        refresh_all = self._kernel.step(t)
         self._tick_host = t
+        self._offset_L = [0] * self.num_layers
+        self._noise_cache = None
         self.clear_observations()
-        if micro or macro or r != 1.0:
-            # Otherwise nothing the fields read has changed (set_knob refreshed them already).
-            self._refresh_fields()
-
-    def _usage_step(self, counts: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(usage, δ, active_L1), in float64 (the counts promoted exactly). An idle layer (no
-        tokens) gets frac = u: its δ is exactly 0 and its EMA stays at u (the hull of u and u),
-        the reference's where(active, ·, u) and where(active, ·, 0)."""
-        u = self._buffers["usage_LE"]                               # float64 (phase input)
-        tot64_L1 = counts.sum(dim=1, keepdim=True, dtype=PHASE_DTYPE)
-        active_L1 = tot64_L1 > 0
-        frac = torch.where(active_L1, counts / tot64_L1, u)
-        delta = (frac - u) * self.num_experts
-        usage = _ema(u, frac, 1.0 - self.config.usage_decay)
-        return usage, delta, active_L1
-
-    def _phase_step(self, delta: torch.Tensor, t: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kuramoto phases driven by δ, with the mean field of the previous tick: (θ, R, ψ, ΔR)."""
-        cfg, b = self.config, self._buffers
-        R0, psi0, th = b["R"], b["psi"], b["theta_LE"]
-        drive = self._drive0() + delta * cfg.drift_gain            # (ω₀ + ω_dis) + α·δ
-        drive = drive + torch.sin(psi0 - th) * (R0 * cfg.coupling)
-        th_new = th + drive * cfg.dt
-        if cfg.phase_noise > 0.0:
-            h1 = _rng.key_prefix(self._seed_host, STREAM_PHASE, t)
-            xi = _rng.normal_from_pairs(h1, b["_noise_index_2N"]).view_as(th)
-            th_new = th_new + xi * (cfg.phase_noise * math.sqrt(cfg.dt))
-        th_new = torch.remainder(th_new, TWO_PI)
-        th_new = torch.where(th_new > _BELOW_TWO_PI, b["_zero64"], th_new)  # mod can give 2π
-        # Means as sum / n (what torch's CPU mean computes), sharing the sum kernel.
-        n = th_new.numel()
-        c, sn = torch.cos(th_new).sum() / n, torch.sin(th_new).sum() / n
-        R = torch.clamp(torch.hypot(c, sn), max=1.0)
-        return th_new, R, torch.atan2(sn, c), R - R0
-
-    def _micro_step(self, usage: torch.Tensor, reliability: torch.Tensor, R: torch.Tensor
-                    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Temperatures of a micro tick: (pressure, [(buffer, new value), ...])."""
-        cfg, b, E = self.config, self._buffers, self.num_experts
-        Tbar_g = _ema(b["Tbar_global_E"], b["T_fast_LE"].sum(dim=0) / self.num_layers,
-                      cfg.eta_structural_T_global)                    # EMA of mean_L(T_fast)
-        share = usage / usage.sum(dim=1, keepdim=True)               # float64, then cast
-        dev = share - 1.0 / E
-        # P = clip(2(1/E − share)) and d = |share − 1/E|: 1/E − x = −(x − 1/E) exactly.
-        pressure = torch.clamp(dev * -2.0, -1.0, 1.0).to(self.dtype)
-        d = torch.abs(dev)
-        dmax = d.amax(dim=1, keepdim=True)
-        # ~uniform (dmax ≤ ε): d̂ = d/∞ = 0.
-        d_hat = (d / torch.where(dmax > DRIFT_EPS, dmax, b["_inf64"])).to(self.dtype)
-        base = (1.0 - R) * cfg.beta_R + 1.0
-        if cfg.T_base != 1.0:
-            base = base * cfg.T_base
-        T_fast = torch.clamp(base.to(self.dtype) * (d_hat * cfg.beta_drift + 1.0)
-                             * ((1.0 - reliability) * cfg.beta_reliability + 1.0),
-                             cfg.T_min, cfg.T_max)
-        Tbar_l = _ema(b["Tbar_local_LE"], T_fast, cfg.eta_structural_T_local)
-        T_eff = T_fast * Tbar_g * Tbar_l
-        return pressure, [(b["Tbar_global_E"], Tbar_g), (b["pressure_LE"], pressure),
-                          (b["T_fast_LE"], T_fast), (b["Tbar_local_LE"], Tbar_l),
-                          (b["T_eff_LE"], T_eff)]
-
-    def _reliability_target(self, counts: torch.Tensor, loss: torch.Tensor, seen: torch.Tensor,
-                            active_L1: torch.Tensor, usage: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[L, E] target reliability (read where ``seen``): loss-based for layers that got
-        losses, else u / max(u).
-
-        Also returns, on the loss path, a 0-d flag that the relative loss was not finite (tiny
-        counts can overflow loss / counts; the reference rejects such observations)."""
-        nl = len(self._loss_layers)
-        proxy = None
-        if nl < self.num_layers:
-            us = usage.to(self.dtype)
-            # u / max(u), 0 for an all-zero row. max(u) ≥ ~1/E for any state the law reaches;
-            # the clamp only turns a zero maximum into a harmless denominator.
-            proxy = us / torch.clamp(us.amax(dim=1, keepdim=True), min=self._tiny)
-            if nl == 0:
-                return proxy, None
-        b = self._buffers
-        inf = b["_inf"]
-        tot_c = counts.sum(dim=1, keepdim=True)
-        tot_l = loss.sum(dim=1, keepdim=True)
-        # Guarded divisions, x/∞ = 0 where the reference's safe division gives 0.
-        mbar = tot_l / torch.where(active_L1, tot_c, inf)          # token-weighted mean loss
-        m = loss / torch.where(seen, counts, inf)                   # per-expert mean loss
-        rel = (mbar - m) / torch.where(mbar > 0, mbar, inf)
-        bad = (rel * 0.0).any()                                     # inf·0 = NaN: not finite
-        from_loss = torch.sigmoid(rel * self.config.reliability_sharpness)   # in [0, 1]
-        if proxy is None:
-            return from_loss, bad
-        return torch.where(b["_acc_has_loss_L"].unsqueeze(1), from_loss, proxy), bad
-
-    def _acc_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(accumulator, its counts row, its loss row), the rows as cached views."""
-        acc = self._buffers["_acc_FLE"]
-        cached = self._acc_cache
-        if cached is None or cached[0] is not acc:
-            cached = self._acc_cache = (acc, acc[_ACC_COUNTS], acc[_ACC_LOSS])
-        return cached
-
-    def _drive0(self) -> torch.Tensor:
-        """ω₀ + ω_dis [L, E] (float64), cached while the ω_dis buffer is not modified."""
-        om = self._buffers["omega_disorder_LE"]
-        key = self._drive0_key
-        if key is None or key[0] is not om or key[1] != om._version:   # replaced or written
-            self._drive0_val = om + self.config.omega0
-            self._drive0_key = (om, om._version)
-        return self._drive0_val
+        self._refresh_fields(refresh_all)
 
     # ------------------------------------------------------------------ outputs
-    def _refresh_fields(self) -> None:
-        """Recompute the cached router fields from the state and the κ in effect."""
-        cfg, b = self.config, self._buffers
-        f_p, f_t = torch.exp(b["kappa"] * b["_beta_pt_2"]).unbind()   # exp(β_p κ), exp(β_T κ)
-        if cfg.pressure_scale != 1.0:
-            f_p = f_p * cfg.pressure_scale
-        bias = (b["pressure_LE"] + b["lens_LE"]) * f_p
-        temp = b["T_eff_LE"]
-        if cfg.temperature_scale != 1.0:
-            temp = temp * cfg.temperature_scale
-        temp = torch.clamp(temp * f_t, TEMPERATURE_MIN, TEMPERATURE_MAX)
-        # New tensors each time (see module docstring), float32 for the router.
-        self._bias_LE = bias.to(torch.float32)
-        self._temperature_LE = temp.to(torch.float32)
+    def _refresh_fields(self, all_fields: bool = True) -> None:
+        """Recompute the router fields from the state and the κ in effect, in place: σ_L always
+        (it moves every tick), bias/temperature/τ when ``all_fields``, and 1/(σ_L·T)."""
+        b = self._buffers
+        b["_scale_L"].copy_(torch.clamp(b["logit_scale_L"], min=self.config.logit_scale_floor))
+        if all_fields:
+            bias, temp, tau = self._kernel.fields(b["kappa"])
+            b["_bias_LE"].copy_(bias)
+            b["_temperature_LE"].copy_(temp)
+            b["_tau"].copy_(tau)
+        # 1/(σ_L·T): the router's score in one fused op (routing.LayerFields).
+        torch.mul(b["_scale_L"].unsqueeze(1), b["_temperature_LE"], out=b["_inv_LE"])
+        b["_inv_LE"].reciprocal_()
 
-    def routing_fields(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bias_LE, temperature_LE), float32: the router uses (logits + bias) / temperature."""
-        return self._bias_LE, self._temperature_LE
+    def routing_fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bias_LE, temperature_LE, scale_L, tau), float32 (``chronomoe_dyn.routing_fields``'s
+        ``RoutingFields``): the router scores (z − mean z)/scale/temperature + bias + tau·g.
+        Live buffers, updated in place by ticks and ``set_knob`` (clone to keep a snapshot)."""
+        return self._bias_LE, self._temperature_LE, self._scale_L, self._tau
 
-    def layer_fields(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bias_E, temperature_E) of one layer (views of the cached fields)."""
+    def layer_fields(self, layer: int) -> LayerFields:
+        """One layer's ``routing.LayerFields``: views of the live field buffers, made once (no
+        op per router call or per tick; no sync)."""
         li = self._check_layer(layer)
         b = self._buffers
-        bias, temp = b["_bias_LE"], b["_temperature_LE"]
+        bias, temp, scale, tau = b["_bias_LE"], b["_temperature_LE"], b["_scale_L"], b["_tau"]
+        inv = b["_inv_LE"]
         rows = self._field_rows
-        if rows is None or rows[0] is not bias or rows[1] is not temp:
-            # One unbind per refresh instead of two selects per router call.
-            rows = self._field_rows = (bias, temp, bias.unbind(0), temp.unbind(0))
-        return rows[2][li], rows[3][li]
+        if rows is None or rows[0] is not bias or rows[1] is not temp or rows[2] is not scale \
+                or rows[3] is not tau or rows[4] is not inv:
+            # One unbind per refresh instead of selects on every router call.
+            rows = self._field_rows = (bias, temp, scale, tau, inv, [
+                LayerFields(bi, ti, si, tau, vi) for bi, ti, si, vi in
+                zip(bias.unbind(0), temp.unbind(0), scale.unbind(0), inv.unbind(0))])
+        return rows[5][li]
+
+    def noise_key(self, layer: int, num_tokens: int) -> NoiseKey | None:
+        """The Gumbel noise key of a router call of ``num_tokens`` tokens (None when τ₀ = 0: no
+        noise): keyed on (seed, tick, layer) and the tokens' positions among those the layer
+        routed since the tick, interleaved over data-parallel ranks (``routing``). A call inside
+        backward (activation-checkpoint recompute) repeats the key of the layer's last forward.
+        The draws come with the key: the first layer asking at a given (offset, N) draws every
+        layer's (one pass instead of L; the layers of a forward see the same tokens), up to
+        ``NOISE_BATCH_MAX`` values; a call that does not fit draws its own in ``route``."""
+        if self.config.exploration_tau0 == 0.0:
+            return None
+        li = self._check_layer(layer)
+        N = int(num_tokens)
+        if in_backward():
+            offset = self._last_offset_L[li]
+        else:
+            offset = self._offset_L[li]
+            self._last_offset_L[li] = offset
+            self._offset_L[li] = offset + N
+        rank, world = self._rank_world()
+        key = NoiseKey(self._gumbel_prefix(li), offset, rank, world)
+        E, L = self.num_experts, self.num_layers
+        if L * N * E > NOISE_BATCH_MAX:
+            return key
+        tag = (self._tick_host, offset, N, rank, world)
+        cache = self._noise_cache
+        if cache is None or cache[0] != tag:
+            prefixes = self._prefix_tensor()
+            cache = self._noise_cache = (tag, gumbel_NE(key, N, E, self.device, prefixes))
+        return key._replace(gumbel_NE=cache[1][li])
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size) of the noise layout, looked up once per tick."""
+        rw = self._rank_world_cache
+        if rw is None or rw[0] != self._tick_host:
+            rank, world = 0, 1
+            if self.distributed is not False and _dist.is_distributed(self.process_group):
+                rank = _dist.rank(self.process_group)
+                world = _dist.world_size(self.process_group)
+            rw = self._rank_world_cache = (self._tick_host, rank, world)
+        return rw[1], rw[2]
+
+    def _gumbel_prefix(self, li: int) -> int:
+        cache = self._prefix_cache
+        if cache[0] != self._tick_host:
+            cache[:] = [self._tick_host, [None] * self.num_layers]
+        p = cache[1][li]
+        if p is None:
+            p = cache[1][li] = _rng.gumbel_prefix(self._seed_host, self._tick_host, li)
+        return p
+
+    def _prefix_tensor(self) -> torch.Tensor:
+        """[L, 1] int64 of every layer's noise prefix at this tick, built on the device from
+        one host-hashed word (no host-to-device copy); cached for the tick."""
+        cache = self._prefix_cache
+        if cache[0] != self._tick_host or len(cache) < 3:
+            self._gumbel_prefix(0)                     # resets the cache for this tick
+            h1 = _rng.key_prefix(self._seed_host, _rng.STREAM_GUMBEL, self._tick_host)
+            layers = torch.arange(self.num_layers, dtype=torch.int64, device=self.device)
+            cache[2:] = [_rng.mix32(layers ^ h1).unsqueeze(1)]
+        return cache[2]
 
     def coherence(self) -> torch.Tensor:
         """Kuramoto coherence R after the last tick, a 0-d tensor (a copy; no sync)."""
@@ -510,8 +474,8 @@ class PxTController(nn.Module):
     # ------------------------------------------------------------------ meta-knob
     def set_knob(self, kappa: float | torch.Tensor) -> None:
         """Set the target κ ∈ [-1, 1] that the next ``tick()`` applies (through the config's
-        ``kappa_smoothing``). Without smoothing (rate 1) κ also takes effect immediately in
-        ``routing_fields``; with smoothing it moves only at ticks.
+        ``kappa_smoothing``, the one κ smoothing of the system). Without smoothing (rate 1) κ
+        also takes effect immediately in the fields; with smoothing it moves only at ticks.
 
         A Python number is validated (ValueError outside [-1, 1] or non-finite). A tensor is
         used without a sync: clamped to [-1, 1]; a non-finite tensor leaves the target as it was.
@@ -532,37 +496,45 @@ class PxTController(nn.Module):
     def get_knob_state(self) -> dict[str, float]:
         """κ in effect, target κ and the multipliers they apply (syncs: logging only)."""
         k, kt = (float(v) for v in torch.stack([self.kappa, self.kappa_target]).tolist())
-        f = knob_factors(min(max(k, -1.0), 1.0), self.config)
+        k = min(max(k, -1.0), 1.0)
+        f = knob_factors(k, self.config)
+        cfg = self.config
         return {"kappa": k, "kappa_target": kt, "pressure_factor": f.pressure,
                 "temperature_factor": f.temperature, "lens_factor": f.lens,
-                "kappa_smoothing": self.config.kappa_smoothing}
+                "tau": cfg.exploration_tau0 * math.exp(cfg.beta_tau * k),
+                "kappa_smoothing": cfg.kappa_smoothing}
 
     # ------------------------------------------------------------------ diagnostics (sync)
     def get_structural_temperature_diagnostics(self) -> dict[str, Any]:
-        """Landscape of T̄_global and of each layer's T̄_local (syncs: logging only).
-
-        Top-level ``variance``/``valleys``/``ridges``/``formed`` describe the global landscape
-        (the seed's log line); ``local`` holds one landscape per layer."""
+        """The per-layer landscapes of T̄_local and their whole-model aggregates
+        (``chronomoe_dyn.landscape.model_landscape``; syncs: logging only). ``variance`` is the
+        mean over layers of var(T̄_local[l]), ``valleys``/``ridges`` the mean count per layer,
+        ``formed`` whether any layer's landscape is formed, ``local`` one landscape per layer;
+        ``Tbar_global`` is the scalar slowest level."""
         st = self.to_reference_state()
-        g = state_landscape(st, self.config, None)
-        local = [state_landscape(st, self.config, li) for li in range(self.num_layers)]
+        m = model_landscape(st, self.config)
         return {
-            "tick": st.tick, "R": st.R, "variance": g.variance, "valleys": list(g.valleys),
-            "ridges": list(g.ridges), "formed": g.formed, "global": g.to_dict(),
-            "local": [ls.to_dict() for ls in local],
-            "local_variance_mean": float(np.mean([ls.variance for ls in local])),
-            "Tbar_global": st.Tbar_global_E.tolist(),
-            "skipped_ticks": int(self.skipped_ticks),
+            "tick": st.tick, "R": st.R, "variance": m.variance_mean,
+            "valleys": m.valleys_mean, "ridges": m.ridges_mean,
+            "formed": m.formed_fraction > 0, "formed_fraction": m.formed_fraction,
+            "local": [ls.to_dict() for ls in m.layers], "local_variance_mean": m.variance_mean,
+            "Tbar_global": float(st.Tbar_global), "skipped_ticks": int(self.skipped_ticks),
         }
 
     def get_valley_health_diagnostics(self, layer: int | None = None) -> dict[str, Any]:
-        """Health of the valleys of the global landscape, or of one layer (syncs)."""
+        """Valley health of one layer, or (``layer=None``) of every layer with the share of
+        healthy valleys over the model (``model_valley_health``). Syncs."""
+        st = self.to_reference_state()
         if layer is not None:
-            layer = self._check_layer(layer)
-        vh = valley_health(self.to_reference_state(), self.config, layer)
-        d = vh.to_dict()
-        d.update(all_healthy=vh.all_healthy, num_valleys=len(vh.valleys),
-                 num_unhealthy=len(vh.unhealthy))
+            vh = valley_health(st, self.config, self._check_layer(layer))
+            d = vh.to_dict()
+            d.update(all_healthy=vh.all_healthy, num_valleys=len(vh.valleys),
+                     num_unhealthy=len(vh.unhealthy))
+            return d
+        m = model_valley_health(st, self.config)
+        d = m.to_dict()
+        d.update(layer=None, all_healthy=m.all_healthy, num_valleys=m.valleys,
+                 num_unhealthy=sum(len(vh.unhealthy) for vh in m.layers))
         return d
 
     # ------------------------------------------------------------------ reference boundary
@@ -577,7 +549,7 @@ class PxTController(nn.Module):
     @torch.no_grad()
     def load_reference_state(self, state: ControllerState) -> None:
         """Overwrite the state with a ``ControllerState`` of the same shape. The target κ is
-        set to the state's κ; accumulators are cleared; histories are left as they are."""
+        set to the state's κ; the observation is cleared; histories are left as they are."""
         if not isinstance(state, ControllerState):
             raise ValueError(f"expected a ControllerState, got {type(state).__name__}")
         want = (self.num_layers, self.num_experts)
@@ -601,6 +573,9 @@ class PxTController(nn.Module):
         """Re-read the host mirrors from the buffers (one sync; after loading only)."""
         self._tick_host = int(self.tick_counter)
         self._seed_host = int(self.seed)
+        self._offset_L = [0] * self.num_layers
+        self._prefix_cache = [-1, None]
+        self._noise_cache = None
         self._refresh_fields()
 
     # ------------------------------------------------------------------ torch plumbing
@@ -642,6 +617,8 @@ class PxTController(nn.Module):
             if out.dtype != want:
                 out = buf.to(device=out.device, dtype=want)
             self._buffers[name] = out
+        self._kernel.invalidate()
+        self._noise_cache = None
         return self
 
     def extra_repr(self) -> str:

@@ -2,8 +2,9 @@
 
 Under data parallelism (DDP, FSDP, plain ``torch.distributed``) every rank routes its own shard
 of the global batch. The controller must see the *global* routing, so once per optimizer step,
-right before the tick, each rank's accumulated observation ``obs_LE3`` ([L, E, 3]: top-k slot
-counts, gate-weight sums, token-loss sums) is summed over the ranks with a single
+at the start of ``PxTController.tick`` (the one tick path of the native model, the trainer and
+``attach``), each rank's accumulated observation ([L, 3E + 2] per layer: top-k slot counts,
+gate-weight sums, Σ logit std, tokens, token-loss sums) is summed over the ranks with a single
 ``all_reduce(SUM)`` of the flattened buffer. Every rank then runs the same deterministic tick on
 the same numbers, so the controllers stay bitwise identical without ever broadcasting their state,
 and they equal one process that routed the whole global batch (up to the summation order of the
@@ -55,19 +56,19 @@ def barrier(group=None) -> None:
         dist.barrier(group)
 
 
-def all_reduce_observation(obs_LE3: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``obs_LE3`` over the ranks of ``group`` in place (one collective); returns it.
+def all_reduce_observation(obs: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``obs`` over the ranks of ``group`` in place (one collective); returns it.
 
     A no-op outside torch.distributed or with one rank. The buffer must be contiguous and live
     on the device the backend expects (CPU for gloo, CUDA for nccl): it is the tensor the routers
     accumulate into, so it already does. Asynchronous on CUDA like any collective: no host sync.
     """
     if not is_distributed(group):
-        return obs_LE3
-    if not obs_LE3.is_contiguous():
+        return obs
+    if not obs.is_contiguous():
         raise ValueError("all_reduce_observation: the observation buffer must be contiguous")
-    dist.all_reduce(obs_LE3.view(-1), op=dist.ReduceOp.SUM, group=group)
-    return obs_LE3
+    dist.all_reduce(obs.view(-1), op=dist.ReduceOp.SUM, group=group)
+    return obs
 
 
 @torch.no_grad()

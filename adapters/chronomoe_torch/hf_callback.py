@@ -6,9 +6,12 @@ wrap it). Hence two pieces:
 
 * ``ChronoMoECallback``: attaches the controller to ``model`` (``attach``), ticks it in
   ``on_pre_optimizer_step`` (once per optimizer step, after the last micro-batch's backward: one
-  tick per step under gradient accumulation, and under DDP the observation all-reduce happens
-  there), steps the optional ``KnobScheduler`` in ``on_step_end``, adds the controller's metrics
-  to the Trainer's logs and to ``<output_dir>/metrics.jsonl`` (main process), writes its state
+  tick per step under gradient accumulation, and under DDP the controller's tick all-reduces the
+  observation first), steps the optional ``KnobScheduler`` in ``on_step_end``, adds the
+  controller's and the routing metrics (the v2 keys of docs/CONTRACTS.md "Run metrics v2", the
+  same as the torch trainer's: the routing stats of each logged step, ``maxvio_global`` over each
+  evaluation) to the Trainer's logs and to ``<output_dir>/metrics.jsonl`` (main process), writes
+  its state
   into each checkpoint folder (``<checkpoint>/chronomoe/``, ``checkpoint.save_state``, main
   process) and restores it when training resumes. Usable alone (no ChronoMoE loss, no gate).
 * ``ChronoMoEHFTrainer(Trainer)``: the callback plus what only the Trainer can do:
@@ -51,10 +54,11 @@ __all__ = ["ChronoMoECallback", "ChronoMoEHFTrainer", "STATE_DIRNAME", "LOG_PREF
 
 STATE_DIRNAME = "chronomoe"
 LOG_PREFIX = "chronomoe/"
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2       # 2: controller law v2
 _LOSS_NAMES = ("loss", "loss_lm", "loss_balance", "loss_coherence", "loss_valley", "loss_z")
 # Scalars of the JSONL record that also go into the Trainer's logs.
-_LOG_SCALARS = ("R", "dR", "kappa", "gate", "tbar_variance", "tbar_variance_local", "maxvio")
+_LOG_SCALARS = ("R", "dR", "kappa", "gate", "tbar_global", "tbar_variance", "tbar_variance_local",
+                "maxvio", "routing_entropy", "load_entropy", "exploration_rate")
 
 
 def _find_gated(optimizer: Any):
@@ -119,6 +123,7 @@ class ChronoMoECallback(TrainerCallback):
                 self.knob.controller = self.handle.controller
                 self.knob.meta_knob.controller = self.handle.controller
                 self.handle.controller.set_knob(self.knob.get_kappa())
+            self.handle.eval_routing_stats.start()   # eval-mode forwards: maxvio_global
         return self.handle
 
     def detach(self) -> None:
@@ -187,8 +192,9 @@ class ChronoMoECallback(TrainerCallback):
             v = rec.get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[LOG_PREFIX + k] = float(v)
-        out[LOG_PREFIX + "valleys"] = float(len(rec.get("valleys", [])))
-        out[LOG_PREFIX + "ridges"] = float(len(rec.get("ridges", [])))
+        for k in ("valleys", "ridges"):
+            if k in rec:
+                out[LOG_PREFIX + k] = float(rec[k])
         return out
 
     def _write(self, rec: dict[str, Any]) -> None:
@@ -229,6 +235,26 @@ class ChronoMoECallback(TrainerCallback):
                                  else self.metrics_dir)
         return control
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The routing stats of the steps the Trainer will log (its "steps" strategy).
+        n = getattr(args, "logging_steps", 0) or 0
+        strategy = getattr(args, "logging_strategy", "steps")
+        strategy = str(getattr(strategy, "value", strategy))        # an IntervalStrategy enum
+        if self.handle is not None and strategy == "steps" and n >= 1 \
+                and (state.global_step + 1) % max(1, int(n)) == 0:
+            self.handle.routing_stats.start()
+        return control
+
+    def eval_record(self, step: int, loss: float) -> dict[str, Any]:
+        """The eval record: loss and the routing metrics of the eval-mode forwards since the
+        last one (``maxvio_global`` over the evaluation; syncs)."""
+        from .metrics import eval_routing_metrics
+        rec: dict[str, Any] = {"step": int(step), "split": "eval", "loss": float(loss)}
+        acc = None if self.handle is None else self.handle.eval_routing_stats.take(disable=False)
+        if acc is not None:
+            rec.update(eval_routing_metrics(acc.cpu().numpy()))
+        return rec
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.handle.tick()
         return control
@@ -242,9 +268,9 @@ class ChronoMoECallback(TrainerCallback):
         if logs is None:
             return control
         if "eval_loss" in logs:
+            rec = self.eval_record(state.global_step, logs["eval_loss"])
             if state.is_world_process_zero:
-                self._write({"step": state.global_step, "split": "eval",
-                             "loss": float(logs["eval_loss"])})
+                self._write(rec)
         elif "loss" in logs and LOG_PREFIX + "R" not in logs:
             # Used without ChronoMoEHFTrainer: later callbacks see the scalars.
             logs.update(self.train_logs(state, logs))

@@ -8,8 +8,13 @@ kind (the prototype's cosine ran backwards; ``kappa_at`` is tested against that)
 
 Step convention (like torch LR schedulers): at construction the scheduler is at step 0 and has set
 κ(0); each ``step()`` advances to the next step and sets its κ. Call it after
-``optimizer.step()``, so the controller's tick at optimizer step n (in the step pre-hook) applies
-κ(n − 1).
+``optimizer.step()`` (``register_on(optimizer)``: in its step post-hook), so the controller's
+tick at optimizer step n (in the step pre-hook) applies κ(n − 1).
+
+One κ smoothing: κ is smoothed once, inside the law, by ``ControllerConfig.kappa_smoothing``
+(every backend has it, and it is checkpointed with the controller). ``MetaKnob`` used to carry a
+second EMA of its own, which compounded with the controller's (two EMAs in series lag twice and
+change the schedule's shape); it was removed: ``MetaKnob`` holds the scheduled κ as it is.
 
 Syncs: κ itself is a host value, so scheduling never syncs. The adaptive rule reads R and the
 landscape: given floats (``observe(R, variance, formed)``) nothing syncs; reading them from the
@@ -38,34 +43,22 @@ def _kappa(v: Any) -> float:
     return check_kappa(v)
 
 
-def _check_rate(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or not 0.0 < v <= 1.0:
-        raise ValueError(f"{name}={v!r}: allowed range is (0, 1]")
-    return float(v)
-
-
 class MetaKnob:
-    """Holds κ ∈ [-1, 1], optionally EMA-smoothed, and pushes it to a controller.
+    """Holds κ ∈ [-1, 1] and pushes it to a controller (``set_knob``).
 
-    ``set(k)`` validates k (ValueError outside [-1, 1] or non-finite), then
-    κ ← (1 − smoothing)·κ + smoothing·k (smoothing 1 = none). ``get()`` returns κ.
+    ``set(k)`` validates k (ValueError outside [-1, 1] or non-finite) and sets κ = k; ``get()``
+    returns κ. Smoothing is the controller's (``ControllerConfig.kappa_smoothing``): see the
+    module docstring.
     """
 
-    def __init__(self, kappa: float = 0.0, smoothing: float = 1.0, controller: Any = None) -> None:
-        self.smoothing = _check_rate("smoothing", smoothing)
+    def __init__(self, kappa: float = 0.0, controller: Any = None) -> None:
         self._kappa = _kappa(kappa)
-        self._target = self._kappa
         self.controller = controller
         self._push()
 
     def set(self, kappa: float) -> float:
-        """Move κ toward ``kappa`` (smoothed) and push it to the controller; returns κ."""
-        k = _kappa(kappa)
-        r = self.smoothing
-        self._target = k
-        new = (1.0 - r) * self._kappa + r * k
-        self._kappa = min(max(new, min(self._kappa, k)), max(self._kappa, k))
+        """Set κ and push it to the controller; returns κ."""
+        self._kappa = _kappa(kappa)
         self._push()
         return self._kappa
 
@@ -74,27 +67,28 @@ class MetaKnob:
 
     @property
     def target(self) -> float:
-        """The last value passed to ``set`` (before smoothing)."""
-        return self._target
+        """The last value passed to ``set`` (= κ: no smoothing here)."""
+        return self._kappa
 
     def _push(self) -> None:
         if self.controller is not None:
             self.controller.set_knob(self._kappa)
 
     def state_dict(self) -> dict[str, float]:
-        return {"kappa": self._kappa, "target": self._target, "smoothing": self.smoothing}
+        return {"kappa": self._kappa}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = {"kappa", "target", "smoothing"} - set(state_dict)
-        if missing:
-            raise ValueError(f"MetaKnob.load_state_dict: missing {sorted(missing)}")
-        self.smoothing = _check_rate("smoothing", state_dict["smoothing"])
+        if "kappa" not in state_dict:
+            raise ValueError("MetaKnob.load_state_dict: missing ['kappa']")
+        if state_dict.get("smoothing", 1.0) != 1.0:
+            raise ValueError(f"MetaKnob.load_state_dict: smoothing={state_dict['smoothing']!r}: "
+                             f"MetaKnob no longer smooths κ (one smoothing: "
+                             f"ControllerConfig.kappa_smoothing)")
         self._kappa = _kappa(state_dict["kappa"])
-        self._target = _kappa(state_dict["target"])
         self._push()
 
     def __repr__(self) -> str:
-        return f"MetaKnob(kappa={self._kappa:.4f}, smoothing={self.smoothing})"
+        return f"MetaKnob(kappa={self._kappa:.4f})"
 
 
 class AdaptiveKnobController:
@@ -155,7 +149,6 @@ class KnobScheduler:
         controller: a ``PxTController`` (or anything with ``set_knob``), or None.
         initial_kappa, final_kappa, warmup_steps, total_steps, rule: the schedule's fields, only
             with a kind.
-        smoothing: EMA rate of the ``MetaKnob`` that holds κ (1 = none).
         adaptive_interval: for the adaptive kind with a controller, read R and the landscape
             from it every this many steps (a sync each time); 0 = never (call ``observe``).
     """
@@ -163,8 +156,7 @@ class KnobScheduler:
     def __init__(self, schedule: KnobSchedule | str = "cosine", controller: Any = None, *,
                  initial_kappa: float = _UNSET, final_kappa: float = _UNSET,
                  warmup_steps: int = _UNSET, total_steps: int = _UNSET,
-                 rule: AdaptiveRule = _UNSET, smoothing: float = 1.0,
-                 adaptive_interval: int = 100) -> None:
+                 rule: AdaptiveRule = _UNSET, adaptive_interval: int = 100) -> None:
         given = {k: v for k, v in (("initial_kappa", initial_kappa), ("final_kappa", final_kappa),
                                    ("warmup_steps", warmup_steps), ("total_steps", total_steps),
                                    ("rule", rule)) if v is not _UNSET}
@@ -193,7 +185,7 @@ class KnobScheduler:
         self.adaptive_interval = adaptive_interval
         self.adaptive = AdaptiveKnobController(self.schedule.rule)
         self.step_count = 0
-        self.meta_knob = MetaKnob(self._scheduled(), smoothing=smoothing, controller=controller)
+        self.meta_knob = MetaKnob(self._scheduled(), controller=controller)
 
     @property
     def is_adaptive(self) -> bool:
@@ -219,8 +211,20 @@ class KnobScheduler:
             return 0.0
         return self.adaptive.update(R, variance, formed)
 
+    def register_on(self, optimizer: Any) -> Any:
+        """``step()`` in ``optimizer``'s step post-hook (torch's hook API); returns the handle
+        (keep it to remove the hook)."""
+        if not hasattr(optimizer, "register_step_post_hook"):
+            raise ValueError(f"register_on: {type(optimizer).__name__} has no "
+                             f"register_step_post_hook (expected a torch.optim.Optimizer)")
+
+        def _knob_post_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            self.step()
+
+        return optimizer.register_step_post_hook(_knob_post_hook)
+
     def get_kappa(self) -> float:
-        """κ currently set (after the MetaKnob's smoothing)."""
+        """κ currently set (the scheduled value; the controller may smooth it)."""
         return self.meta_knob.get()
 
     def get_phase(self) -> str:

@@ -4,16 +4,17 @@
         (defaults 1.0, 0.01, 0.001, 0.0001, 0.0)
 
 Per layer ℓ, over the tokens that count (attention_mask, all if none), with p = softmax of the
-modified router logits (l + b)/T, p̄_ℓe their mean and f_ℓe the fraction of top-k slots routed
-to e; every term is averaged over layers:
+raw router logits z (law v2: the controller moves the selection only), p̄_ℓe their mean and
+f_ℓe the fraction of top-k slots routed to e; every term is averaged over layers:
     L_lm        causal cross-entropy: logits at t predict labels at t+1; -100 and padding ignored
     L_balance   E·Σ_e f_ℓe·p̄_ℓe                          (Switch; f carries no gradient, p̄ does)
     L_coherence (1 − R)·mean_e δ̃_ℓe²,  δ̃ = E·(p̄_ℓe − u_ℓe)   u: the controller's usage EMA;
                 R: its Kuramoto coherence, detached. The controller's own drift δ = E(frac − u),
                 with the differentiable p̄ in place of the hard fractions.
     L_valley    Σ_e m_ℓe·p̄_ℓe                           m: unhealthy valleys of layer ℓ, i.e.
-                T̄_local < mean − c·std (c = 0.5) and reliability < 0.3
-    L_z         mean_n logsumexp(l'_n)²                   router z-loss (ST-MoE); computed only
+                T̄_local < mean − c·std (c = 0.5; none in a flat layer, variance ≤ 1e-12)
+                and reliability < 0.3
+    L_z         mean_n logsumexp(z_n)²                    router z-loss (ST-MoE); computed only
                 when λ_z > 0 (else reported as 0)
 
 Modes: "chronomoe" (all terms), "switch" (L_lm + balance + z: the standard Switch recipe),
@@ -27,7 +28,8 @@ softmax (``output.router_probs``) when the output carries it, else recomputed fr
 
 Nothing here synchronises with the host: every component is a 0-d tensor. With a controller
 and ``observe=True`` the per-token losses are summed per expert and layer and passed to
-``controller.observe_loss(layer, loss_sum_E)`` (detached), for the reliability signal.
+``controller.observe_loss_all(loss_LE)`` (or ``observe_loss(layer, loss_sum_E)`` per layer;
+detached), for the reliability signal.
 
 Shape legend: B batch, S sequence, N = B·S tokens, L layers, E experts, K top-k, V vocab.
 """
@@ -41,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from chronomoe_dyn.landscape import FLAT_VARIANCE
 
 __all__ = ["LossOutput", "ChronoMoELoss", "LOSS_MODES", "causal_lm_token_loss",
            "unhealthy_valley_mask"]
@@ -86,12 +90,12 @@ def causal_lm_token_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,
 def unhealthy_valley_mask(tbar_LE: torch.Tensor, reliability_LE: torch.Tensor,
                           threshold_std: float = 0.5, unhealthy_reliability: float = 0.3
                           ) -> torch.Tensor:
-    """Bool [L, E]: per-layer valleys of T̄ (T̄ < mean − c·std, population std, strict so a flat
-    layer has none) whose reliability is below the threshold. On device, no sync; matches
-    ``chronomoe_dyn.landscape.valley_health`` layer by layer."""
+    """Bool [L, E]: per-layer valleys of T̄ (T̄ < mean − c·std, population std; a flat layer,
+    variance ≤ ``FLAT_VARIANCE``, has none) whose reliability is below the threshold. The rule of
+    ``chronomoe_dyn.landscape.landscape_masks``, on device, without a sync."""
     mean_L1 = tbar_LE.mean(dim=-1, keepdim=True)
-    std_L1 = tbar_LE.var(dim=-1, unbiased=False, keepdim=True).sqrt()
-    valley_LE = tbar_LE < mean_L1 - threshold_std * std_L1
+    var_L1 = tbar_LE.var(dim=-1, unbiased=False, keepdim=True)
+    valley_LE = (tbar_LE < mean_L1 - threshold_std * var_L1.sqrt()) & (var_L1 > FLAT_VARIANCE)
     return valley_LE & (reliability_LE < unhealthy_reliability)
 
 
@@ -205,5 +209,9 @@ class ChronoMoELoss(nn.Module):
         L, N, _ = idx_LNK.shape
         loss_LM = tok_N.repeat_interleave(K).expand(L, N * K)
         loss_LE = tok_N.new_zeros(L, E).scatter_add_(1, idx_LNK.reshape(L, N * K), loss_LM)
+        observe_all = getattr(controller, "observe_loss_all", None)
+        if observe_all is not None:
+            observe_all(loss_LE)
+            return
         for layer in range(L):
             controller.observe_loss(layer, loss_LE[layer])

@@ -2,12 +2,16 @@
 
     h_0 = Embed(ids)
     h   = h + Attn(RMSNorm(h))            grouped-query attention, rotary positions, causal
-    h   = h + MoE(RMSNorm(h))             top-k router (l + b)/T, SwiGLU experts (moe.py)
+    h   = h + MoE(RMSNorm(h))             v2 top-k router (routing.py), SwiGLU experts (moe.py)
     logits = RMSNorm(h) Embedᵀ            LM head tied to the token embeddings
 
 With ``enable_chronovisor=True`` the model owns a ``PxTController`` (``self.controller``): every
-MoE layer routes with the controller's (bias, temperature) and, in training mode, reports its
-per-expert counts and gate sums to it. With ``False`` it is a plain sparse MoE (the baseline).
+MoE layer routes with the controller's fields (bias, temperature, σ_L, exploration noise τ) and,
+in training mode, reports its per-expert counts, gate sums and logit scale to it. With
+``controller_fields=False`` the controller still observes and ticks but routing is the plain
+top-k of the raw logits (the ablation every claim is measured against). With
+``enable_chronovisor=False`` it is a plain sparse MoE (no controller at all). ``routing_stats``
+(a ``routing.RoutingStats``) accumulates the run metrics' routing stats while enabled.
 
 Shape legend: B batch, S sequence, N = B·S tokens, E experts, K top-k, H hidden, V vocab,
 nh query heads, nkv key/value heads, D head dim.
@@ -22,11 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from chronomoe_dyn import ControllerConfig
 
 from .loss import causal_lm_token_loss
+from . import distributed as _dist
 from .moe import EXPERT_BACKENDS, RouterOutput, SparseMoE
+from .routing import RoutingStats
 
 __all__ = ["MixtralConfig", "MoECausalLMOutput", "ChronovisorMixtralForCausalLM",
            "RMSNorm", "RotaryEmbedding", "GQAttention", "DecoderLayer"]
@@ -87,7 +94,10 @@ class MixtralConfig:
     controller_config: ControllerConfig = field(default_factory=ControllerConfig)
     """Constants of the P×T controller (used when enable_chronovisor)."""
     controller_seed: int = 0
-    """Seed of the controller's phases and frequency disorder."""
+    """Seed of the controller's phases, frequency disorder and routing noise."""
+    controller_fields: bool = True
+    """Route with the controller's fields (True), or observe and tick only and route by the
+    plain top-k of z (False: the ablation). Used when enable_chronovisor."""
 
     def __post_init__(self) -> None:
         for name, lo in (("vocab_size", 1), ("hidden_dim", 1), ("num_layers", 1),
@@ -97,6 +107,9 @@ class MixtralConfig:
             _check_int(name, getattr(self, name), lo)
         if not isinstance(self.enable_chronovisor, bool):
             raise ValueError(f"MixtralConfig.enable_chronovisor={self.enable_chronovisor!r}: "
+                             f"expected a bool")
+        if not isinstance(self.controller_fields, bool):
+            raise ValueError(f"MixtralConfig.controller_fields={self.controller_fields!r}: "
                              f"expected a bool")
         if not isinstance(self.router_renormalize, bool):
             raise ValueError(f"MixtralConfig.router_renormalize={self.router_renormalize!r}: "
@@ -163,7 +176,8 @@ class MoECausalLMOutput:
     logits: torch.Tensor
     """[B, S, V] next-token logits (position t predicts token t+1)."""
     router_logits: tuple[torch.Tensor, ...]
-    """Per layer [N, E]: the modified logits (l + b)/T, float32, differentiable."""
+    """Per layer [N, E]: the raw router logits z, float32, differentiable (the controller moves
+    the selection only; balance, z-loss and any aux loss read z)."""
     expert_indices: tuple[torch.Tensor, ...]
     """Per layer [N, K] int64 selected experts."""
     gate_weights: tuple[torch.Tensor, ...]
@@ -173,6 +187,7 @@ class MoECausalLMOutput:
     router_probs: tuple[torch.Tensor, ...] | None = None
     """Per layer [N, E]: softmax of ``router_logits`` (float32, differentiable), the router's
     own, so ``ChronoMoELoss`` need not recompute it. None from models that do not provide it."""
+
 
 
 class RMSNorm(nn.Module):
@@ -248,10 +263,12 @@ class DecoderLayer(nn.Module):
                              config.top_k, config.router_renormalize, config.expert_backend)
 
     def forward(self, h_BSH: torch.Tensor, rope: RotaryEmbedding, mask_B1SS, controller,
-                layer: int, valid_N) -> tuple[torch.Tensor, RouterOutput]:
+                layer: int, valid_N, controller_fields: bool = True,
+                stats: RoutingStats | None = None) -> tuple[torch.Tensor, RouterOutput]:
         h_BSH = h_BSH + self.attn(self.attn_norm(h_BSH), rope, mask_B1SS)
         B, S, H = h_BSH.shape
-        y_NH, r = self.moe(self.moe_norm(h_BSH).reshape(B * S, H), controller, layer, valid_N)
+        y_NH, r = self.moe(self.moe_norm(h_BSH).reshape(B * S, H), controller, layer, valid_N,
+                           controller_fields, stats)
         return h_BSH + y_NH.view(B, S, H), r
 
 
@@ -288,6 +305,14 @@ class ChronovisorMixtralForCausalLM(nn.Module):
                                        config=config.controller_config,
                                        seed=config.controller_seed)
         self.controller = controller
+        self.routing_stats = RoutingStats(config.num_layers, config.num_experts)
+        # DDP broadcasts rank 0's buffers into every rank at each forward: that would overwrite
+        # each rank's own routing accumulations (the controller's observation, the aux-free
+        # loads) before the controller's and the aux-free update's all-reduce sum them. The
+        # controller's state needs no broadcast (every rank ticks on the same global sum).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, [
+            n for n, _ in self.named_buffers()
+            if n.startswith("controller.") or n.endswith(".load_E")])
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -325,8 +350,10 @@ class ChronovisorMixtralForCausalLM(nn.Module):
 
         h_BSH = self.embed_tokens(input_ids)
         routers = []
+        fields = self.config.controller_fields
         for i, layer in enumerate(self.layers):
-            h_BSH, r = layer(h_BSH, self.rope, mask_B1SS, self.controller, i, valid_N)
+            h_BSH, r = layer(h_BSH, self.rope, mask_B1SS, self.controller, i, valid_N, fields,
+                             self.routing_stats)
             routers.append(r)
         logits_BSV = F.linear(self.norm(h_BSH), self.embed_tokens.weight)
 
@@ -346,20 +373,38 @@ class ChronovisorMixtralForCausalLM(nn.Module):
     @torch.no_grad()
     def update_aux_free_bias(self, rate: float | None = None,
                              valid: torch.Tensor | None = None) -> None:
-        """One auxiliary-loss-free balancing step in every router (call once per optimizer
-        step, e.g. from an optimizer step pre-hook): b += u·sign(mean − load) on the loads
-        routed in training mode since the last call, then clear them. On device, no sync.
-        ``rate`` (u) defaults to ``config.aux_free_bias_rate``. ``valid`` (0-d bool tensor):
-        when False the biases stay bit-for-bit unchanged (``torch.where``, no sync), e.g. on a
-        skipped optimizer step; the loads are cleared either way."""
+        """One auxiliary-loss-free balancing step in every router (once per optimizer step:
+        ``register_aux_free_hook``): b += u·sign(mean − load) on the loads routed in training
+        mode since the last call, then clear them. On device, no sync. Under data parallelism
+        (a process group with more than one rank) the loads are summed over the ranks first,
+        in one collective, so every rank applies the same update. ``rate`` (u) defaults to
+        ``config.aux_free_bias_rate``. ``valid`` (0-d bool tensor): when False the biases stay
+        bit-for-bit unchanged (``torch.where``, no sync), e.g. on a skipped optimizer step; the
+        loads are cleared either way."""
         u = self.config.aux_free_bias_rate if rate is None else float(rate)
         if valid is not None and (not isinstance(valid, torch.Tensor) or valid.dim() != 0
                                   or valid.dtype != torch.bool):
             got = (f"a {valid.dtype} tensor of shape {list(valid.shape)}"
                    if isinstance(valid, torch.Tensor) else type(valid).__name__)
             raise ValueError(f"update_aux_free_bias: valid must be a 0-d bool tensor, got {got}")
-        for layer in self.layers:
-            layer.moe.router.update_aux_free_bias(u, valid)
+        routers = [layer.moe.router for layer in self.layers]
+        if _dist.is_distributed():
+            load_LE = torch.stack([r.load_E for r in routers])
+            _dist.all_reduce_observation(load_LE)
+            for r, load_E in zip(routers, load_LE):
+                r.load_E.copy_(load_E)
+        for r in routers:
+            r.update_aux_free_bias(u, valid)
+
+    def register_aux_free_hook(self, optimizer: torch.optim.Optimizer,
+                               valid: Any = None) -> Any:
+        """Run ``update_aux_free_bias`` in ``optimizer``'s step post-hook (as torchtitan
+        updates its MoE bias); ``valid`` is a callable returning the step's 0-d bool validity
+        (or None). Returns the hook's handle (keep it to remove the hook)."""
+        def _aux_free_post_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            self.update_aux_free_bias(valid=None if valid is None else valid())
+
+        return optimizer.register_step_post_hook(_aux_free_post_hook)
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active`` counts only K of the E experts per layer."""

@@ -1,12 +1,11 @@
 """Sparse Mixture-of-Experts layer: a top-k router and SwiGLU experts dispatched by expert.
 
-Routing (per token x, router weight W_r [E, H]):
-    l      = W_r x                               raw router logits (float32)
-    l'     = (l + b) / T                         b, T: the P×T controller's bias and temperature
-    p      = softmax(l')                         router probabilities
-    top-k  = argtop_k(p + b_free)                b_free: auxiliary-loss-free balancing bias; it
-                                                 moves the *selection* only, never the gates
-    g_k    = p_k / Σ_{j∈top-k} p_j               gate weights renormalised over the top-k (Mixtral)
+Routing (per token x, router weight W_r [E, H]): the raw logits z = W_r x (float32) go through
+``routing.route``, the one v2 routing rule (docs/CONTRACTS.md "Version 2 contracts"): with the
+P×T controller's fields the selection is the top-k of (z − mean z)/σ_L/T + b + τ·g (Gumbel noise
+g in training), without them (``controller_fields=False`` or no controller) the plain top-k of z;
+the gates are always the raw softmax(z) over the selected experts, renormalised (Mixtral) or not.
+The controller moves the choice, never the mixture weights; the gradient flows through z.
 Experts (SwiGLU): f_e(x) = (silu(x W_g[e]) ⊙ (x W_u[e])) W_d[e];  y = Σ_{k} g_k f_{e_k}(x).
 
 Dispatch is sparse: the N·K routed slots are sorted by expert id, so each expert's tokens form a
@@ -21,10 +20,11 @@ it is used where `_grouped_mm` is unavailable: float64, CUDA below sm90 or not b
 16-byte aligned.
 
 Auxiliary-loss-free balancing (DeepSeek-V3): each router keeps a bias b_free [E] used only in the
-top-k selection, and a load accumulator of the top-k slots it routed (training mode) since the
-last update; `Router.update_aux_free_bias(u, valid)` applies b_free += u·sign(mean(load) − load)
-(only where the 0-d bool `valid` is True, if given) and clears the accumulator, once per optimizer
-step, on device, without sync.
+top-k selection (see ``routing``), and a load accumulator of the top-k slots it routed (training
+mode) since the last update; `Router.update_aux_free_bias(u, valid)` applies
+b_free += u·sign(mean(load) − load) (only where the 0-d bool `valid` is True, if given) and clears
+the accumulator, once per optimizer step (an optimizer step hook, ``register_aux_free_hook`` of
+the model), on device, without sync.
 
 Shape legend: N tokens, E experts, K top-k, H hidden, I intermediate, M = N·K routed slots.
 """
@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .routing import LayerFields, NoiseKey, RoutingStats, in_backward, route
+
 __all__ = ["RouterOutput", "Router", "SparseMoE", "grouped_mm_available", "EXPERT_BACKENDS"]
 
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
@@ -46,13 +48,15 @@ _GROUPED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class RouterOutput(NamedTuple):
     logits_NE: torch.Tensor
-    """Modified router logits (l + b) / T, float32, differentiable into the router weight."""
+    """Raw router logits z = W_r x, float32, differentiable into the router weight."""
     probs_NE: torch.Tensor
-    """softmax of ``logits_NE``."""
+    """softmax(z) (float32, differentiable): the Switch loss's router probabilities."""
     expert_idx_NK: torch.Tensor
     """Selected experts (int64), in descending score order."""
     gate_NK: torch.Tensor
-    """Gate weights of the selected experts (float32; renormalised over the top-k if asked)."""
+    """Gate weights of the selected experts from softmax(z) (float32; renormalised if asked)."""
+    stats_F: torch.Tensor
+    """[2E + 4] detached routing stats of this call (``routing`` module docstring)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,7 +82,7 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype, *dims: int) -
 
 
 class Router(nn.Module):
-    """Linear top-k router with the controller's (bias, temperature) and an aux-free bias."""
+    """Linear top-k router: the v2 routing rule (``routing.route``) and an aux-free bias."""
 
     def __init__(self, hidden_dim: int, num_experts: int, top_k: int,
                  renormalize: bool = True) -> None:
@@ -91,24 +95,21 @@ class Router(nn.Module):
         self.register_buffer("aux_free_bias_E", torch.zeros(num_experts), persistent=True)
         self.register_buffer("load_E", torch.zeros(num_experts), persistent=False)
 
-    def forward(self, x_NH: torch.Tensor, bias_E: torch.Tensor | None = None,
-                temperature_E: torch.Tensor | None = None) -> RouterOutput:
+    def forward(self, x_NH: torch.Tensor, fields: LayerFields | None = None,
+                noise: NoiseKey | None = None, valid_N: torch.Tensor | None = None,
+                full_stats: bool = False) -> RouterOutput:
+        """``fields``: the controller's ``LayerFields`` (None: plain top-k of z); ``noise``: the
+        Gumbel key (training only). The aux-free bias (zero unless updated) joins the
+        selection."""
         # The router runs in float32 even under autocast: bf16 logits flip near-tied top-k
-        # choices and the controller's bias (~0.1) is below bf16 resolution at |l| ~ 10.
+        # choices and the controller's bias is below bf16 resolution at |z| ~ 10.
         with torch.autocast(x_NH.device.type, enabled=False):
-            logits_NE = F.linear(x_NH.float(), self.weight.float())
-            if bias_E is not None:
-                logits_NE = logits_NE + bias_E
-            if temperature_E is not None:
-                logits_NE = logits_NE / temperature_E
-            probs_NE = logits_NE.softmax(dim=-1)
-            # Selection sees the aux-free bias; the gates below do not (DeepSeek-V3).
-            scores_NE = probs_NE.detach() + self.aux_free_bias_E
-            expert_idx_NK = scores_NE.topk(self.top_k, dim=-1).indices
-            gate_NK = probs_NE.gather(-1, expert_idx_NK)
-            if self.renormalize:
-                gate_NK = gate_NK / gate_NK.sum(dim=-1, keepdim=True)
-        return RouterOutput(logits_NE, probs_NE, expert_idx_NK, gate_NK)
+            z_NE = F.linear(x_NH.float(), self.weight.float())
+            r = route(z_NE, self.top_k, fields=fields, renormalize=self.renormalize,
+                      aux_free_bias_E=self.aux_free_bias_E,
+                      training=self.training, valid_N=valid_N, noise=noise,
+                      want_probs=True, full_stats=full_stats)
+        return RouterOutput(z_NE, r.probs_NE, r.expert_idx_NK, r.gate_NK, r.stats_F)
 
     @torch.no_grad()
     def update_aux_free_bias(self, rate: float, valid: torch.Tensor | None = None) -> None:
@@ -176,17 +177,23 @@ class SparseMoE(nn.Module):
         return ok
 
     def forward(self, x_NH: torch.Tensor, controller=None, layer: int = 0,
-                valid_N: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+                valid_N: torch.Tensor | None = None, controller_fields: bool = True,
+                stats: RoutingStats | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """Route, run each expert on its tokens, combine. ``controller`` (optional) supplies
-        ``layer_fields(layer)`` and, in training mode, receives ``observe(layer, counts_E,
-        weight_sum_E)``; ``valid_N`` (bool, optional) marks the tokens those counts include
-        (padding excluded). Returns the output [N, H] and the router's output."""
+        ``layer_fields(layer)`` and ``noise_key(layer, N)`` (unless ``controller_fields`` is False:
+        then routing is the plain top-k of z) and, in training mode, receives the routing stats
+        (``observe_stats``); ``valid_N`` (bool, optional) marks the tokens the stats include
+        (padding excluded); ``stats`` (optional) accumulates them for the run metrics while
+        enabled. Returns the output [N, H] and the router's output."""
         N, H = x_NH.shape
         E, K = self.num_experts, self.top_k
-        bias_E = temperature_E = None
-        if controller is not None:
-            bias_E, temperature_E = controller.layer_fields(layer)
-        r = self.router(x_NH, bias_E, temperature_E)
+        fields = noise = None
+        if controller is not None and controller_fields:
+            fields = controller.layer_fields(layer)
+            if self.training:
+                noise = controller.noise_key(layer, N)
+        full = stats is not None and stats.enabled
+        r = self.router(x_NH, fields, noise, valid_N, full_stats=full)
 
         # Sort the N·K slots by expert: expert e's slots are sorted positions [ends[e-1], ends[e]).
         expert_M = r.expert_idx_NK.reshape(-1)
@@ -209,22 +216,13 @@ class SparseMoE(nn.Module):
         yw_MH = y_MH * gate_M.unsqueeze(-1)                      # float32 (gates are float32)
         out_NH = yw_MH.new_zeros(N, H).index_add_(0, token_M, yw_MH)
 
+        if in_backward():
+            # An activation-checkpoint recompute repeats a forward already counted.
+            return out_NH.to(x_NH.dtype), r
         if self.training:
-            self._record(r, expert_M, controller, layer, valid_N)
+            self.router.load_E.add_(r.stats_F[:E])
+            if controller is not None:
+                controller.observe_stats(layer, r.stats_F)
+        if full:
+            stats.add(layer, r.stats_F)
         return out_NH.to(x_NH.dtype), r
-
-    @torch.no_grad()
-    def _record(self, r: RouterOutput, expert_M: torch.Tensor, controller, layer: int,
-                valid_N: torch.Tensor | None) -> None:
-        """Per-expert slot counts and gate sums, on device: the aux-free load and the
-        controller's observation."""
-        E, K = self.num_experts, self.top_k
-        ones_M = torch.ones_like(expert_M, dtype=torch.float32)
-        if valid_N is not None:
-            ones_M = valid_N.to(torch.float32).repeat_interleave(K)
-        counts_E = torch.zeros(E, device=expert_M.device).index_add_(0, expert_M, ones_M)
-        self.router.load_E.add_(counts_E)
-        if controller is not None:
-            wsum_E = torch.zeros(E, device=expert_M.device).index_add_(
-                0, expert_M, r.gate_NK.detach().reshape(-1).float() * ones_M)
-            controller.observe(layer, counts_E, wsum_E)

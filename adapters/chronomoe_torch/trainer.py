@@ -11,8 +11,9 @@ One optimizer step n (``global_step`` n → n + 1) over G = gradient_accumulatio
      ``KnobScheduler`` at the end of step n − 1); the coherence gate is computed from the new R
      and scales the step's parameter change (``CoherenceGatedOptimizer``, which applies it
      through fused AdamW's learning rate, its "lr" path);
-  4. the aux-free biases update (``update_aux_free_bias(valid=ok)``), the LR and κ schedulers
-     step, gradients are dropped.
+  4. the optimizer's step post-hooks update the aux-free biases (``update_aux_free_bias(valid=ok)``)
+     and step the κ scheduler (hooks with kept handles, as torchtitan updates its MoE bias); the
+     LR scheduler steps, gradients are dropped.
 
 Bad steps are skipped on the device, without a sync. When ``ok`` is false: the controller's
 accumulated observation is poisoned with NaN, so its tick leaves the law state untouched (it
@@ -27,7 +28,10 @@ The run is detected at the next log step, so up to ``log_every_n_steps − 1`` m
 skipped first; they change nothing but the data position.
 
 Host syncs: none in ``train_step`` except on log steps, which read every logged value in one
-device-to-host copy (``_to_host``). Batches are validated on the host copy before the transfer,
+device-to-host copy (``_to_host``): on those steps the model's ``routing_stats`` are enabled, so
+the record carries the v2 routing metrics of the step (maxvio, entropies, exploration rate,
+logit scale; docs/CONTRACTS.md "Run metrics v2"); each evaluation adds ``maxvio_global`` over
+the eval set. Batches are validated on the host copy before the transfer,
 and the train loader is read as a resumable stream (exact resume mid-epoch): see ``_batches.py``.
 """
 
@@ -50,15 +54,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from chronomoe_dyn.landscape import landscape
-
 from . import checkpoint as ckpt
 from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch
 from .config import TrainingConfig
 from .knob import KnobScheduler
 from .loss import ChronoMoELoss, causal_lm_token_loss
-from .metrics import (MetricsWriter, format_eval_line, format_landscape_line, format_skip_line,
-                      format_step_line)
+from .metrics import (MetricsWriter, controller_record, controller_tensors, eval_routing_metrics,
+                      format_eval_line, format_landscape_line, format_skip_line, format_step_line,
+                      routing_metrics)
 from .optim import CoherenceGatedOptimizer, LrGatedAdamW  # LrGatedAdamW: re-exported
 
 # TrainingConfig is re-exported: this module plays the seed's ``chronomoe.training``.
@@ -104,7 +107,9 @@ class StepOutput:
     """0-d gate applied to the update (0 when skipped, 1 without gating)."""
     load_LE: torch.Tensor | None
     """[L, E] top-k slot counts of the step's tokens (log steps only)."""
-    tokens: int
+    routing_LF: torch.Tensor | None = None
+    """[L, 2E + 4] the step's routing stats rows (log steps, models with ``routing_stats``)."""
+    tokens: int = 0
     """Tokens in the step's micro-batches (B·S summed; host value, no sync)."""
 
 
@@ -175,7 +180,7 @@ class ChronoMoETrainer:
             final_kappa=config.final_kappa, warmup_steps=config.kappa_warmup_steps,
             total_steps=self.schedule_steps, adaptive_interval=0)
         self._aux_free = (config.balance_mode == "aux_free"
-                          and hasattr(self.model, "update_aux_free_bias"))
+                          and hasattr(self.model, "register_aux_free_hook"))
 
         # Counters: host ints, and device tensors for what only the device knows (skips).
         self.global_step = 0
@@ -193,6 +198,11 @@ class ChronoMoETrainer:
                                                           "gate", "lr")}
         self.eval_history: list[dict[str, float]] = []
         self._metrics: MetricsWriter | None = None
+        # Step post-hooks (kept handles): aux-free bias update, then the κ schedule.
+        self._step_ok: torch.Tensor | None = None
+        self._aux_free_handle = (self.model.register_aux_free_hook(
+            self.optimizer, valid=lambda: self._step_ok) if self._aux_free else None)
+        self._knob_handle = self.knob_scheduler.register_on(self.optimizer)
 
     # ------------------------------------------------------------------ construction
     def _build_optimizer(self) -> None:
@@ -267,6 +277,9 @@ class ChronoMoETrainer:
         ok = torch.ones((), dtype=torch.bool, device=dev)
         sums = torch.zeros(len(_LOSS_KEYS), device=dev)
         load_LE = None
+        stats = getattr(self.model, "routing_stats", None) if log else None
+        if stats is not None:
+            stats.start()
         for b in batches:
             with self._autocast():
                 out = self.model(b.input_ids, attention_mask=b.attention_mask)
@@ -277,8 +290,11 @@ class ChronoMoETrainer:
             ok = ok & parts.isfinite().all() & finite_logits
             (lo.total / G).backward()
             sums += parts.detach().float()
-            if log:
+            if log and stats is None:
                 load_LE = self._add_load(load_LE, out)
+        routing_LF = stats.take() if stats is not None else None
+        if routing_LF is not None:
+            load_LE = routing_LF[:, :routing_LF.shape[1] // 2 - 2]
         grad_norm = self._clip_gradients()
         ok = ok & grad_norm.isfinite()
         gate = self._optimizer_step(ok)
@@ -286,7 +302,8 @@ class ChronoMoETrainer:
         self.micro_step += G
         tokens = sum(b.tokens for b in batches)
         self.tokens_seen += tokens
-        return StepOutput(sums / G, ok, grad_norm, gate, load_LE, tokens)
+        return StepOutput(sums / G, ok, grad_norm, gate, load_LE, tokens=tokens,
+                          routing_LF=routing_LF)
 
     @staticmethod
     def _add_load(acc: torch.Tensor | None, out: Any) -> torch.Tensor:
@@ -316,14 +333,13 @@ class ChronoMoETrainer:
         self._lr_applied = self.base_optimizer.param_groups[0]["lr"]
         opt = self.base_optimizer
         opt.grad_scale, opt.found_inf = None, (~ok).to(torch.float32)
+        self._step_ok = ok
         try:
-            self.optimizer.step()           # pre-hook: controller tick; then gate, AdamW, blend
+            # pre-hook: controller tick; gate, AdamW, blend; post-hooks: aux-free bias, κ step
+            self.optimizer.step()
         finally:
             del opt.grad_scale, opt.found_inf
-        if self._aux_free:
-            self.model.update_aux_free_bias(valid=ok)
         self.lr_scheduler.step()
-        self.knob_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         bad = (~ok).to(torch.int64)
         self._skips_total += bad
@@ -345,10 +361,11 @@ class ChronoMoETrainer:
         c = self.controller
         parts = [out.losses, out.grad_norm, out.gate, self._skips_total, self._skips_run,
                  self._skips_run_max]
-        if out.load_LE is not None:
-            parts.append(out.load_LE)
+        rows = out.routing_LF if out.routing_LF is not None else out.load_LE
+        if rows is not None:
+            parts.append(rows)
         if c is not None:
-            parts += [c.R, c.dR, c.Tbar_global_E, c.Tbar_local_LE]
+            parts += controller_tensors(c)
         vals = iter(self._to_host(parts))
         take = lambda n: [next(vals) for _ in range(n)]  # noqa: E731
         losses = take(len(_LOSS_KEYS))
@@ -358,28 +375,34 @@ class ChronoMoETrainer:
         rec.update(lr=self._lr_applied, kappa=self._kappa_applied,
                    phase=self._phase_applied, gate=gate, grad_norm=grad_norm,
                    skipped_steps=int(skips_total), tokens=self.tokens_seen)
-        if out.load_LE is not None:
-            L, E = out.load_LE.shape
-            rec["load_LE"] = np.asarray(take(L * E)).reshape(L, E)
+        if rows is not None:
+            L, F = rows.shape
+            a = np.asarray(take(L * F)).reshape(L, F)
+            if out.routing_LF is None:              # counts only (a model without stats)
+                a = np.concatenate([a, np.zeros((L, F + 4))], axis=1)
+                a[:, 2 * F + 1] = a[:, :F].sum(axis=1)
+            m = routing_metrics(a)
+            if out.routing_LF is None:
+                m = {k: m[k] for k in ("load_LE", "maxvio_L", "maxvio") if k in m}
+            rec.update(m, load_LE=a[:, :(a.shape[1] - 4) // 2])     # raw slot counts
         ls = None
         if c is not None:
             L, E = c.num_layers, c.num_experts
-            R, dR = take(2)
-            tg = np.asarray(take(E))
-            tl = np.asarray(take(L * E)).reshape(L, E)
-            ls = landscape(tg, c.config.landscape_threshold_std,
-                           c.config.landscape_formed_variance)
-            rec.update(R=R, dR=dR, tbar_variance=ls.variance,
-                       tbar_variance_local=float(tl.var(axis=1).mean()),
-                       valleys=list(ls.valleys), ridges=list(ls.ridges),
-                       tbar_global_E=tg, tbar_local_LE=tl)
+            crec = controller_record([*take(3), np.asarray(take(L * E)).reshape(L, E),
+                                      *take(1)], c.config)
+            crec.pop("skipped_ticks")
+            rec.update(crec)
+            ls = crec
             if self.knob_scheduler.is_adaptive:   # host values: no extra sync
-                self.knob_scheduler.observe(R, ls.variance, ls.formed)
+                self.knob_scheduler.observe(crec["R"], crec["tbar_variance"],
+                                            crec["landscape_formed"])
         self._num_logs += 1
         logger.info(format_step_line(self.global_step, rec["loss"], rec["kappa"], rec["phase"],
                                      rec.get("R"), gate))
         if ls is not None and self._num_logs % LANDSCAPE_EVERY_N_LOGS == 0:
-            logger.info(format_landscape_line(ls.variance, ls.valleys, ls.ridges))
+            for li, (v, vl, ri) in enumerate(zip(ls["tbar_variance_L"], ls["valleys_L"],
+                                                 ls["ridges_L"])):
+                logger.info(format_landscape_line(v, vl, ri, layer=li))
         new = int(skips_total) - self._skips_logged
         if new:
             logger.warning(format_skip_line(self.global_step, new, int(run), int(skips_total)))
@@ -396,7 +419,9 @@ class ChronoMoETrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-weighted mean LM loss (nats/token) and perplexity over the eval loader
-        (``eval_max_batches`` at most). One host sync at the end."""
+        (``eval_max_batches`` at most), and (models with ``routing_stats``) the eval routing
+        metrics under ``eval_routing`` (``maxvio_global`` over the whole eval set, ...). One
+        host sync at the end."""
         if self.eval_dataloader is None:
             raise ValueError("evaluate: no eval_dataloader was given")
         was_training = self.model.training
@@ -404,6 +429,9 @@ class ChronoMoETrainer:
         tot = torch.zeros((), dtype=torch.float64, device=self.device)
         cnt = torch.zeros((), dtype=torch.float64, device=self.device)
         n = 0
+        stats = getattr(self.model, "routing_stats", None)
+        if stats is not None:
+            stats.start()
         try:
             for i, raw in enumerate(self.eval_dataloader):
                 if self.config.eval_max_batches is not None and i >= self.config.eval_max_batches:
@@ -417,12 +445,19 @@ class ChronoMoETrainer:
                 n += 1
         finally:
             self.model.train(was_training)
+            acc = stats.take() if stats is not None else None
         if n == 0:
             raise ValueError("evaluate: the eval loader yielded no batches")
-        total, count = torch.stack([tot, cnt]).cpu().tolist()
+        host = torch.cat([tot.view(1), cnt.view(1)] + ([] if acc is None else [acc.reshape(-1)])
+                         ).cpu().numpy()
+        total, count = float(host[0]), float(host[1])
         loss = total / max(count, 1.0)
         ppl = math.exp(min(loss, 700.0))
-        return {"eval_loss": loss, "eval_perplexity": ppl, "eval_tokens": int(count)}
+        res: dict[str, Any] = {"eval_loss": loss, "eval_perplexity": ppl,
+                               "eval_tokens": int(count)}
+        if acc is not None:
+            res["eval_routing"] = eval_routing_metrics(host[2:].reshape(acc.shape))
+        return res
 
     def _run_eval(self) -> dict[str, float]:
         r = self.evaluate()
@@ -431,7 +466,8 @@ class ChronoMoETrainer:
         logger.info(format_eval_line(self.global_step, r["eval_loss"], r["eval_perplexity"]))
         if self._metrics is not None:
             self._metrics.write({"step": self.global_step, "split": "eval",
-                                 "loss": r["eval_loss"], "perplexity": r["eval_perplexity"]})
+                                 "loss": r["eval_loss"], "perplexity": r["eval_perplexity"],
+                                 **r.get("eval_routing", {})})
         improved = math.isfinite(r["eval_loss"]) and (self.best_eval_loss is None
                                                       or r["eval_loss"] < self.best_eval_loss)
         if improved:

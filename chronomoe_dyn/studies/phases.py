@@ -8,12 +8,12 @@ cosine κ schedule (0.5 → −0.3) training goes through
 and that the healthy ranges are R 0.3–0.8, T̄ variance 0.01–0.1, gate 0.5–1.0, 1–3 valleys and
 1–3 ridges. We simulate ``num_systems`` controllers (seeds seed … seed+B−1) in the simulator's
 default environment under its default schedule (``simulate.default_schedule``: cosine 0.5 → −0.3,
-warm-up a quarter of the run) and measure, per phase window: κ, R, the variance of T̄_global and
-the mean over layers of the variance of T̄_local (both: layers disagree on which experts are
-valleys, so the global mean washes the landscape out), valley/ridge counts of both landscapes,
-the gate, valley health (share of valleys whose reliability is ≥ 0.3), the tick at which the
-landscape forms (variance > 0.01 for ``formed_min_records`` records in a row) and the fraction
-of records inside each healthy range. Each claim gets a verdict in ``summary.json["claims"]``.
+warm-up a quarter of the run) and measure, per phase window: κ, R, the mean over layers of the
+variance of T̄_local (law version 2: the landscape is per layer; T̄_global is a scalar), valley
+and ridge counts per layer, the gate, valley health (share of valleys whose reliability is
+≥ 0.3), the explored share of routed slots, MaxVio, the tick at which the landscape forms
+(variance > 0.01 for ``formed_min_records`` records in a row) and the fraction of records inside
+each healthy range. Each claim gets a verdict in ``summary.json["claims"]``.
 
 Note: valleys/ridges are defined relative to the spread (mean ∓ 0.5·std), so their count is
 non-zero even on a "flat" landscape whose variance is 1e-6; a count means something only when
@@ -116,7 +116,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
                       ticks=ticks, seed=seed, record_every=int(cfg["record_every"]),
                       progress=progress, record_layers=False)
         controls[float(k)] = {"R": ct.R_BT, "var_local": ct.variance_local_BTL.mean(-1),
-                              "var_global": ct.variance_global_BT, "loss": ct.loss_BT}
+                              "exploration": ct.exploration_BT, "loss": ct.loss_BT}
 
     # ---- per-record metrics, [B, T] ---------------------------------------------------------
     tick_T = traj.tick_T
@@ -124,32 +124,24 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     formed_var = cc.landscape_formed_variance
     m = {
         "kappa": traj.kappa_BT, "R": traj.R_BT, "gate": traj.gate_BT, "loss": traj.loss_BT,
-        "var_global": traj.variance_global_BT,
         "var_local": traj.variance_local_BTL.mean(-1),
-        "valleys_global": traj.valley_global_BTE.sum(-1).astype(float),
-        "ridges_global": traj.ridge_global_BTE.sum(-1).astype(float),
         "valleys_local": traj.valley_local_BTLE.sum(-1).mean(-1),
         "ridges_local": traj.ridge_local_BTLE.sum(-1).mean(-1),
-        "health_global": _valley_health(traj.valley_global_BTE, traj.reliability_BTLE.mean(2),
-                                        thr_rel),
         "health_local": _valley_health(traj.valley_local_BTLE, traj.reliability_BTLE, thr_rel),
+        "exploration": traj.exploration_BT, "maxvio": traj.maxvio_BT,
+        "tbar_global": traj.Tbar_global_BT,
     }
-    formed_g = m["var_global"] > formed_var
     formed_l = traj.variance_local_BTL > formed_var               # [B, T, L]
     m["formed_layers"] = formed_l.mean(-1)
     # counts that mean something: only where the landscape is formed
-    m["valleys_global_formed"] = np.where(formed_g, m["valleys_global"], np.nan)
     m["valleys_local_formed"] = np.where(
         formed_l.any(-1), np.nansum(np.where(formed_l, traj.valley_local_BTLE.sum(-1), 0), -1)
         / np.maximum(formed_l.sum(-1), 1), np.nan)
 
     masks = _phase_masks(tick_T, sched.warmup_steps, sched.total_steps,
                          float(cfg["exploitation_from"]))
-    ranges = {"R": ("R", HEALTHY_RANGES["R"]), "var_global": ("var_global",
-              HEALTHY_RANGES["tbar_variance"]), "var_local": ("var_local",
+    ranges = {"R": ("R", HEALTHY_RANGES["R"]), "var_local": ("var_local",
               HEALTHY_RANGES["tbar_variance"]), "gate": ("gate", HEALTHY_RANGES["gate"]),
-              "valleys_global": ("valleys_global", HEALTHY_RANGES["valleys"]),
-              "ridges_global": ("ridges_global", HEALTHY_RANGES["ridges"]),
               "valleys_local": ("valleys_local", HEALTHY_RANGES["valleys"]),
               "ridges_local": ("ridges_local", HEALTHY_RANGES["ridges"])}
 
@@ -177,20 +169,16 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
         per_phase[ph] = d
 
     run_min = int(cfg["formed_min_records"])
-    form_g = _formation_tick(m["var_global"], tick_T, formed_var, run_min)
     form_l = _formation_tick(m["var_local"], tick_T, formed_var, run_min)
     # first tick where more than half the layers' local landscapes are formed
     form_half = _formation_tick(m["formed_layers"], tick_T, 0.5, run_min)
     formation = {
         "threshold_variance": formed_var, "min_consecutive_records": run_min,
-        "tick_global_per_system": form_g, "tick_local_mean_per_system": form_l,
-        "tick_half_layers_per_system": form_half,
-        "tick_global_median": _median_tick(form_g),
+        "tick_local_mean_per_system": form_l, "tick_half_layers_per_system": form_half,
         "tick_local_mean_median": _median_tick(form_l),
         "tick_half_layers_median": _median_tick(form_half),
-        "systems_formed_global": sum(t is not None for t in form_g),
         "systems_formed_local": sum(t is not None for t in form_l),
-        "num_systems": len(form_g),
+        "num_systems": len(form_l),
     }
 
     # ---- the seed's claims ------------------------------------------------------------------
@@ -215,10 +203,9 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             f"mean κ {g('exploration', 'kappa_mean')} vs {g('exploitation', 'kappa_mean')} "
             f"in exploitation"),
         "exploration_landscape_flat": claim(
-            both(g("exploration", "var_global_mean"), g("exploration", "var_local_mean"),
-                 lambda a, b: a < formed_var and b < formed_var),
-            f"mean var T̄ global {g('exploration', 'var_global_mean')}, local "
-            f"{g('exploration', 'var_local_mean')} (flat: < {formed_var})"),
+            None if g("exploration", "var_local_mean") is None
+            else g("exploration", "var_local_mean") < formed_var,
+            f"mean var T̄_local {g('exploration', 'var_local_mean')} (flat: < {formed_var})"),
         "exploration_R_low": claim(
             both(g("exploration", "R_mean"), None if g("exploitation", "R_mean") is None else 0,
                  lambda a, _: a < HEALTHY_RANGES["R"][0]),
@@ -229,8 +216,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             f"mean R {g('exploration', 'R_mean')} vs {g('exploitation', 'R_mean')}"),
         "formation_landscape_forms_in_window": claim(
             None if t_loc is None else (warm < t_loc <= exploit_start),
-            f"median tick local landscape forms {t_loc} (window {warm}–{exploit_start:.0f}); "
-            f"global {formation['tick_global_median']}"),
+            f"median tick local landscape forms {t_loc} (window {warm}–{exploit_start:.0f})"),
         "formation_R_rises": claim(
             None if g("formation", "R_slope_per_1000_ticks") is None
             else g("formation", "R_slope_per_1000_ticks") > 0.01,
@@ -245,10 +231,6 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             else g("exploitation", "formed_layers_mean") > 0.5,
             f"share of (layer, record) with var T̄_local > {formed_var}: "
             f"{g('exploitation', 'formed_layers_mean')}"),
-        "exploitation_landscape_formed_global": claim(
-            None if g("exploitation", "var_global_mean") is None
-            else g("exploitation", "var_global_mean") > formed_var,
-            f"mean var T̄_global {g('exploitation', 'var_global_mean')}"),
         "exploitation_R_high": claim(
             None if g("exploitation", "R_mean") is None
             else g("exploitation", "R_mean") >= HEALTHY_RANGES["R"][1],
@@ -257,8 +239,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             None if g("exploitation", "health_local_mean") is None
             else g("exploitation", "health_local_mean") >= 0.9,
             f"share of local valleys with reliability ≥ {thr_rel}: "
-            f"{g('exploitation', 'health_local_mean')}; global "
-            f"{g('exploitation', 'health_global_mean')}"),
+            f"{g('exploitation', 'health_local_mean')}"),
         "exploitation_in_healthy_ranges": claim(
             None if hf("exploitation", "all_local") is None
             else hf("exploitation", "all_local") >= 0.5,
@@ -301,13 +282,12 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             continue
         headline.append(
             f"{ph:<12} ticks {d['ticks'][0]}–{d['ticks'][1]}: κ {d['kappa_mean']:+.2f}, "
-            f"R {d['R_mean']:.3f}, var T̄ global {d['var_global_mean']:.4f} / local "
-            f"{d['var_local_mean']:.4f}, valleys {d['valleys_global_mean']:.1f} global / "
-            f"{d['valleys_local_mean']:.1f} per layer, gate {d['gate_mean']:.2f}, "
+            f"R {d['R_mean']:.3f}, var T̄_local {d['var_local_mean']:.4f}, valleys "
+            f"{d['valleys_local_mean']:.1f} per layer, gate {d['gate_mean']:.2f}, explored "
+            f"{d['exploration_mean']:.2f}, MaxVio {d['maxvio_mean']:.2f}, "
             f"all-healthy {d['healthy_fraction']['all_local']:.2f}")
     headline.append(f"landscape forms (median tick): local {formation['tick_local_mean_median']}"
-                    f", global {formation['tick_global_median']} "
-                    f"({formation['systems_formed_global']}/{formation['num_systems']} systems)")
+                    f" ({formation['systems_formed_local']}/{formation['num_systems']} systems)")
     if control_summary:
         parts = []
         for ph in PHASES:
@@ -323,7 +303,6 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     summary = {"phases": per_phase, "formation": formation, "claims": claims,
                "controls_constant_kappa": control_summary, "headline": headline,
                "final": {"R_median": float(np.median(traj.R_BT[:, -1])),
-                         "var_global_median": float(np.median(m["var_global"][:, -1])),
                          "var_local_median": float(np.median(m["var_local"][:, -1])),
                          "loss_mean": float(np.mean(traj.loss_BT[:, -1]))}}
 
@@ -351,20 +330,18 @@ def _band(ax, x, a_BT, label, color=None):
 
 
 def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
-    fig, axes = new_figure(6, 1, sharex=True, width=8.0, height=1.75)
+    fig, axes = new_figure(7, 1, sharex=True, width=8.0, height=1.75)
     panels = [
         ("κ", [("kappa", "κ")], None, False),
         ("Kuramoto R", [("R", "R")], HEALTHY_RANGES["R"], False),
-        ("T̄ variance", [("var_global", "global"), ("var_local", "local, layer mean")],
+        ("T̄_local variance (layer mean)", [("var_local", "local, layer mean")],
          HEALTHY_RANGES["tbar_variance"], True),
-        ("valleys / ridges", [("valleys_global", "valleys global"),
-                              ("ridges_global", "ridges global"),
-                              ("valleys_local", "valleys per layer"),
+        ("valleys / ridges", [("valleys_local", "valleys per layer"),
                               ("ridges_local", "ridges per layer")], HEALTHY_RANGES["valleys"],
          False),
         ("gate", [("gate", "gate")], HEALTHY_RANGES["gate"], False),
-        ("valley health", [("health_local", "local valleys with s ≥ 0.3"),
-                           ("health_global", "global valleys with s ≥ 0.3")], None, False),
+        ("exploration", [("exploration", "explored share of slots")], None, False),
+        ("valley health", [("health_local", "local valleys with s ≥ 0.3")], None, False),
     ]
     for ax, (title, series, band, logy) in zip(axes[:, 0], panels):
         for ph, (a, b) in bounds.items():
@@ -403,8 +380,7 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
 
 
 def _fig_healthy(out, per_phase):
-    labels = ["R", "var_global", "var_local", "gate", "valleys_global", "ridges_global",
-              "valleys_local", "ridges_local", "all_local"]
+    labels = ["R", "var_local", "gate", "valleys_local", "ridges_local", "all_local"]
     fig, axes = new_figure(1, 1, width=8.0, height=3.2)
     ax = axes[0, 0]
     x = np.arange(len(labels))

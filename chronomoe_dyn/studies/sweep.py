@@ -1,9 +1,10 @@
 """Study `sweep`: a κ × coupling phase diagram of the closed loop.
 
 Question. How do the meta-knob κ (held constant) and the Kuramoto coupling K shape the
-controller's late-time state in the default environment: coherence R, the T̄ landscape (variance
-of T̄_global and mean variance of T̄_local, valley counts), and the environment's loss? Where in
-the (κ, K) plane are the seed's healthy ranges (R 0.3–0.8, T̄ variance 0.01–0.1, 1–3 valleys)?
+controller's late-time state in the default environment: coherence R, the T̄ landscape (mean
+variance of T̄_local over layers, valleys per layer), the explored share of routed slots, MaxVio
+and the environment's loss? Where in the (κ, K) plane are the seed's healthy ranges (R 0.3–0.8,
+T̄ variance 0.01–0.1, 1–3 valleys)?
 
 Method. For every cell, ``num_systems`` systems (seeds seed … seed+B−1, batched in one
 ``simulate`` call) run ``ticks`` ticks under a constant κ schedule with ``coupling = K``; every
@@ -13,8 +14,8 @@ are not seed noise.
 
 Run:  chronomoe-dyn study sweep [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/sweep.py
-Outputs (studies/out/sweep/): sweep_heatmaps.png (late R, var T̄_local, var T̄_global, valleys
-per layer, global valleys, loss), sweep_healthy.png (fraction of late records with R, var T̄_local,
+Outputs (studies/out/sweep/): sweep_heatmaps.png (late R, var T̄_local, valleys per layer,
+explored share, MaxVio, loss), sweep_healthy.png (fraction of late records with R, var T̄_local,
 local valleys, and all three, inside the healthy ranges), summary.json (every cell's numbers),
 config.json.
 """
@@ -56,9 +57,9 @@ HEALTHY = {
 METRICS = {
     "R": "late R",
     "var_local": "var T̄_local (layer mean)",
-    "var_global": "var T̄_global",
     "valleys_local": "valleys per layer",
-    "valleys_global": "valleys of T̄_global",
+    "exploration": "explored share of slots",
+    "maxvio": "MaxVio (layer mean)",
     "loss": "mean token loss",
 }
 
@@ -70,9 +71,9 @@ def _late_metrics(traj, late_fraction: float) -> dict:
         "R": traj.R_BT[:, s].mean(1),
         "R_std_time": traj.R_BT[:, s].std(1),
         "var_local": traj.variance_local_BTL[:, s].mean((1, 2)),
-        "var_global": traj.variance_global_BT[:, s].mean(1),
         "valleys_local": traj.valley_local_BTLE[:, s].sum(-1).mean((1, 2)),
-        "valleys_global": traj.valley_global_BTE[:, s].sum(-1).mean(1),
+        "exploration": traj.exploration_BT[:, s].mean(1),
+        "maxvio": traj.maxvio_BT[:, s].mean(1),
         "ridges_local": traj.ridge_local_BTLE[:, s].sum(-1).mean((1, 2)),
         "loss": traj.loss_BT[:, s].mean(1),
     }
@@ -131,8 +132,9 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     k_effect = {m: float(np.max(np.abs(arrays[m][:, -1] - arrays[m][:, 0]))) for m in METRICS}
     headline = [
         f"late R spans {arrays['R'].min():.3f}–{arrays['R'].max():.3f}; var T̄_local "
-        f"{arrays['var_local'].min():.4f}–{arrays['var_local'].max():.4f}; var T̄_global "
-        f"{arrays['var_global'].min():.5f}–{arrays['var_global'].max():.5f}; valleys per layer "
+        f"{arrays['var_local'].min():.4f}–{arrays['var_local'].max():.4f}; explored "
+        f"{arrays['exploration'].min():.3f}–{arrays['exploration'].max():.3f}; MaxVio "
+        f"{arrays['maxvio'].min():.3f}–{arrays['maxvio'].max():.3f}; valleys per layer "
         f"{arrays['valleys_local'].min():.2f}–{arrays['valleys_local'].max():.2f}; loss "
         f"{arrays['loss'].min():.3f}–{arrays['loss'].max():.3f}",
         f"κ from {kappas[0]:+g} to {kappas[-1]:+g} changes (largest over K): R by "
@@ -204,8 +206,8 @@ def _heat(ax, fig, a, kappas, Ks, title, fmt="{:.2f}", log=False, cmap="viridis"
 def _fig_heatmaps(out, arrays, kappas, Ks, B, ticks, late):
     fig, axes = new_figure(2, 3, width=4.0, height=3.4)
     specs = [("R", "{:.2f}", False), ("var_local", "{:.3f}", True),
-             ("var_global", "{:.4f}", True), ("valleys_local", "{:.2f}", False),
-             ("valleys_global", "{:.2f}", False), ("loss", "{:.3f}", False)]
+             ("valleys_local", "{:.2f}", False), ("exploration", "{:.3f}", False),
+             ("maxvio", "{:.2f}", False), ("loss", "{:.3f}", False)]
     for ax, (k, fmt, log) in zip(axes.ravel(), specs):
         _heat(ax, fig, arrays[k], kappas, Ks, METRICS[k], fmt, log,
               cmap="magma" if k == "loss" else "viridis")

@@ -8,8 +8,8 @@ which that expert was a valley of the layer's T̄_local just before the collapse
 it stops being a valley (T̄_local ≥ mean − 0.5·std of its layer): the repair time. We repeat
 this over a grid of β_reliability (gain of unreliability in T_fast) × η_local
 (``eta_structural_T_local``), ``num_systems`` seeds per cell, and report the median and
-quartiles, how many valleys did not fill before the run ended (censored), and the same for
-the global landscape (η_global fixed).
+quartiles, and how many valleys did not fill before the run ended (censored). (Law version 2
+has no global landscape: T̄_global is a scalar, the landscape is per layer.)
 
 Geometric-EMA estimate. T̄_local moves once per micro tick (every ``micro_period`` = 5 ticks)
 by T̄ ← (1 − η)T̄ + η·T_fast. If T_fast of the collapsed expert jumps to a plateau T_hot and the
@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from ..landscape import landscape_masks
 from ..plot import new_figure, save_figure
 from .common import (controller_config, env_config, finish, out_dir_for, progress_bar,
                      resolve_config)
@@ -90,7 +91,8 @@ def _cell(traj, e: int, t_col: int, eta: float, beta_s: float, micro: int, c: fl
             filled = after.size > 0
             i_fill = pre + 1 + int(after[0]) if filled else T - 1
             row = tl[b, :, l]                         # [T, E]
-            thr_T = row.mean(-1) - c * row.std(-1)
+            lm = landscape_masks(row, c)
+            thr_T = lm.mean - c * lm.std             # the valley threshold per record
             T_hot = float(traj.T_fast_BTLE[b, pre + 1:i_fill + 1, l, e].mean())
             est = ema_estimate(T_hot, float(row[pre, e]), float(thr_T[i_fill]), eta, micro)
             s0 = float(traj.reliability_BTLE[b, pre, l, e])
@@ -112,14 +114,7 @@ def _cell(traj, e: int, t_col: int, eta: float, beta_s: float, micro: int, c: fl
                 "usage_before": float(traj.usage_BTLE[b, pre, l, e]),
                 "usage_after": float(traj.usage_BTLE[b, i_fill, l, e]),
             })
-    # global landscape (η_global): was it a valley of T̄_global before the collapse?
-    vg = traj.valley_global_BTE[:, :, e]
-    glob = []
-    for b in range(B):
-        if vg[b, pre]:
-            after = np.flatnonzero(~vg[b, pre + 1:])
-            glob.append(float(tick_T[pre + 1 + after[0]] - (t_col - 1)) if after.size else math.inf)
-    return {"samples": samples, "global": glob,
+    return {"samples": samples,
             "valleys_before": int(valley[:, pre].sum()), "pairs": B * L}
 
 
@@ -218,7 +213,6 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             "usage_share_after_median": float(np.median([s["usage_after"]
                                                          for s in res["samples"]]))
             if res["samples"] else None,
-            "global": _stats(res["global"]),
         })
     # estimate 0: the threshold at the fill had dropped below the expert's T̄ at the collapse,
     # i.e. the rest of the layer moved, not the collapsed expert (no EMA estimate applies)
@@ -262,13 +256,12 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     d = next((r for r in table if [r["beta_reliability"], r["eta_local"]]
               == [float(x) for x in cfg["default_cell"]]), None)
     if d is not None:
-        dv, gl, ush = d["deep_valleys"], d["global"], d["usage_share_after_median"]
+        dv, ush = d["deep_valleys"], d["usage_share_after_median"]
         headline.append(
             f"default (β_rel={d['beta_reliability']:g}, η_local={d['eta_local']:g}): median "
             f"repair {_f(d['median'])} ticks (IQR {_f(d['q25'])}–{_f(d['q75'])}), "
             f"{d['filled']}/{d['n']} valleys filled; valleys ≥ 1 std deep: median "
-            f"{_f(dv['median'])} ticks (n={dv['n']}); global valley: median {_f(gl['median'])} "
-            f"ticks ({gl['filled']}/{gl['n']} filled)")
+            f"{_f(dv['median'])} ticks (n={dv['n']})")
         headline.append(
             f"default: T_fast of the collapsed expert jumps ×{_f(d['T_fast_jump_median'])}, of "
             f"which the reliability term gives ×{_f(d['jump_from_reliability_median'])} "
@@ -369,7 +362,8 @@ def _fig_example(out, example, e, t_col):
     fig, axes = new_figure(3, 1, sharex=True, width=7.5, height=2.1)
     ax = axes[0, 0]
     ax.plot(t, tl[:, e], label=f"T̄_local of expert {e}")
-    ax.plot(t, tl.mean(-1) - c * tl.std(-1), "k--", lw=0.9, label="valley threshold mean − 0.5·std")
+    lm = landscape_masks(tl, c)
+    ax.plot(t, lm.mean - c * lm.std, "k--", lw=0.9, label="valley threshold mean − 0.5·std")
     ax.plot(t, tl.mean(-1), color="0.6", lw=0.8, label="layer mean")
     ax.set_title(f"system {b}, layer {l}: β_rel = {beta:g}, η_local = {eta:g}", fontsize=9,
                  loc="left")

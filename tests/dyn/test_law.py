@@ -1,5 +1,5 @@
-"""Known-answer tests of the control law (chronomoe_dyn.law, DESIGN.md §3), each on a small
-hand-made state whose expected numbers are worked out in the test."""
+"""Known-answer tests of the control law, version 2 (chronomoe_dyn.law, DESIGN.md §3), each on a
+small hand-made state whose expected numbers are worked out in the test."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from chronomoe_dyn import (ControllerConfig, RoutingObservation, coherence_gate, init_state,
-                           knob_factors, order_parameter, routing_fields, step)
+                           knob_factors, order_parameter, routing_fields, smooth_kappa, step)
 from chronomoe_dyn import rng
 
 SQRT_HALF = math.sqrt(0.5)
@@ -83,7 +83,7 @@ def test_T_fast_formula_on_hand_made_state():
     np.testing.assert_allclose(new.T_fast_LE, [want], rtol=1e-14)
     # T̄_local: 0.99·1 + 0.01·T_fast; T̄_global: EMA of the *previous* T_fast (1.0 at init) → 1.
     np.testing.assert_allclose(new.Tbar_local_LE, [0.99 + 0.01 * want], rtol=1e-14)
-    np.testing.assert_array_equal(new.Tbar_global_E, np.ones(4))
+    assert new.Tbar_global == 1.0
     np.testing.assert_allclose(new.T_eff_LE, [want * (0.99 + 0.01 * want)], rtol=1e-14)
 
 
@@ -128,7 +128,7 @@ def test_temperatures_move_only_on_micro_ticks_and_lens_only_on_macro_ticks():
         new = step(s, cfg, obs_of(counts, loss=counts * gen.uniform(1, 3, (2, 4))))
         if not (np.array_equal(new.T_fast_LE, s.T_fast_LE)
                 and np.array_equal(new.Tbar_local_LE, s.Tbar_local_LE)
-                and np.array_equal(new.Tbar_global_E, s.Tbar_global_E)
+                and new.Tbar_global == s.Tbar_global
                 and np.array_equal(new.pressure_LE, s.pressure_LE)
                 and np.array_equal(new.T_eff_LE, s.T_eff_LE)):
             T_moves.append(new.tick)
@@ -144,13 +144,54 @@ def test_temperatures_move_only_on_micro_ticks_and_lens_only_on_macro_ticks():
 
 # --- usage, drift, empty layers, reliability -----------------------------------------------------
 
-def test_usage_ema_and_signed_drift():
-    """frac = (.75, .25) against u = (.5, .5): δ = 2·(±.25) = (.5, −.5); u ← .95u + .05 frac."""
+def test_usage_ema_and_z_scored_drift():
+    """frac = (.75, .25) against u = (.5, .5) with n = 4 slots: sampling sd sqrt(u(1−u)/n) =
+    0.25, so δ = ±.25/.25 = (1, −1); u ← .95u + .05 frac. The same shares from 400 slots are
+    ten sd away: δ = (10, −10)."""
     cfg = frozen_phases(micro_period=7, macro_period=7)
     s = hand_state(cfg, usage=[0.5, 0.5])
     new = step(s, cfg, obs_of([[3, 1]]))
-    np.testing.assert_allclose(new.delta_LE, [[0.5, -0.5]], atol=1e-15)
+    np.testing.assert_allclose(new.delta_LE, [[1.0, -1.0]], atol=1e-15)
     np.testing.assert_allclose(new.usage_LE, [[0.5125, 0.4875]], atol=1e-15)
+    new = step(s, cfg, obs_of([[300, 100]]))
+    np.testing.assert_allclose(new.delta_LE, [[10.0, -10.0]], rtol=1e-14)
+
+
+def test_drift_variance_is_floored_at_one_over_E_squared():
+    """u = (0.98, 0.01, 0.01): u(1−u) = 0.0196 and 0.0099, both below 1/E² = 1/9, so the
+    denominator is sqrt((1/9)/n) for every expert; with n = 10 slots (6, 2, 2):
+    δ = (frac − u)·3·sqrt(10) = (−0.38, 0.19, 0.19)·9.4868."""
+    cfg = frozen_phases(micro_period=7, macro_period=7)
+    s = hand_state(cfg, usage=[0.98, 0.01, 0.01])
+    new = step(s, cfg, obs_of([[6, 2, 2]]))
+    want = (np.array([0.6, 0.2, 0.2]) - [0.98, 0.01, 0.01]) * 3.0 * math.sqrt(10.0)
+    np.testing.assert_allclose(new.delta_LE, [want], rtol=1e-14)
+    # Above the floor (1/16) the binomial variance is used: u = (.3, .3, .2, .2), n = 20.
+    s = hand_state(cfg, usage=[0.3, 0.3, 0.2, 0.2])
+    new = step(s, cfg, obs_of([[5, 5, 5, 5]]))
+    sd = np.sqrt(np.array([0.21, 0.21, 0.16, 0.16]) / 20)
+    np.testing.assert_allclose(new.delta_LE, [np.array([-0.05, -0.05, 0.05, 0.05]) / sd],
+                               rtol=1e-13)
+    # E = 2: u(1 − u) ≤ 1/4 = 1/E² always, the floor binds: u = (.3, .7), n = 10.
+    s = hand_state(cfg, usage=[0.3, 0.7])
+    new = step(s, cfg, obs_of([[5, 5]]))
+    np.testing.assert_allclose(new.delta_LE, [[0.2 / math.sqrt(0.025), -0.2 / math.sqrt(0.025)]],
+                               rtol=1e-14)
+
+
+def test_logit_scale_first_observation_sets_then_ema():
+    """σ_L starts at 0 (not observed); the first tick with tokens and a logit scale sets it;
+    later ticks take the EMA with ρ = usage_decay; None, or a layer without tokens, keeps it."""
+    cfg = frozen_phases(micro_period=7, macro_period=7)
+    s = init_state(cfg, 2, 2)
+    np.testing.assert_array_equal(s.logit_scale_L, [0.0, 0.0])
+    c = np.array([[3.0, 1.0], [0.0, 0.0]])
+    s1 = step(s, cfg, RoutingObservation(c, c, None, np.array([2.0, 5.0])))
+    np.testing.assert_array_equal(s1.logit_scale_L, [2.0, 0.0])        # layer 1 has no tokens
+    s2 = step(s1, cfg, RoutingObservation(c, c, None, np.array([4.0, 5.0])))
+    np.testing.assert_allclose(s2.logit_scale_L, [0.95 * 2.0 + 0.05 * 4.0, 0.0], rtol=1e-15)
+    s3 = step(s2, cfg, RoutingObservation(c, c))                         # no logit scale
+    np.testing.assert_array_equal(s3.logit_scale_L, s2.logit_scale_L)
 
 
 def test_empty_layer_keeps_usage_and_reliability(state_2x4, cfg):
@@ -196,9 +237,10 @@ def test_reliability_without_losses_uses_the_usage_proxy():
 # --- phases ----------------------------------------------------------------------------------
 
 def test_kuramoto_update_one_tick_by_hand():
-    """θ = (0, π/2): R = √2/2, ψ = π/4. With K = 0.25, dt = 0.5, ω₀ = 1 and δ = (.5, −.5) (counts
-    3:1 against u = ½): θ₀' = 0.5(1 + .5 + .25·½) = 0.8125, θ₁' = π/2 + 0.5(1 − .5 − .125)."""
-    cfg = ControllerConfig(coupling=0.25, dt=0.5, omega0=1.0, drift_gain=1.0, phase_noise=0.0)
+    """θ = (0, π/2): R = √2/2, ψ = π/4. With K = 0.25, dt = 0.5, ω₀ = 1, α = 0.5 and δ = (1, −1)
+    (counts 3:1 against u = ½, n = 4): θ₀' = 0.5(1 + .5 + .25·½) = 0.8125,
+    θ₁' = π/2 + 0.5(1 − .5 − .125)."""
+    cfg = ControllerConfig(coupling=0.25, dt=0.5, omega0=1.0, drift_gain=0.5, phase_noise=0.0)
     s = hand_state(cfg, theta=[0.0, math.pi / 2], usage=[0.5, 0.5])
     assert (s.R, s.psi) == (pytest.approx(SQRT_HALF), pytest.approx(math.pi / 4))
     new = step(s, cfg, obs_of([[3, 1]]))
@@ -256,6 +298,22 @@ def test_lens_update_on_a_macro_tick():
     np.testing.assert_allclose(new.lens_LE, [want], atol=1e-15)
 
 
+def test_lens_clock_micro_moves_the_lens_on_micro_ticks_only():
+    """lens_clock="micro": the lens moves on every micro tick (here every 2nd tick), with the
+    pressure of that micro tick, and never between them; "macro" (macro_period 6) at 6, 12."""
+    gen = np.random.default_rng(3)
+    for clock, want in (("micro", [2, 4, 6, 8, 10, 12]), ("macro", [6, 12])):
+        cfg = ControllerConfig(micro_period=2, macro_period=6, lens_clock=clock)
+        s = init_state(cfg, 1, 3, seed=2)
+        moved = []
+        for _ in range(12):
+            new = step(s, cfg, obs_of(gen.multinomial(90, [0.6, 0.3, 0.1], size=1)))
+            if not np.array_equal(new.lens_LE, s.lens_LE):
+                moved.append(new.tick)
+            s = new
+        assert moved == want, clock
+
+
 def test_kappa_smoothing_ema():
     cfg = ControllerConfig(kappa_smoothing=0.3)
     s = init_state(cfg, 1, 2)
@@ -268,27 +326,37 @@ def test_kappa_smoothing_ema():
 
 def test_knob_factors_known_values(cfg):
     f = knob_factors(1.0, cfg)
-    assert (f.pressure, f.temperature, f.lens) == (pytest.approx(math.exp(0.5)),
-                                                   pytest.approx(math.exp(0.4)),
-                                                   pytest.approx(math.exp(0.7)))
+    assert tuple(f) == pytest.approx((math.exp(0.5), math.exp(0.4), math.exp(0.7),
+                                      math.exp(1.5)))
     assert tuple(knob_factors(-1.0, cfg)) == pytest.approx((math.exp(-0.5), math.exp(-0.4),
-                                                            math.exp(-0.7)))
+                                                            math.exp(-0.7), math.exp(-1.5)))
 
 
-def test_routing_fields_formula_and_clamp(cfg):
+def test_routing_fields_formula_and_clamp():
+    """bias = e^{β_p κ}(k_P·P + lens), temperature = clip(T_eff·e^{β_T κ}, T_lo, T_hi),
+    scale = max(σ_L, floor), τ = τ₀·e^{β_τ κ}; k_P = 2 so that P and lens are told apart."""
+    cfg = ControllerConfig(pressure_gain=2.0, routing_T_min=0.2, routing_T_max=8.0)
     s = hand_state(cfg, usage=[0.25] * 4, pressure_LE=np.array([[0.5, -0.5, 0.0, 1.0]]),
                    lens_LE=np.array([[0.1, 0.2, -0.3, 1.0]]),
-                   T_eff_LE=np.array([[1.0, 2.0, 20.0, 0.01]]), kappa=0.25)
-    bias, temp = routing_fields(s, cfg, 1.0)
-    np.testing.assert_allclose(bias, 0.1 * math.exp(0.5) * np.array([[0.6, -0.3, -0.3, 2.0]]),
+                   T_eff_LE=np.array([[1.0, 2.0, 20.0, 0.01]]), kappa=0.25,
+                   logit_scale_L=np.array([2.5]))
+    f = routing_fields(s, cfg, 1.0)
+    np.testing.assert_allclose(f.bias_LE, math.exp(0.5) * np.array([[1.1, -0.8, -0.3, 3.0]]),
                                rtol=1e-15)
-    np.testing.assert_allclose(temp, [[math.exp(0.4), 2 * math.exp(0.4), 10.0, 0.1]],
+    np.testing.assert_allclose(f.temperature_LE, [[math.exp(0.4), 2 * math.exp(0.4), 8.0, 0.2]],
                                rtol=1e-15)
-    # Default κ: the one in effect in the state.
-    bias0, temp0 = routing_fields(s, cfg)
-    np.testing.assert_allclose(bias0, 0.1 * math.exp(0.125) * np.array([[0.6, -0.3, -0.3, 2.0]]),
+    np.testing.assert_array_equal(f.scale_L, [2.5])
+    assert f.tau == pytest.approx(0.1 * math.exp(1.5), rel=1e-15)
+    # Default κ: the one in effect in the state. σ_L = 0 (not observed) routes with the floor.
+    f0 = routing_fields(dataclasses.replace(s, logit_scale_L=np.array([0.0])), cfg)
+    np.testing.assert_allclose(f0.bias_LE, math.exp(0.125) * np.array([[1.1, -0.8, -0.3, 3.0]]),
                                rtol=1e-15)
-    assert temp0[0, 0] == pytest.approx(math.exp(0.1))
+    assert f0.temperature_LE[0, 0] == pytest.approx(math.exp(0.1))
+    np.testing.assert_array_equal(f0.scale_L, [cfg.logit_scale_floor])
+    assert f0.tau == pytest.approx(0.1 * math.exp(0.375), rel=1e-15)
+    lf = f0.layer(0)
+    assert lf.scale == cfg.logit_scale_floor and lf.tau == f0.tau
+    np.testing.assert_array_equal(lf.bias_E, f0.bias_LE[0])
 
 
 def test_coherence_gate_closed_form():
@@ -302,6 +370,18 @@ def test_coherence_gate_closed_form():
         coherence_gate(0.5, 1.0, 0.5)
     with pytest.raises(ValueError, match="strength"):
         coherence_gate(0.5, 0.2, 1.5)
+    # vectorised: elementwise, the same values as the scalar calls
+    R = np.array([0.0, 0.1, 0.2, 0.6, 1.0, 1.2])
+    np.testing.assert_array_equal(coherence_gate(R, 0.2, 0.5),
+                                  [coherence_gate(float(r), 0.2, 0.5) for r in R])
+    assert isinstance(coherence_gate(0.6), float)
+
+
+def test_smooth_kappa_is_the_hull_clipped_ema():
+    assert smooth_kappa(0.0, 1.0, 0.3) == pytest.approx(0.3)
+    assert smooth_kappa(0.5, -0.2, 1.0) == -0.2
+    k = smooth_kappa(np.array([0.0, 1.0, -1.0]), np.array([1.0, -1.0, -1.0]), 0.25)
+    np.testing.assert_allclose(k, [0.25, 0.5, -1.0], rtol=1e-15)
 
 
 # --- purity and rejected input -------------------------------------------------------------
@@ -332,6 +412,23 @@ def test_observations_that_would_produce_nan_are_rejected(counts, loss, field):
         step(s, cfg, obs)
 
 
+@pytest.mark.parametrize("scale, what", [
+    ([np.nan], "non-finite"), ([np.inf], "non-finite"), ([-0.5], "negative"),
+    ([1.0, 2.0], "shape"), ([[1.0]], "shape"), (["x"], "numeric"), (1.0, "shape"),
+])
+def test_bad_logit_scale_is_rejected_and_the_state_untouched(scale, what):
+    """RoutingObservation.logit_scale: [L] finite, >= 0; the error names the field."""
+    cfg = ControllerConfig()
+    s = init_state(cfg, 1, 2)
+    snap = s.to_dict()
+    obs = RoutingObservation(np.ones((1, 2)), np.ones((1, 2)), None, scale)
+    with pytest.raises(ValueError, match=rf"RoutingObservation\.logit_scale\b.*{what}"):
+        step(s, cfg, obs)
+    for name, v in snap.items():
+        got = getattr(s, name)
+        assert np.array_equal(got, v) if isinstance(v, np.ndarray) else got == v
+
+
 def test_step_rejects_a_non_observation(state_2x4, cfg):
     with pytest.raises(TypeError, match="RoutingObservation"):
         step(state_2x4, cfg, {"counts": np.ones((2, 4))})
@@ -341,7 +438,8 @@ def test_init_state_known_values_and_validation(cfg):
     s = init_state(cfg, 3, 5, seed=9)
     np.testing.assert_array_equal(s.usage_LE, np.full((3, 5), 0.2))
     np.testing.assert_array_equal(s.reliability_LE, np.full((3, 5), 0.5))
-    np.testing.assert_array_equal(s.Tbar_global_E, np.ones(5))
+    assert s.Tbar_global == 1.0
+    np.testing.assert_array_equal(s.logit_scale_L, np.zeros(3))
     assert s.tick == 0 and s.kappa == 0.0 and s.dR == 0.0
     assert (s.R, s.psi) == order_parameter(s.theta_LE)
     assert np.std(s.omega_disorder_LE) > 0              # disorder drawn with std 0.05

@@ -144,21 +144,20 @@ def test_empty_and_missing_runs(tmp_path):
 
 
 def _tiny_trajectory(B: int = 2, T: int = 12) -> dict:
-    """The arrays of a simulator Trajectory (CONTRACTS.md), synthetic."""
+    """The arrays of a simulator Trajectory v2 (CONTRACTS.md), synthetic."""
     rng = np.random.default_rng(1)
     usage = rng.dirichlet(np.ones(E), size=(B, T, L))
     tl = 1.0 + 0.1 * rng.standard_normal((B, T, L, E))
-    tg = tl.mean(axis=2)
-    var_g = tg.var(axis=-1)
-    mean, std = tg.mean(-1, keepdims=True), tg.std(-1, keepdims=True)
+    mean, std = tl.mean(-1, keepdims=True), tl.std(-1, keepdims=True)
     return {
         "tick_T": np.arange(T) * 10, "R_BT": rng.uniform(0, 1, (B, T)),
         "dR_BT": rng.normal(0, 0.01, (B, T)),
         "kappa_BT": np.tile(np.linspace(0.5, -0.3, T), (B, 1)),
-        "gate_BT": rng.uniform(0.5, 1, (B, T)), "Tbar_global_BTE": tg, "Tbar_local_BTLE": tl,
-        "usage_BTLE": usage, "variance_global_BT": var_g, "variance_local_BTL": tl.var(-1),
-        "valley_global_BTE": tg < mean - 0.5 * std, "ridge_global_BTE": tg > mean + 0.5 * std,
-        "loss_BT": rng.uniform(1, 2, (B, T)),
+        "gate_BT": rng.uniform(0.5, 1, (B, T)), "Tbar_global_BT": tl.mean(axis=(2, 3)),
+        "Tbar_local_BTLE": tl, "usage_BTLE": usage, "variance_local_BTL": tl.var(-1),
+        "valley_local_BTLE": tl < mean - 0.5 * std, "ridge_local_BTLE": tl > mean + 0.5 * std,
+        "exploration_BT": rng.uniform(0, 0.3, (B, T)), "maxvio_BTL": rng.uniform(0, 1, (B, T, L)),
+        "logit_scale_BTL": rng.uniform(0.5, 2, (B, T, L)), "loss_BT": rng.uniform(1, 2, (B, T)),
     }
 
 
@@ -167,7 +166,12 @@ def test_trajectory_npz_and_object(tmp_path):
     s = series_from_trajectory(traj, system=1)
     np.testing.assert_array_equal(s.scalars["R"], traj["R_BT"][1])
     assert "R" in s.bands  # a batch gets a spread band
-    np.testing.assert_array_equal(s.scalars["valleys"], traj["valley_global_BTE"][1].sum(-1))
+    # whole-model counts aggregate over layers (version 2): mean per layer
+    np.testing.assert_array_equal(s.scalars["valleys"],
+                                  traj["valley_local_BTLE"][1].sum(-1).mean(-1))
+    np.testing.assert_array_equal(s.scalars["maxvio"], traj["maxvio_BTL"][1].mean(-1))
+    np.testing.assert_array_equal(s.maxvio_TL, traj["maxvio_BTL"][1])
+    np.testing.assert_array_equal(s.scalars["exploration_rate"], traj["exploration_BT"][1])
     paths = plot_run(traj, out_dir=tmp_path / "obj")
     _assert_pngs(paths, ["curves.png", "landscape.png", "tbar_snapshots.png", "load.png"])
     run = tmp_path / "simrun"
@@ -179,6 +183,16 @@ def test_trajectory_npz_and_object(tmp_path):
         load_run(run, system=5)
     with pytest.raises(ValueError, match="out_dir is required"):
         plot_run(traj)
+
+
+def test_a_version_1_trajectory_file_is_refused(tmp_path):
+    """A version-1 trajectory.npz (meta format .../1) gives a clear error, not a wrong plot."""
+    import json
+    traj = _tiny_trajectory()
+    traj["meta_json"] = np.array(json.dumps({"format": "chronomoe_dyn.Trajectory/1"}))
+    np.savez(tmp_path / "trajectory.npz", **traj)
+    with pytest.raises(ValueError, match="version-1 trajectory"):
+        plot_run(tmp_path)
 
 
 def test_real_simulator_trajectory_plots(tmp_path):

@@ -74,10 +74,11 @@ def test_phases_study(tmp_path):
     assert cfg["resolved"]["schedule"]["kind"] == "cosine"
     for name, ph in s["phases"].items():
         assert ph is not None, name
-        assert _finite(ph["kappa_mean"], ph["R_mean"], ph["var_global_mean"], ph["var_local_mean"],
-                       ph["gate_mean"], ph["loss_mean"])
+        assert _finite(ph["kappa_mean"], ph["R_mean"], ph["var_local_mean"], ph["gate_mean"],
+                       ph["loss_mean"], ph["exploration_mean"], ph["maxvio_mean"],
+                       ph["tbar_global_mean"])
         assert 0 <= ph["R_mean"] <= 1 and 0.5 <= ph["gate_mean"] <= 1  # gate = 1 − 0.5(1 − g)
-        assert ph["var_local_mean"] >= ph["var_global_mean"] * 0.5 >= 0
+        assert ph["var_local_mean"] >= 0 and 0 <= ph["exploration_mean"] <= 1
         for k, v in ph["healthy_fraction"].items():
             assert v is None or 0.0 <= v <= 1.0, (name, k, v)
     # κ follows the schedule: 0.5 in warm-up, below 0 by the end
@@ -89,7 +90,10 @@ def test_phases_study(tmp_path):
         assert c["holds"] in (True, False, None) and isinstance(c["evidence"], str)
     f = s["formation"]
     assert f["num_systems"] == cfg["num_systems"]
-    assert len(f["tick_global_per_system"]) == f["num_systems"]
+    assert len(f["tick_local_mean_per_system"]) == f["num_systems"]
+    # κ drives exploration (v2): κ = 0.5 in warm-up explores more than κ < 0 at the end
+    assert s["phases"]["exploration"]["exploration_mean"] > \
+        s["phases"]["exploitation"]["exploration_mean"]
 
 
 def test_valley_repair_study(tmp_path):
@@ -123,8 +127,7 @@ def test_sweep_study(tmp_path):
     s, cfg, out = _run("sweep", tmp_path)
     g = s["grids"]
     shape = (len(cfg["coupling"]), len(cfg["kappa"]))
-    for k in ("R", "var_local", "var_global", "valleys_local", "valleys_global", "loss",
-              "healthy"):
+    for k in ("R", "var_local", "valleys_local", "exploration", "maxvio", "loss", "healthy"):
         a = np.array(g[k], dtype=float)
         assert a.shape == shape and np.all(np.isfinite(a)), k
     R = np.array(g["R"])
@@ -132,6 +135,8 @@ def test_sweep_study(tmp_path):
     # stronger coupling, more coherence (rows are K ascending), at every κ
     assert np.all(R[-1] > R[0])
     assert np.all(np.array(g["valleys_local"]) <= cfg.get("env", {}).get("num_experts", 8))
+    # exploration rises with κ at every K (τ = τ₀·e^{β_τ κ}); columns are κ ascending
+    assert np.all(np.diff(np.array(g["exploration"]), axis=1) > 0)
     assert {p.name for p in out.glob("*.png")} == {"sweep_heatmaps.png", "sweep_healthy.png"}
 
 

@@ -89,8 +89,9 @@ class ControllerMachine(RuleBasedStateMachine):
     def fields_at_another_kappa(self, kappa):
         """routing_fields at any κ stays bounded without touching the state."""
         snapshot = self.state.to_dict()
-        bias, temp = routing_fields(self.state, self.cfg, kappa)
-        assert np.all((temp >= 0.1) & (temp <= 10.0)) and np.all(np.isfinite(bias))
+        bias, temp, scale, tau = routing_fields(self.state, self.cfg, kappa)
+        assert np.all((temp >= self.cfg.routing_T_min) & (temp <= self.cfg.routing_T_max))
+        assert np.all(np.isfinite(bias)) and np.all(scale >= self.cfg.logit_scale_floor)
         assert _same(self.state, ControllerState.from_dict(snapshot))
 
     @invariant()

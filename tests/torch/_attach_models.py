@@ -80,11 +80,13 @@ def all_hooks(model: nn.Module) -> dict[str, tuple]:
 
 
 class FixedFields(nn.Module):
-    """Controller double with constant (bias, temperature) per layer. It keeps the controller's
-    observation interface (``observe``, ``observe_loss``, ``observation_buffer``, ``tick``) and
-    records the observation each tick consumed in ``fed``."""
+    """Controller double with constant v2 fields per layer (bias, temperature, scale σ; τ = 0:
+    no noise). It keeps the controller's observation interface (``observe_stats``,
+    ``observe_loss``, ``observation_buffer`` [L, 3E + 2], ``tick``) and records the observation
+    each tick consumed in ``fed``."""
 
-    def __init__(self, num_layers: int, num_experts: int, bias_LE=None, temperature_LE=None):
+    def __init__(self, num_layers: int, num_experts: int, bias_LE=None, temperature_LE=None,
+                 scale: float = 1.0):
         super().__init__()
         self.num_layers, self.num_experts = num_layers, num_experts
         self.config = None
@@ -93,30 +95,37 @@ class FixedFields(nn.Module):
         self.register_buffer("temperature_LE", torch.ones(num_layers, num_experts)
                              if temperature_LE is None
                              else torch.as_tensor(temperature_LE, dtype=torch.float32))
-        self.register_buffer("acc_3LE", torch.zeros(3, num_layers, num_experts))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("obs_LF", torch.zeros(num_layers, 3 * num_experts + 2))
         self.fed: list[torch.Tensor] = []
 
     def layer_fields(self, i):
-        return self.bias_LE[i], self.temperature_LE[i]
+        from chronomoe_torch.routing import LayerFields
+        return LayerFields(self.bias_LE[i], self.temperature_LE[i], self.scale,
+                           torch.tensor(0.0))
 
-    def observe(self, layer, counts_E, wsum_E, loss_E=None):
-        self.acc_3LE[0, layer] += counts_E
-        self.acc_3LE[1, layer] += wsum_E
-        if loss_E is not None:
-            self.acc_3LE[2, layer] += loss_E
+    def noise_key(self, i, n):
+        return None
+
+    def observe_stats(self, layer, stats_F):
+        w = 2 * self.num_experts + 2
+        self.obs_LF[layer, :w] += stats_F[:w]
 
     def observe_loss(self, layer, loss_E):
-        self.acc_3LE[2, layer] += loss_E
+        self.obs_LF[layer, 2 * self.num_experts + 2:] += loss_E
+
+    def observe_loss_all(self, loss_LE):
+        self.obs_LF[:, 2 * self.num_experts + 2:] += loss_LE
 
     def observation_buffer(self):
-        return self.acc_3LE
+        return self.obs_LF
 
     def clear_observations(self):
-        self.acc_3LE.zero_()
+        self.obs_LF.zero_()
 
     def tick(self):
-        self.fed.append(self.acc_3LE.clone())
-        self.acc_3LE.zero_()
+        self.fed.append(self.obs_LF.clone())
+        self.obs_LF.zero_()
 
 
 # ---------------------------------------------------------------------------------------------

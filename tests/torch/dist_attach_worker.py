@@ -6,6 +6,13 @@ the tick on the optimizer, and trains STEPS optimizer steps of ACCUM micro-batch
 each global batch. Then rank 0 alone writes the controller checkpoint, every rank loads it into a
 fresh attachment, and each rank writes its final controller state and checks to
 ``DIR/rank<r>/``. ``run_single`` is the same training in one process over the whole global batch.
+
+Second part, the native model (``ChronovisorMixtralForCausalLM``, controller ticking in the
+optimizer's step pre-hook through ``register_on``, no attach) under DDP: the controller's own
+tick all-reduces the observation (one collective per step), every rank ends bitwise equal, and
+equal to ``run_native_single`` over the global batch. The routing noise is off here
+(``exploration_tau0=0``): its positions interleave over ranks, so a rank-major single-process
+batch draws other noise; ``NATIVE_NOISY`` runs with noise and only checks rank equality.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _attach_models as M  # noqa: E402
 
 STEPS, ACCUM, B_MICRO, WORLD = 4, 2, 2, 2
-CONFIG = dict(micro_period=1, macro_period=2, pressure_scale=2.0)
+CONFIG = dict(micro_period=1, macro_period=2, pressure_gain=2.0, exploration_tau0=0.0)
+NATIVE_NOISY = dict(micro_period=1, macro_period=2, pressure_gain=2.0, exploration_tau0=0.3)
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -56,6 +64,51 @@ def run_single() -> dict:
         opt.step()
         opt.zero_grad()
     return {k: v.clone() for k, v in handle.controller.state_dict().items()}
+
+
+def build_native(**config):
+    from chronomoe_dyn import ControllerConfig
+    from chronomoe_torch.model import ChronovisorMixtralForCausalLM, MixtralConfig
+    cfg = MixtralConfig(vocab_size=M.VOCAB, hidden_dim=16, num_layers=2, num_experts=4,
+                        num_heads=2, num_kv_heads=1, top_k=2, max_seq_length=16,
+                        controller_config=ControllerConfig(**(config or CONFIG)),
+                        controller_seed=3)
+    return ChronovisorMixtralForCausalLM(cfg)
+
+
+def _native_step(model, opt, mbs, n, ddp=None) -> None:
+    """One optimizer step over ``mbs``; with ``ddp``, all but the last micro-batch under
+    ``no_sync`` (without it, DDP syncs gradients and broadcasts buffers at every forward)."""
+    for i, mb in enumerate(mbs):
+        ctx = ddp.no_sync() if ddp is not None and i < len(mbs) - 1 else torch.enable_grad()
+        with ctx:
+            (model(mb, labels=mb).loss / n).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def run_native_single() -> dict:
+    """The native model in one process over the global batch (the reference for the ranks)."""
+    torch.set_num_threads(1)
+    model = build_native().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.controller.register_on(opt)
+    for step in range(STEPS):
+        _native_step(model, opt, micro_batches(step, None), WORLD * ACCUM)
+    return {k: v.clone() for k, v in model.controller.state_dict().items()}
+
+
+def run_native_rank(rank: int, calls: list, no_sync: bool, **config) -> tuple[dict, int, list]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = build_native(**config).train()
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    model.controller.register_on(opt)
+    del calls[:]
+    for step in range(STEPS):
+        _native_step(ddp, opt, micro_batches(step, rank), ACCUM, ddp if no_sync else None)
+    return ({k: v.clone() for k, v in model.controller.state_dict().items()},
+            model.controller.num_ticks, calls[:])
 
 
 def run_rank(out: Path) -> None:
@@ -110,6 +163,12 @@ def run_rank(out: Path) -> None:
 
         mine = out / f"rank{rank}"
         save_state(mine / "state", dict(handle.controller.state_dict()), kind="attach-test")
+        for name, no_sync, config in (("native", False, {}),
+                                      ("native_noisy", True, NATIVE_NOISY)):
+            state, ticks, native_calls = run_native_rank(rank, calls, no_sync, **config)
+            save_state(mine / name, state, kind="native-test")
+            checks[name] = {"ticks": ticks, "all_reduce_calls": native_calls,
+                            "replicated": cdist.replicated_checksum_equal(state.values())}
         (mine / "checks.json").write_text(json.dumps(checks))
         dist.barrier()
     finally:

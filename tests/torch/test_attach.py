@@ -1,5 +1,6 @@
-"""attach(): the P×T controller on transformers MoE models and on a hand-written MoE, through
-torch hooks only. One tiny random model per supported architecture (built from a config)."""
+"""attach(): the P×T controller (law v2 routing) on transformers MoE models and on a hand-written
+MoE, through torch hooks only. One tiny random model per supported architecture (built from a
+config)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ pytest.importorskip("transformers")
 
 import _attach_models as M  # noqa: E402
 from chronomoe_dyn import ControllerConfig  # noqa: E402
-from chronomoe_torch import attach as attach_mod  # noqa: E402
+from chronomoe_torch import routing as routing_mod  # noqa: E402
 from chronomoe_torch.attach import AttachError, attach, find_routers  # noqa: E402
 from chronomoe_torch.checkpoint import load_state, save_state  # noqa: E402
 from chronomoe_torch.controller import PxTController  # noqa: E402
@@ -26,6 +27,11 @@ def _big_bias(L: int, experts=(M.E - 1,), value: float = 30.0) -> torch.Tensor:
     b = torch.zeros(L, M.E)
     b[:, list(experts)] = value
     return b
+
+
+def _counts(handle) -> torch.Tensor:
+    """[L, E] top-k slot counts of the pending observation."""
+    return handle.observation_buffer[:, :M.E]
 
 
 def _state(handle) -> dict:
@@ -43,10 +49,10 @@ def _assert_states_equal(a: dict, b: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", M.ARCHS)
 def test_identity_fields_reproduce_the_model_bit_for_bit(arch, monkeypatch):
-    """With b = 0, T = 1 and torch's own softmax kernel, the hook's routing is the router's
-    rule op for op: the model is unchanged bit for bit (each family's renormalisation and
-    dtype handling replicated exactly)."""
-    monkeypatch.setattr(attach_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
+    """With b = 0, T = 1 (z̃ is monotone in z: the same selection) and torch's own softmax
+    kernel, the hook's gates are the router's rule op for op: the model is unchanged bit for
+    bit (each family's renormalisation and dtype handling replicated exactly)."""
+    monkeypatch.setattr(routing_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
     model = M.make_hf(arch)
     x = M.tokens()
     ref = model(x, output_router_logits=True)
@@ -62,7 +68,7 @@ def test_identity_fields_reproduce_the_model_bit_for_bit(arch, monkeypatch):
 def test_identity_fields_with_the_fast_small_e_softmax(arch):
     """The default CPU path for E < 16 takes the softmax along the other axis (a faster kernel,
     equal to within float32 rounding): same selections, outputs equal to rounding."""
-    assert M.E < attach_mod.FAST_CPU_SOFTMAX_BELOW
+    assert M.E < routing_mod.FAST_CPU_SOFTMAX_BELOW
     model = M.make_hf(arch)
     x = M.tokens()
     ref_idx = []
@@ -101,7 +107,7 @@ def test_large_bias_changes_the_selected_experts(arch):
     assert not torch.allclose(out.logits, ref.logits)
     # The observation counts the modified selection: every token sends a slot to expert E-1.
     N = x.numel()
-    counts_LE = handle.observation_buffer[0]
+    counts_LE = _counts(handle)
     assert torch.equal(counts_LE[:, M.E - 1], torch.full((L,), float(N)))
     assert torch.equal(counts_LE.sum(-1), torch.full((L,), float(N * M.K)))
     handle.detach()
@@ -120,13 +126,13 @@ def _capture_raw(model):
 
 @pytest.mark.parametrize("arch", M.ARCHS)
 @pytest.mark.parametrize("capture_first", [False, True])
-def test_recorded_router_logits_are_the_modified_ones(arch, capture_first):
-    """transformers records router logits with its own forward hook (installed lazily on the
-    first output_router_logits=True call); ours runs first either way."""
+def test_recorded_router_logits_are_the_raw_ones(arch, capture_first):
+    """v2: the hook moves the selection only. transformers records router logits with its own
+    forward hook (installed lazily on the first output_router_logits=True call), and our
+    recorded routing holds them too: both are the router's raw z of this forward."""
     model = M.make_hf(arch)
     L = _n_routers(model)
     x = M.tokens()
-    clone = copy.deepcopy(model)
     if capture_first:
         model(x, output_router_logits=True)
     g = torch.Generator().manual_seed(3)
@@ -137,38 +143,71 @@ def test_recorded_router_logits_are_the_modified_ones(arch, capture_first):
     out = model(x, output_router_logits=True)
     rec = handle.routing_output()
     for i in range(L):
-        want = (raw[i] + bias[i]) / temp[i]
-        assert torch.equal(out.router_logits[i], want)
-        assert torch.equal(rec.router_logits[i], want)
-    # transformers' aux loss is computed from the modified logits.
-    assert not torch.equal(out.aux_loss, clone(x, output_router_logits=True).aux_loss)
+        assert torch.equal(out.router_logits[i], raw[i])
+        assert torch.equal(rec.router_logits[i], raw[i])
+    for h in hooks:
+        h.remove()
+    handle.detach()
+
+
+def _expected_routing(handle, raw_NE: torch.Tensor, layer: int, renormalize: bool):
+    return routing_mod.route(raw_NE, M.K, fields=handle.controller.layer_fields(layer),
+                             renormalize=renormalize, want_probs=False)
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_real_controller_fields_are_applied(arch):
+    """After some ticks with a strong pressure the controller's own fields shape routing: the
+    selection is ``routing.route`` of the raw logits with the controller's fields (eval mode:
+    no noise), and some selections differ from the router's own."""
+    model = M.make_hf(arch)
+    cfg = ControllerConfig(pressure_gain=20.0, micro_period=1)
+    handle = attach(model, cfg, record_routing=True)
+    for s in range(3):
+        model(M.tokens(seed=s))
+        handle.tick()
+    model.eval()
+    raw, hooks = _capture_raw(model)
+    model(M.tokens(seed=9))
+    rec = handle.routing_output()
+    changed = False
+    for i in range(handle.num_layers):
+        f = handle.controller.layer_fields(i)
+        assert not torch.equal(f.temperature_E, torch.ones_like(f.temperature_E))
+        renorm = arch in ("mixtral", "qwen3_moe")
+        want = _expected_routing(handle, raw[i], i, renorm)
+        assert torch.equal(rec.expert_indices[i], want.expert_idx_NK)
+        changed |= not torch.equal(raw[i].topk(M.K, -1).indices.sort(-1).values,
+                                   want.expert_idx_NK.sort(-1).values)
+    assert changed
     for h in hooks:
         h.remove()
     handle.detach()
 
 
 @pytest.mark.parametrize("arch", M.ARCHS)
-def test_real_controller_fields_are_applied(arch):
-    """After some ticks with a strong pressure the controller's own (bias, T) shape routing:
-    the recorded logits are (raw + b)/T with its fields, and some selections differ."""
+def test_controller_fields_false_leaves_routing_as_the_model_s(arch):
+    """controller_fields=False: even with fields that move the selection, the model runs bit
+    for bit as unattached; the controller still observes (counts, gate sums, logit scale) and
+    ticks. Catches: the hook applying the fields regardless of the switch."""
     model = M.make_hf(arch)
-    cfg = ControllerConfig(pressure_scale=20.0, micro_period=1)
-    handle = attach(model, cfg, record_routing=True)
-    for s in range(3):
-        model(M.tokens(seed=s))
-        handle.tick()
-    raw, hooks = _capture_raw(model)
-    out = model(M.tokens(seed=9), output_router_logits=True)
-    changed = False
-    for i in range(handle.num_layers):
-        b, t = handle.controller.layer_fields(i)
-        assert not torch.equal(t, torch.ones_like(t))
-        assert torch.equal(out.router_logits[i], (raw[i] + b) / t)
-        changed |= not torch.equal(raw[i].topk(M.K, -1).indices.sort(-1).values,
-                                   out.router_logits[i].topk(M.K, -1).indices.sort(-1).values)
-    assert changed
-    for h in hooks:
-        h.remove()
+    L = _n_routers(model)
+    x = M.tokens()
+    ref = model(x, output_router_logits=True)
+    handle = attach(model, controller=M.FixedFields(L, M.E, bias_LE=_big_bias(L)),
+                    controller_fields=False, record_routing=True)
+    out = model(x, output_router_logits=True)
+    assert torch.equal(out.logits, ref.logits)
+    counts = _counts(handle)
+    for i in range(L):
+        idx = handle.routing_output().expert_indices[i].reshape(-1)
+        assert torch.equal(counts[i], torch.bincount(idx, minlength=M.E).float())
+    E = M.E
+    assert bool((handle.observation_buffer[:, 2 * E] > 0).all())        # Σ logit std
+    assert torch.equal(handle.observation_buffer[:, 2 * E + 1],
+                       torch.full((L,), float(x.numel())))            # tokens
+    handle.tick()
+    assert len(handle.controller.fed) == 1
     handle.detach()
 
 
@@ -176,28 +215,30 @@ def test_real_controller_fields_are_applied(arch):
 # Gradients
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", M.ARCHS)
-def test_gradient_reaches_router_weight_through_the_modified_logits(arch, monkeypatch):
-    """With b = 0 and power-of-two temperatures, (W x)/T is exactly (W/T) x: an unattached clone
-    with rows of W divided by T is the same function, and dL/dW = (dL/dW') / T exactly (with
-    the router's own softmax kernel, so the two graphs are op for op the same)."""
-    monkeypatch.setattr(attach_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
+def test_gradient_reaches_router_weight_through_the_raw_logits(arch, monkeypatch):
+    """v2 gates are the router's own rule on the raw z: with fields that keep the router's
+    selection (zero bias, T = 1) the router weight's gradient is the unattached model's bit for
+    bit (torch's own softmax kernel); with a bias that moves the selection the router still
+    gets a gradient (through the raw-logit gates of the new selection)."""
+    monkeypatch.setattr(routing_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
     model = M.make_hf(arch)
     L = _n_routers(model)
-    temp = torch.tensor([1.0, 2.0, 4.0, 0.5]).repeat(L, 1)
     clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for i, r in enumerate(M.hf_routers(clone)):
-            r.weight.div_(temp[i][:, None])
-    handle = attach(model, controller=M.FixedFields(L, M.E, temperature_LE=temp))
+    handle = attach(model, controller=M.FixedFields(L, M.E, scale=0.5))
     x = M.tokens()
     out_a = model(x, labels=x, output_router_logits=True)
     out_b = clone(x, labels=x, output_router_logits=True)
     assert torch.equal(out_a.logits, out_b.logits)
     out_a.loss.backward()
     out_b.loss.backward()
-    for i, (ra, rb) in enumerate(zip(M.hf_routers(model), M.hf_routers(clone))):
+    for ra, rb in zip(M.hf_routers(model), M.hf_routers(clone)):
         assert ra.weight.grad is not None and ra.weight.grad.abs().sum() > 0
-        assert torch.equal(ra.weight.grad, rb.weight.grad / temp[i][:, None])
+        assert torch.equal(ra.weight.grad, rb.weight.grad)
+    handle.detach()
+    model.zero_grad()
+    handle = attach(model, controller=M.FixedFields(L, M.E, bias_LE=_big_bias(L)))
+    model(x, labels=x).loss.backward()
+    assert all(r.weight.grad.abs().sum() > 0 for r in M.hf_routers(model))
     handle.detach()
 
 
@@ -268,7 +309,7 @@ def test_without_optimizer_the_user_ticks():
     for _ in range(3):
         model(M.tokens())
     assert h.controller.num_ticks == 0
-    assert h.observation_buffer[0].sum() == 3 * M.tokens().numel() * M.K * h.num_layers
+    assert _counts(h).sum() == 3 * M.tokens().numel() * M.K * h.num_layers
     h.tick()
     assert h.controller.num_ticks == 1 and h.ticks == 1
     assert h.observation_buffer.abs().sum() == 0
@@ -290,8 +331,8 @@ def test_observation_counts_and_weights_match_the_routing(arch):
     for i in range(L):
         idx = rec.expert_indices[i].reshape(-1)
         w = rec.gate_weights[i].reshape(-1).float()
-        assert torch.equal(acc[0, i], torch.bincount(idx, minlength=M.E).float())
-        torch.testing.assert_close(acc[1, i], torch.zeros(M.E).index_add_(0, idx, w))
+        assert torch.equal(acc[i, :M.E], torch.bincount(idx, minlength=M.E).float())
+        torch.testing.assert_close(acc[i, M.E:2 * M.E], torch.zeros(M.E).index_add_(0, idx, w))
     handle.detach()
 
 
@@ -304,9 +345,10 @@ def test_padding_is_not_observed():
     mask[1, 7:] = 0
     model(x, attention_mask=mask)
     want = torch.full((2,), float(mask.sum() * M.K))
-    assert torch.equal(handle.observation_buffer[0].sum(-1), want)
+    assert torch.equal(_counts(handle).sum(-1), want)
+    assert torch.equal(handle.observation_buffer[:, 2 * M.E + 1], want / M.K)   # tokens
     model(x, mask)                                 # positional, as forward(input_ids, mask)
-    assert torch.equal(handle.observation_buffer[0].sum(-1), 2 * want)
+    assert torch.equal(_counts(handle).sum(-1), 2 * want)
     handle.detach()
 
 
@@ -328,8 +370,7 @@ def test_activation_checkpointing_does_not_observe_twice():
     handle = attach(model, controller=M.FixedFields(2, M.E))
     x = M.tokens()
     model(x, labels=x).loss.backward()
-    assert torch.equal(handle.observation_buffer[0].sum(-1),
-                       torch.full((2,), float(x.numel() * M.K)))
+    assert torch.equal(_counts(handle).sum(-1), torch.full((2,), float(x.numel() * M.K)))
     assert M.hf_routers(model)[0].weight.grad.abs().sum() > 0
     handle.detach()
 
@@ -417,7 +458,7 @@ def test_attaching_twice():
         attach(model, routers=M.hf_routers(model)[:1])
     assert M.all_hooks(model) == hooks
     model(M.tokens())
-    assert first.observation_buffer[0].sum() > 0
+    assert _counts(first).sum() > 0
     first.detach()
     attach(model).detach()
 
@@ -465,7 +506,7 @@ def test_generic_router_routing_observation_gradient_and_detach(tuple_router):
         assert not torch.equal(blk.last_idx_NK, ref_idx[i])
         assert (blk.last_idx_NK == 1).any(-1).all()
         # Observed = what the block actually selected.
-        assert torch.equal(handle.observation_buffer[0, i],
+        assert torch.equal(_counts(handle)[i],
                            torch.bincount(blk.last_idx_NK.reshape(-1), minlength=M.E).float())
     M.lm_loss(out, x).backward()
     for r in model.routers():
@@ -506,9 +547,9 @@ def test_gated_optimizer_sees_r_after_this_steps_tick():
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_bfloat16_model(arch, monkeypatch):
-    """bf16 logits: the fields apply in float32 and the result is cast back, the gates keep each
-    family's dtype; identity fields still reproduce the model exactly."""
-    monkeypatch.setattr(attach_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
+    """bf16 logits: the score is computed in float32, the logits stay the router's, the gates
+    keep each family's dtype; identity fields still reproduce the model exactly."""
+    monkeypatch.setattr(routing_mod, "FAST_CPU_SOFTMAX_BELOW", 0)
     model = M.make_hf(arch).to(torch.bfloat16)
     x = M.tokens()
     ref = model(x, output_router_logits=True)
@@ -520,3 +561,83 @@ def test_bfloat16_model(arch, monkeypatch):
     want = torch.float32 if arch == "mixtral" else torch.bfloat16
     assert rec.gate_weights[0].dtype == want
     handle.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 11: the README's import, and a model left in eval mode
+# ------------------------------------------------------------------------------------------------
+def test_package_attach_is_the_function_even_after_the_submodule_import():
+    """``from chronomoe_torch import attach`` is the function, also when something imported
+    the submodule ``chronomoe_torch.attach`` first (before: the submodule import rebound the
+    package attribute, and the README's ``attach(model, ...)`` failed with "'module' object is
+    not callable"). Run in a fresh interpreter: this process has imported both already.
+    Catches: dropping the eager ``from .attach import ... attach`` in the package __init__."""
+    import subprocess
+    import sys
+    code = ("import chronomoe_torch.attach, chronomoe_torch.hf_callback\n"
+            "from chronomoe_torch import attach, AttachHandle\n"
+            "import chronomoe_torch as ct\n"
+            "assert callable(attach) and attach.__name__ == 'attach', attach\n"
+            "assert ct.attach is attach and AttachHandle.__name__ == 'AttachHandle'\n"
+            "from chronomoe_torch.attach import AttachError\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_stepping_with_a_model_in_eval_mode_warns_once_naming_model_train():
+    """from_pretrained returns eval mode: routers run, nothing is observed, and the controller
+    would tick on zeros silently. The first such optimizer step warns (naming model.train());
+    later ones do not repeat it; a model in training mode never warns."""
+    model = M.make_hf("mixtral").eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    handle = attach(model, optimizer=opt)
+    x = M.tokens()
+    model(x, labels=x).loss.backward()
+    with pytest.warns(UserWarning, match=r"model\.train\(\)") as rec:
+        opt.step()
+    assert "eval mode" in str(rec[0].message)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x, labels=x).loss.backward()
+        opt.step()                                   # once only
+        handle.detach()
+        model2 = M.make_hf("mixtral")                 # train mode: observed, no warning
+        opt2 = torch.optim.SGD(model2.parameters(), lr=0.0)
+        h2 = attach(model2, optimizer=opt2)
+        model2(x, labels=x).loss.backward()
+        opt2.step()
+        h2.detach()
+
+
+def test_attach_adds_no_host_sync():
+    """A training step of an attached model (routing with noise, observation, the tick in the
+    optimizer's pre-hook, routing stats on) makes exactly the host syncs of the same step
+    unattached (transformers' experts loop syncs on its own). Catches a sync on the attach
+    path, e.g. ``handle._observed = bool(row.sum() > 0)`` in the router hook."""
+    from _sync import SyncCounter
+
+    def count(attached: bool) -> int:
+        model = M.make_hf("mixtral")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        handle = None
+        if attached:
+            handle = attach(model, ControllerConfig(micro_period=1, macro_period=2),
+                            optimizer=opt)
+            handle.routing_stats.start()
+        x = M.tokens()
+        model(x, labels=x).loss.backward()             # warm-up (lazy state, hooks)
+        opt.step()
+        opt.zero_grad()
+        with SyncCounter() as c:
+            for s in range(3):
+                model(x, labels=x).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        if handle is not None:
+            assert handle.ticks == 4
+            handle.detach()
+        return c.count
+
+    assert count(True) == count(False)

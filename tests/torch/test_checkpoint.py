@@ -382,7 +382,8 @@ def _drive(ctrl, ticks: int, seed: int = 0) -> None:
     skew = torch.linspace(1.0, 3.0, E)
     for i in range(ticks):
         counts = torch.poisson(skew.expand(L, E) * 20, generator=g)
-        ctrl.observe_all(counts, counts * 0.6, counts * (1.0 + 0.1 * torch.arange(E)))
+        ctrl.observe_all(counts, counts * 0.6, counts * (1.0 + 0.1 * torch.arange(E)),
+                         logit_scale_L=1.0 + torch.rand(L, generator=g))
         ctrl.set_knob(0.5 - i / max(ticks, 1))
         ctrl.tick()
 
@@ -396,7 +397,8 @@ def test_geo_round_trip_restores_bit_exact_and_continues_identically(tmp_path):
     _drive(a, 137)
     geo = ChronovisorCheckpoint.from_controller(a)
     # the seed's names, with the shapes of the controller
-    assert geo.structural_T_global.shape == (5,) and len(geo.lens_states) == 3
+    assert geo.structural_T_global.shape == () and len(geo.lens_states) == 3     # v2: scalar
+    assert geo.logit_scale_L.shape == (3,) and bool((geo.logit_scale_L > 1.0).all())
     ls = geo.lens_states[1]
     for f in ("lens_E", "pressure_E", "T_fast_E", "Tbar_local_E", "Tbar_hier_E", "T_eff_E"):
         assert getattr(ls, f).shape == (5,)
@@ -567,3 +569,22 @@ def test_cuda_tensors_and_rng_states(tmp_path):
     ck.restore_rng_state(back["rng"])
     assert torch.equal(torch.rand(3, device="cuda"), want)
     assert load_state(tmp_path / "ck")["t"].device.type == "cpu"
+
+
+def test_a_law_v1_checkpoint_is_refused_with_one_clear_line(tmp_path):
+    """Format 2 is controller law v2: a format-1 (law v1) checkpoint, of any kind, is refused
+    by one line naming the versions found and expected and what to do; nothing is loaded.
+    Catches: reading format 1 as if it were 2 (``FORMAT_VERSION`` left at 1) or a message
+    without the remedy."""
+    assert ck.FORMAT_VERSION == 2
+    ctrl = PxTController(2, 4)
+    p = ck.save_state(tmp_path / "v1", {"controller": dict(ctrl.state_dict())}, kind="attach",
+                      format_version=1)
+    for load in (lambda: ck.load_state(p), lambda: ChronovisorCheckpoint.load(p)):
+        with pytest.raises(ck.CheckpointVersionError) as ei:
+            load()
+        msg = str(ei.value)
+        assert "\n" not in msg
+        assert "format version 1 (controller law v1)" in msg
+        assert "reads format version 2 (controller law v2)" in msg
+        assert "start a new run" in msg

@@ -1,4 +1,5 @@
-"""PxTController: equivalence with the NumPy reference law, bad input, state, hooks, diagnostics."""
+"""PxTController (law v2): equivalence with the NumPy reference law, bad input, state, hooks,
+diagnostics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from chronomoe_dyn import (ControllerConfig, ControllerState, RoutingObservation, init_state,
                            routing_fields, step)
-from chronomoe_dyn.landscape import state_landscape, valley_health
+from chronomoe_dyn.landscape import model_landscape, state_landscape, valley_health
 from chronomoe_dyn.law import knob_factors
 from chronomoe_torch._rng import hash_key, normal, uniform
 from chronomoe_torch.controller import PxTController
@@ -23,7 +24,8 @@ L, E = 3, 8
 
 def _obs_sequence(ticks: int, seed: int, with_loss: str, num_layers: int = L,
                   num_experts: int = E):
-    """Random observations: some empty layers, losses always / never / on some ticks."""
+    """Random observations: some empty layers, losses always / never / on some ticks, a logit
+    scale on most ticks (None on some: σ_L then stays)."""
     rng = np.random.default_rng(seed)
     out = []
     for t in range(ticks):
@@ -37,8 +39,15 @@ def _obs_sequence(ticks: int, seed: int, with_loss: str, num_layers: int = L,
         use_loss = with_loss == "always" or (with_loss == "some" and t % 3 != 0)
         loss = counts * rng.uniform(0.5, 4.0, counts.shape) if use_loss else None
         kappa = float(np.clip(1.2 * math.sin(t / 17.0), -1.0, 1.0))
-        out.append((counts, wsum, loss, kappa))
+        scale = None if t % 5 == 2 else rng.uniform(0.2, 3.0, num_layers)
+        out.append((counts, wsum, loss, kappa, scale))
     return out
+
+
+def _observe(ctrl: PxTController, counts, wsum, loss, scale) -> None:
+    ctrl.observe_all(torch.from_numpy(counts), torch.from_numpy(wsum),
+                     None if loss is None else torch.from_numpy(loss),
+                     None if scale is None else torch.from_numpy(scale))
 
 
 def _max_diffs(a: ControllerState, b: ControllerState) -> dict[str, float]:
@@ -68,6 +77,8 @@ CONFIGS = {
     "smoothing": ControllerConfig(kappa_smoothing=0.3),
     "noise_smoothing_fast_clock": ControllerConfig(phase_noise=0.1, kappa_smoothing=0.5,
                                                    micro_period=3, macro_period=7),
+    "micro_lens_gains": ControllerConfig(lens_clock="micro", pressure_gain=0.7,
+                                         exploration_tau0=0.3, beta_tau=0.9, drift_gain=1.5),
 }
 
 
@@ -81,21 +92,20 @@ def test_equivalence_with_reference(dtype, cfg_name, with_loss):
     ref = init_state(cfg, L, E, seed=11)
     tol = TOL[dtype]
     _assert_state_close(ctrl, ref, tol, "init")
-    for t, (counts, wsum, loss, kappa) in enumerate(_obs_sequence(ticks, 3, with_loss)):
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss), kappa)
-        ctrl.observe_all(torch.from_numpy(counts), torch.from_numpy(wsum),
-                         None if loss is None else torch.from_numpy(loss))
+    for t, (counts, wsum, loss, kappa, scale) in enumerate(_obs_sequence(ticks, 3, with_loss)):
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
+        _observe(ctrl, counts, wsum, loss, scale)
         ctrl.set_knob(kappa)
         ctrl.tick()
         _assert_state_close(ctrl, ref, tol, f"tick {t + 1}")
-        bias, temp = ctrl.routing_fields()
-        rb, rt = routing_fields(ref, cfg)
-        assert bias.dtype == torch.float32 and temp.dtype == torch.float32
+        got = ctrl.routing_fields()
+        want = routing_fields(ref, cfg)
+        assert all(f.dtype == torch.float32 for f in got)
         # The fields are float32 by contract: a float64 state gives them to float32 rounding;
-        # a float32 state to the float32 bound of the state itself.
+        # a float32 state to the float32 bound of the state itself (relative for σ and τ).
         ftol = 1e-6 if dtype == torch.float64 else tol
-        np.testing.assert_allclose(bias.numpy(), rb, rtol=0, atol=ftol)
-        np.testing.assert_allclose(temp.numpy(), rt, rtol=0, atol=ftol)
+        for name, g, w in zip(("bias", "temperature", "scale", "tau"), got, want):
+            np.testing.assert_allclose(g.numpy(), w, rtol=ftol, atol=ftol, err_msg=name)
     assert ctrl.num_ticks == ticks and int(ctrl.skipped_ticks) == 0
 
 
@@ -113,6 +123,7 @@ def test_equivalence_micro_batches_sum_to_one_tick():
                 ctrl.observe(layer, torch.from_numpy(p[layer]), torch.from_numpy(0.5 * p[layer]),
                              torch.from_numpy(lo[layer]))
         ref = step(ref, cfg, RoutingObservation(sum(parts), 0.5 * sum(parts), sum(losses)), 0.25)
+        # (no logit scale here: σ_L stays 0 on both sides)
         ctrl.set_knob(0.25)
         ctrl.tick()
     _assert_state_close(ctrl, ref, 1e-10, "after 60 accumulated ticks")
@@ -125,7 +136,7 @@ def test_observe_loss_on_some_layers_only():
     cfg = ControllerConfig()
     ctrl = PxTController(L, E, cfg, seed=4, dtype=torch.float64)
     ref_loss, ref_proxy = init_state(cfg, L, E, 4), init_state(cfg, L, E, 4)
-    for counts, wsum, loss, kappa in _obs_sequence(40, 9, "always"):
+    for counts, wsum, loss, kappa, _ in _obs_sequence(40, 9, "always"):
         for layer in range(L):
             ctrl.observe(layer, torch.from_numpy(counts[layer]), torch.from_numpy(wsum[layer]))
         ctrl.observe_loss(1, torch.from_numpy(loss[1]))
@@ -158,23 +169,27 @@ def test_rng_port_bitwise():
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, 1e308])
-@pytest.mark.parametrize("where", ["counts", "wsum", "loss"])
+@pytest.mark.parametrize("where", ["counts", "wsum", "loss", "scale"])
 def test_bad_observation_leaves_state_untouched(bad, where):
     cfg = ControllerConfig(phase_noise=0.1)
     ctrl = PxTController(L, E, cfg, seed=1, dtype=torch.float64)
     ref = init_state(cfg, L, E, 1)
     seq = _obs_sequence(25, 5, "always")
-    for counts, wsum, loss, kappa in seq[:19]:    # stop just before a micro and a macro tick
-        ctrl.observe_all(torch.from_numpy(counts), torch.from_numpy(wsum), torch.from_numpy(loss))
+    for counts, wsum, loss, kappa, scale in seq[:19]:    # stop before a micro and a macro tick
+        _observe(ctrl, counts, wsum, loss, scale)
         ctrl.set_knob(kappa)
         ctrl.tick()
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss), kappa)
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
     before = {k: v.clone() for k, v in ctrl.state_dict().items()}
     fields_before = [f.clone() for f in ctrl.routing_fields()]
-    counts, wsum, loss, _ = seq[19]
-    arrays = {"counts": counts.copy(), "wsum": wsum.copy(), "loss": loss.copy()}
-    arrays[where][1, 2] = bad
-    ctrl.observe_all(*(torch.from_numpy(arrays[k]) for k in ("counts", "wsum", "loss")))
+    counts, wsum, loss, _, scale = seq[19]
+    arrays = {"counts": counts.copy(), "wsum": wsum.copy(), "loss": loss.copy(),
+              "scale": np.full(L, 1.5)}
+    if where == "scale":
+        arrays["scale"][1] = bad
+    else:
+        arrays[where][1, 2] = bad
+    _observe(ctrl, *(arrays[k] for k in ("counts", "wsum", "loss", "scale")))
     ctrl.tick()                                   # tick 20: micro and macro
     after = ctrl.state_dict()
     for k, v in before.items():
@@ -186,11 +201,11 @@ def test_bad_observation_leaves_state_untouched(bad, where):
         assert torch.equal(f0, f1)
     # The next good tick continues from the untouched state with the clock advanced.
     ref = ControllerState(**{**ref.to_dict(), "tick": ref.tick + 1})
-    counts, wsum, loss, kappa = seq[20]
-    ctrl.observe_all(torch.from_numpy(counts), torch.from_numpy(wsum), torch.from_numpy(loss))
+    counts, wsum, loss, kappa, scale = seq[20]
+    _observe(ctrl, counts, wsum, loss, scale)
     ctrl.set_knob(kappa)
     ctrl.tick()
-    ref = step(ref, cfg, RoutingObservation(counts, wsum, loss), kappa)
+    ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
     _assert_state_close(ctrl, ref, 1e-10, "after the skipped tick")
     assert int(ctrl.skipped_ticks) == 1
 
@@ -265,13 +280,15 @@ def test_set_knob_refreshes_fields_without_smoothing():
     for t in range(20):
         ctrl.observe_all(torch.arange(8.0).reshape(2, 4), torch.ones(2, 4))
         ctrl.tick()
-    bias0, temp0 = (f.clone() for f in ctrl.routing_fields())
+    bias0, temp0, _, tau0 = (f.clone() for f in ctrl.routing_fields())
     ctrl.set_knob(0.8)
-    rb, rt = routing_fields(ctrl.to_reference_state(), cfg, 0.8)
+    rb, rt, _, rtau = routing_fields(ctrl.to_reference_state(), cfg, 0.8)
     np.testing.assert_allclose(ctrl.routing_fields()[0].numpy(), rb, atol=1e-6, rtol=0)
     np.testing.assert_allclose(ctrl.routing_fields()[1].numpy(), rt, rtol=1e-6, atol=0)
+    assert float(ctrl.routing_fields()[3]) == pytest.approx(rtau, rel=1e-6)
     assert not torch.equal(bias0, ctrl.routing_fields()[0])
     assert not torch.equal(temp0, ctrl.routing_fields()[1])
+    assert not torch.equal(tau0, ctrl.routing_fields()[3])
     # With smoothing, κ moves only at ticks.
     sm = PxTController(2, 4, cfg.replace(kappa_smoothing=0.5))
     f0 = [f.clone() for f in sm.routing_fields()]
@@ -305,9 +322,8 @@ def test_eta_parameters_exposed():
 # ---------------------------------------------------------------- state and histories
 
 def _drive(ctrl: PxTController, seq) -> None:
-    for counts, wsum, loss, kappa in seq:
-        ctrl.observe_all(torch.from_numpy(counts), torch.from_numpy(wsum),
-                         None if loss is None else torch.from_numpy(loss))
+    for counts, wsum, loss, kappa, scale in seq:
+        _observe(ctrl, counts, wsum, loss, scale)
         ctrl.set_knob(kappa)
         ctrl.tick()
 
@@ -319,7 +335,8 @@ def test_state_dict_resume_is_exact(dtype):
     a = PxTController(L, E, cfg, seed=3, dtype=dtype, history_length=32)
     _drive(a, seq[:43])                       # mid micro period
     sd = {k: v.clone() for k, v in a.state_dict().items()}
-    assert "_acc_FLE" not in sd and "tick_counter" in sd and "coherence_history" in sd
+    assert "_obs_LF" not in sd and "tick_counter" in sd and "coherence_history" in sd
+    assert "logit_scale_L" in sd and sd["Tbar_global"].shape == ()
     b = PxTController(L, E, cfg, seed=99, dtype=dtype, history_length=32)
     b.load_state_dict(sd)
     assert b.num_ticks == 43
@@ -351,15 +368,15 @@ def test_load_state_dict_through_a_parent_module_resyncs_the_clock():
 def test_reference_state_roundtrip():
     cfg = ControllerConfig(phase_noise=0.1)
     ref = init_state(cfg, L, E, 6)
-    for counts, wsum, loss, kappa in _obs_sequence(33, 4, "always"):
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss), kappa)
+    for counts, wsum, loss, kappa, scale in _obs_sequence(33, 4, "always"):
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
     ctrl = PxTController(L, E, cfg, seed=0, dtype=torch.float64)
     ctrl.load_reference_state(ref)
     assert ctrl.to_reference_state().allclose(ref)          # exact
     assert ctrl.num_ticks == 33 and int(ctrl.seed) == 6
     seq = _obs_sequence(30, 12, "always")
-    for counts, wsum, loss, kappa in seq:
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss), kappa)
+    for counts, wsum, loss, kappa, scale in seq:
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
     _drive(ctrl, seq)
     _assert_state_close(ctrl, ref, 1e-10, "after load_reference_state")
     with pytest.raises(ValueError, match="layers, experts"):
@@ -372,8 +389,8 @@ def test_histories_are_ring_buffers():
     ctrl = PxTController(2, 4, ControllerConfig(kappa_smoothing=0.5), history_length=8,
                          dtype=torch.float64)
     Rs, ks = [], []
-    for t, (counts, wsum, loss, kappa) in enumerate(_obs_sequence(13, 3, "never", 2, 4)):
-        _drive(ctrl, [(counts, wsum, loss, kappa)])
+    for t, obs in enumerate(_obs_sequence(13, 3, "never", 2, 4)):
+        _drive(ctrl, [obs])
         Rs.append(float(ctrl.R))
         ks.append(float(ctrl.kappa))
         if t == 4:
@@ -393,22 +410,27 @@ def test_dtype_is_kept_under_module_to():
     assert ctrl.routing_fields()[0].dtype == torch.float32
     assert ctrl.tick_counter.dtype == torch.int64
     ctrl.double()
-    assert ctrl.Tbar_global_E.dtype == torch.float32
+    assert ctrl.Tbar_global.dtype == torch.float32 and ctrl.logit_scale_L.dtype == torch.float32
     ctrl.tick()                                           # still works after the conversions
     assert ctrl.num_ticks == 1
 
 
-def test_routing_fields_are_fresh_tensors_after_tick():
-    """A forward pass that saved the fields for backward is not invalidated by a tick."""
+def test_layer_fields_are_live_views_updated_in_place_by_ticks():
+    """v2 routing reads the fields without autograd, so they are updated in place: the views a
+    router holds see each tick's values (no new tensors per tick), and a snapshot is a clone.
+    Catches a refresh that rebinds new tensors while routers keep the old views."""
     ctrl = PxTController(1, 4)
-    logits = torch.randn(5, 4, requires_grad=True)
-    bias, temp = ctrl.layer_fields(0)
-    out = ((logits + bias) / temp).softmax(-1).sum()
+    f = ctrl.layer_fields(0)
+    before = [t.clone() for t in f[:4]]
     for _ in range(5):
-        ctrl.observe(0, torch.tensor([5.0, 1.0, 0.0, 2.0]), torch.ones(4))
+        ctrl.observe(0, torch.tensor([5.0, 1.0, 0.0, 2.0]), torch.ones(4),
+                     logit_std_sum=torch.tensor(7.0), tokens=torch.tensor(4.0))
         ctrl.tick()
-    out.backward()                                         # would raise on an in-place change
-    assert not torch.equal(temp, ctrl.layer_fields(0)[1])
+    g = ctrl.layer_fields(0)
+    assert all(a is b for a, b in zip(f, g))
+    assert not torch.equal(before[1], g.temperature_E) and not torch.equal(before[2], g.scale)
+    torch.testing.assert_close(g.inv_scale_temperature_E, 1.0 / (g.scale * g.temperature_E))
+    assert float(g.scale) == pytest.approx(7.0 / 4.0)
 
 
 # ---------------------------------------------------------------- optimizer hook
@@ -453,18 +475,21 @@ def test_diagnostics_match_the_reference_functions():
         ctrl.tick()
     st = ctrl.to_reference_state()
     d = ctrl.get_structural_temperature_diagnostics()
-    g = state_landscape(st, cfg)
-    assert d["variance"] == g.variance and d["valleys"] == list(g.valleys)
-    assert d["ridges"] == list(g.ridges) and d["formed"] == g.formed
-    assert d["global"] == g.to_dict() and len(d["local"]) == L
+    g = model_landscape(st, cfg)
+    assert d["variance"] == g.variance_mean and d["valleys"] == g.valleys_mean
+    assert d["ridges"] == g.ridges_mean and d["formed"] == (g.formed_fraction > 0)
+    assert len(d["local"]) == L
     assert d["local"][1] == state_landscape(st, cfg, 1).to_dict()
-    assert d["R"] == st.R and d["tick"] == 100
-    assert d["valleys"], "the test environment should form valleys"
-    for layer in (None, 0, 2):
+    assert d["R"] == st.R and d["tick"] == 100 and d["Tbar_global"] == st.Tbar_global
+    assert d["valleys"] > 0, "the test environment should form valleys"
+    for layer in (0, 2):
         vh = ctrl.get_valley_health_diagnostics(layer)
         want = valley_health(st, cfg, layer)
         assert vh["valleys"] == list(want.valleys) and vh["unhealthy"] == list(want.unhealthy)
         assert vh["all_healthy"] == want.all_healthy and vh["layer"] == layer
+    whole = ctrl.get_valley_health_diagnostics()
+    assert whole["num_valleys"] == sum(len(valley_health(st, cfg, li).valleys)
+                                       for li in range(L))
     with pytest.raises(ValueError, match="layer"):
         ctrl.get_valley_health_diagnostics(7)
 
@@ -488,10 +513,22 @@ def test_cuda_matches_cpu():
     cpu = PxTController(L, E, cfg, dtype=torch.float64)
     gpu = PxTController(L, E, cfg, dtype=torch.float64, device="cuda")
     _drive(cpu, seq)
-    for counts, wsum, loss, kappa in seq:
+    for counts, wsum, loss, kappa, scale in seq:
         gpu.observe_all(torch.from_numpy(counts).cuda(), torch.from_numpy(wsum).cuda(),
-                        None if loss is None else torch.from_numpy(loss).cuda())
+                        None if loss is None else torch.from_numpy(loss).cuda(),
+                        None if scale is None else torch.from_numpy(scale).cuda())
         gpu.set_knob(torch.tensor(kappa, device="cuda"))
         gpu.tick()
     d = _max_diffs(cpu.to_reference_state(), gpu.to_reference_state())
     assert max(d.values()) <= 1e-10, d
+
+
+def test_mix32_wrap_matches_the_reference_hash_bit_for_bit():
+    """The routing noise's hash relies on int64 products wrapping around (they pass 2⁶³);
+    it must equal the reference lowbias32 on the whole 32-bit range. Catches a kernel that
+    saturates or traps on overflow."""
+    from chronomoe_torch._rng import mix32_wrap
+    idx = np.concatenate([np.arange(0, 4096), np.array([2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]),
+                          np.random.default_rng(0).integers(0, 2**32, 4096)]).astype(np.uint64)
+    got = mix32_wrap(torch.from_numpy(idx.astype(np.int64))).numpy()
+    assert np.array_equal(got, ref_rng.mix32(idx).astype(np.int64))

@@ -66,8 +66,8 @@ def test_ranks_are_bitwise_identical_and_tick_once_per_step(ddp_run):
     for c in checks:
         assert c["ticks"] == W.STEPS
         assert c["replicated"] is True
-        # One all-reduce per optimizer step, of the whole [3, L, E] observation, flattened.
-        assert c["all_reduce_calls"] == [[3 * 2 * 4]] * W.STEPS
+        # One all-reduce per optimizer step, of the whole [L, 3E + 2] observation, flattened.
+        assert c["all_reduce_calls"] == [[2 * (3 * 4 + 2)]] * W.STEPS
         assert c["router_names"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
@@ -93,6 +93,27 @@ def _single_shard_usage() -> torch.Tensor:
             model(mb, labels=mb)
         handle.tick()
     return handle.controller.usage_LE.clone()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["native", "native_noisy"])
+def test_native_model_controller_reduces_in_its_own_tick(ddp_run, name):
+    """The native model's controller (``register_on``, no attach) all-reduces its observation in
+    its tick: one collective per step, every rank bitwise equal (with routing noise too), and
+    without noise equal to one process over the global batch. Catches: the all-reduce living
+    only in attach (each rank's controller drifts), and DDP's buffer broadcast overwriting the
+    ranks' own observations (``_ddp_params_and_buffers_to_ignore`` in the model)."""
+    states = [load_state(ddp_run / f"rank{r}" / name) for r in range(W.WORLD)]
+    for r in range(W.WORLD):
+        c = json.loads((ddp_run / f"rank{r}" / "checks.json").read_text())[name]
+        assert c["ticks"] == W.STEPS and c["replicated"] is True
+        assert c["all_reduce_calls"] == [[2 * (3 * 4 + 2)]] * W.STEPS
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    if name == "native":
+        single = W.run_native_single()
+        for k in single:
+            torch.testing.assert_close(states[0][k], single[k], msg=k)
 
 
 @pytest.mark.slow

@@ -107,7 +107,8 @@ def test_logs_through_the_trainer_and_to_jsonl(full_run):
     assert len(train_logs) == STEPS
     for h in train_logs:
         for k in ("R", "dR", "kappa", "gate", "tbar_variance", "maxvio", "loss_lm",
-                  "loss_balance", "loss_coherence", "loss_valley", "valleys", "ridges"):
+                  "loss_balance", "loss_coherence", "loss_valley", "valleys", "ridges",
+                  "tbar_global", "routing_entropy", "load_entropy", "exploration_rate"):
             assert LOG_PREFIX + k in h, k
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1))
@@ -117,6 +118,12 @@ def test_logs_through_the_trainer_and_to_jsonl(full_run):
         assert r["maxvio"] == pytest.approx(
             sum((max(row) - 1 / M.E) * M.E for row in r["load_LE"]) / 2)
         assert r["phase"] and 0.0 <= r["gate"] <= 1.0
+        # Run metrics v2: the same keys as the torch trainer's.
+        assert r["maxvio_L"] == pytest.approx([(max(row) - 1 / M.E) * M.E
+                                               for row in r["load_LE"]])
+        assert len(r["logit_scale_L"]) == 2 and all(v > 0 for v in r["logit_scale_L"])
+        assert 0.0 <= r["exploration_rate"] <= 1.0 and r["routing_entropy"] > 0.0
+        assert isinstance(r["tbar_global"], float) and "tbar_global_E" not in r
     # The Trainer's logged R is the JSONL's R; the last one is the controller's.
     assert [h[LOG_PREFIX + "R"] for h in train_logs] == [r["R"] for r in lines]
     assert lines[-1]["R"] == pytest.approx(float(trainer.chronomoe.controller.R))
@@ -164,8 +171,12 @@ def test_evaluate_uses_the_chronomoe_loss_without_observing(full_run):
     assert torch.equal(cb.controller.observation_buffer(), before)   # eval routes, never counts
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == n_lines + 1
-    assert json.loads(lines[-1]) == {"step": STEPS, "split": "eval",
-                                     "loss": pytest.approx(metrics["eval_loss"])}
+    rec = json.loads(lines[-1])
+    assert {k: rec[k] for k in ("step", "split", "loss")} == {
+        "step": STEPS, "split": "eval", "loss": pytest.approx(metrics["eval_loss"])}
+    # maxvio_global over the eval set (4 samples of 8 tokens, K slots each), no noise in eval.
+    assert rec["exploration_rate"] == 0.0 and len(rec["maxvio_global_L"]) == 2
+    assert rec["maxvio_global"] == pytest.approx(sum(rec["maxvio_global_L"]) / 2)
 
 
 def test_resume_without_controller_state_is_refused(full_run, tmp_path):

@@ -68,11 +68,11 @@ def test_pushes_kappa_to_the_controller_and_ticks_use_it():
 
 
 def test_state_dict_resumes_exactly():
-    a = KnobScheduler("cosine", warmup_steps=5, total_steps=50, smoothing=0.5)
+    a = KnobScheduler("cosine", warmup_steps=5, total_steps=50)
     _run(a, 17)
     sd = a.state_dict()
     ctrl = PxTController(2, 4)
-    b = KnobScheduler("cosine", ctrl, warmup_steps=5, total_steps=50, smoothing=0.5)
+    b = KnobScheduler("cosine", ctrl, warmup_steps=5, total_steps=50)
     b.load_state_dict(sd)
     assert b.step_count == 17 and b.get_kappa() == a.get_kappa()
     assert float(ctrl.kappa_target) == pytest.approx(a.get_kappa())
@@ -100,34 +100,61 @@ def test_constructor_validation():
         KnobScheduler("linear", controller=object())
     with pytest.raises(ValueError, match="rule"):
         KnobScheduler("adaptive", rule="aggressive")
-    with pytest.raises(ValueError, match="smoothing"):
-        KnobScheduler("linear", smoothing=0.0)
+    with pytest.raises(TypeError, match="smoothing"):      # one κ smoothing: the controller's
+        KnobScheduler("linear", smoothing=0.5)
 
 
 # ---------------------------------------------------------------- MetaKnob
 
-def test_meta_knob_validates_and_smooths():
+def test_meta_knob_validates_and_does_not_smooth():
+    """One κ smoothing (the controller's ``kappa_smoothing``): MetaKnob passes κ through, so a
+    smoothing controller sees one EMA, not two in series. Catches: a second EMA in MetaKnob."""
     k = MetaKnob()
     assert k.get() == 0.0
     for bad in (1.01, -2, math.nan, math.inf, None, "0.5"):
         with pytest.raises(ValueError, match="kappa"):
             k.set(bad)
-    assert k.set(-1.0) == -1.0 and k.get() == -1.0
-    sm = MetaKnob(0.0, smoothing=0.25)
-    vals = [sm.set(1.0) for _ in range(3)]
-    assert vals == pytest.approx([0.25, 0.4375, 0.578125]) and sm.target == 1.0
-    assert all(-1.0 <= v <= 1.0 for v in vals)
-    with pytest.raises(ValueError, match="smoothing"):
-        MetaKnob(smoothing=1.5)
+    assert k.set(-1.0) == -1.0 and k.get() == -1.0 and k.target == -1.0
     with pytest.raises(ValueError, match="kappa"):
         MetaKnob(kappa=3.0)
-    ctrl = PxTController(1, 2)
-    bound = MetaKnob(0.3, controller=ctrl)
-    assert float(ctrl.kappa_target) == pytest.approx(0.3)
+    ctrl = PxTController(1, 2, ControllerConfig(kappa_smoothing=0.25))
+    bound = MetaKnob(0.0, controller=ctrl)
+    seen = []
+    for _ in range(3):
+        bound.set(1.0)
+        ctrl.tick()
+        seen.append(float(ctrl.kappa))
+    assert seen == pytest.approx([0.25, 0.4375, 0.578125])     # one EMA of rate 0.25
+    assert float(ctrl.kappa_target) == 1.0
     sd = bound.state_dict()
     other = MetaKnob()
     other.load_state_dict(sd)
-    assert other.get() == 0.3 and other.smoothing == 1.0
+    assert other.get() == 1.0
+    other.load_state_dict({"kappa": 0.5, "target": 0.5, "smoothing": 1.0})   # old layout
+    assert other.get() == 0.5
+    with pytest.raises(ValueError, match="no longer smooths"):
+        other.load_state_dict({"kappa": 0.5, "target": 0.9, "smoothing": 0.3})
+
+
+def test_register_on_steps_kappa_in_the_optimizer_post_hook():
+    """The κ step runs in the optimizer's step post-hook, after the controller's tick (pre-hook)
+    used κ(n − 1); the handle removes it."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = PxTController(1, 2)
+    s = KnobScheduler("linear", ctrl, initial_kappa=1.0, final_kappa=-1.0, warmup_steps=0,
+                      total_steps=4)
+    ctrl.register_on(opt)
+    handle = s.register_on(opt)
+    for n in range(1, 4):
+        opt.step()
+        assert s.step_count == n and float(ctrl.kappa) == pytest.approx(1.0 - 0.5 * n)
+    assert ctrl.get_meta_knob_history().tolist() == pytest.approx([1.0, 0.5, 0.0])
+    handle.remove()
+    opt.step()
+    assert s.step_count == 3
+    with pytest.raises(ValueError, match="register_step_post_hook"):
+        s.register_on(object())
 
 
 # ---------------------------------------------------------------- adaptive

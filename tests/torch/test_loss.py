@@ -186,11 +186,43 @@ def test_each_auxiliary_term_alone_reaches_the_router_weights(term):
 
 
 def test_lm_term_alone_does_not_reach_the_valley_or_coherence_paths():
-    model = tiny_model()
-    lo = ChronoMoELoss()(model(ids()), ids(), model.controller)
-    assert lo.lm.requires_grad
-    torch.testing.assert_close(
-        lo.total, lo.lm + 0.01 * lo.balance + 0.001 * lo.coherence + 0.0001 * lo.valley)
+    """The LM term's gradient does not pass through the coherence or valley paths: with
+    λ_c = λ_v = λ_b = 0 the parameter gradients equal those of the plain LM loss bit for bit,
+    and they do not move when the controller's state makes those paths large (R = 0, usage far
+    from the batch, an unhealthy valley on every layer). The paths are live all the while
+    (coherence and valley are non-zero and carry a router gradient of their own).
+    Catches an LM term wired into those paths, even without changing its value: e.g.
+    ``terms = [(self.lambda_lm, lm + valley - valley.detach()), ...]`` (or the same with
+    ``coherence``) in ``ChronoMoELoss._terms``; the old test, which compared values only,
+    passed on that mutation."""
+    def grads(model, loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+    model = tiny_model().eval()               # eval: no routing noise, the fields still apply
+    ctrl = model.controller
+    x = ids()
+    lm_only = ChronoMoELoss(lambda_balance=0.0, lambda_coherence=0.0, lambda_valley=0.0)
+    tok, valid = causal_lm_token_loss(model(x).logits, x)
+    plain = grads(model, tok.sum() / valid.sum())
+    first = grads(model, lm_only(model(x), x, ctrl).total)
+    with torch.no_grad():                     # make both paths large
+        ctrl.R.fill_(0.0)
+        ctrl.usage_LE.copy_(torch.tensor([0.7, 0.1, 0.1, 0.1]).repeat(L, 1))
+    for layer in range(L):
+        with_unhealthy_valley(ctrl, layer=layer, expert=0)
+    lo = lm_only(model(x), x, ctrl)
+    assert lo.coherence > 0 and lo.valley > 0 and torch.equal(lo.total, lo.lm)
+    second = grads(model, lo.total)
+    for a, b, c in zip(plain, first, second):
+        assert (a is None) == (b is None) == (c is None)
+        if a is not None:
+            assert torch.equal(a, b) and torch.equal(b, c)
+    # The paths carry gradient when weighted: the test above is not vacuous.
+    paths = grads(model, ChronoMoELoss(lambda_lm=0.0, lambda_balance=0.0)(model(x), x, ctrl)
+                  .total)
+    assert any(g is not None and g.abs().sum() > 0 for g in paths[-1:] + router_grads(model))
 
 
 # --- coherence and valley ---------------------------------------------------------------------
@@ -227,11 +259,16 @@ def test_valley_is_probability_mass_on_unhealthy_valleys():
 
 
 def test_valley_mask_matches_the_reference_landscape():
+    """One rule for the valley mask (``chronomoe_dyn.landscape.landscape_masks``), including the
+    v2 flat threshold: a layer whose T̄ differs only by rounding (variance ≤ 1e-12) has no
+    valleys. Catches the torch mask without ``var > FLAT_VARIANCE`` (it then marks the
+    rounding dips of a nearly flat layer as valleys)."""
     cfg = ControllerConfig()
     rng = np.random.default_rng(0)
     for _ in range(20):
         tbar = rng.uniform(0.5, 1.5, size=(3, 6))
         tbar[0] = 1.0                                         # a flat layer: no valleys
+        tbar[2] = 1.0 + rng.uniform(-1e-9, 1e-9, 6)           # nearly flat: rounding only
         rel = rng.uniform(0.0, 0.6, size=(3, 6))
         mask = unhealthy_valley_mask(torch.tensor(tbar), torch.tensor(rel),
                                      cfg.landscape_threshold_std, cfg.unhealthy_reliability)
@@ -285,9 +322,9 @@ class LossRecorder:
     def __getattr__(self, name):
         return getattr(self.ctrl, name)
 
-    def observe_loss(self, layer, loss_sum_E):
-        self.calls.append((layer, loss_sum_E.clone()))
-        self.ctrl.observe_loss(layer, loss_sum_E)
+    def observe_loss_all(self, loss_LE):
+        self.calls += [(layer, row.clone()) for layer, row in enumerate(loss_LE)]
+        self.ctrl.observe_loss_all(loss_LE)
 
 
 def test_per_expert_loss_sums_reach_the_controller():

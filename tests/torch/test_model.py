@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from chronomoe_dyn import ControllerConfig
 from chronomoe_torch.model import (ChronovisorMixtralForCausalLM, GQAttention, MixtralConfig,
                                    RotaryEmbedding)
+from chronomoe_torch.routing import LayerFields
 from _sync import SyncCounter
 
 V, B, S = 64, 2, 12
@@ -29,18 +30,23 @@ def ids(seed: int = 0, b: int = B, s: int = S) -> torch.Tensor:
 
 
 class StubController:
-    """The contract's routing interface: layer_fields and observe."""
+    """The contract's routing interface: layer_fields, noise_key and observe_stats."""
 
     def __init__(self, L: int, E: int):
+        self.E = E
         self.bias_LE = torch.zeros(L, E)
         self.temperature_LE = torch.ones(L, E)
         self.calls = []
 
     def layer_fields(self, i):
-        return self.bias_LE[i], self.temperature_LE[i]
+        return LayerFields(self.bias_LE[i], self.temperature_LE[i], torch.tensor(1.0),
+                           torch.tensor(0.0))
 
-    def observe(self, layer, counts_E, weight_sum_E):
-        self.calls.append((layer, counts_E, weight_sum_E))
+    def noise_key(self, i, n):
+        return None
+
+    def observe_stats(self, layer, stats_F):
+        self.calls.append((layer, stats_F[:self.E], stats_F[self.E:2 * self.E]))
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -290,8 +296,45 @@ def test_real_controller_is_built_lazily():
     out = model.train()(ids(), labels=ids())
     out.loss.backward()
     model.controller.tick()
-    bias_E, temp_E = model.controller.layer_fields(0)
-    assert bias_E.shape == temp_E.shape == (4,)
+    bias_E, temp_E, scale, tau, _ = model.controller.layer_fields(0)
+    assert bias_E.shape == temp_E.shape == (4,) and scale.shape == tau.shape == ()
+    assert float(scale) > 0.0 and float(tau) == pytest.approx(0.1)
+
+
+def _strong_fields(ctrl) -> None:
+    """Give the controller fields that move the selection: a lens of ±1 per expert and cold /
+    hot temperatures, then refresh them as a tick would."""
+    with torch.no_grad():
+        ctrl.lens_LE.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0]).repeat(ctrl.num_layers, 1))
+        ctrl.T_eff_LE.copy_(torch.tensor([0.3, 3.0, 0.3, 3.0]).repeat(ctrl.num_layers, 1))
+    ctrl._refresh_fields()
+
+
+def test_controller_fields_false_routes_by_plain_top_k_and_still_ticks():
+    """controller_fields=False: the same routing as the model without a controller, bit for bit,
+    even with fields that move the selection when on; the controller still observes (counts,
+    gate sums, logit scale) and ticks. Catches: the MoE layer applying the fields regardless of
+    the switch (``fields = controller.layer_fields(layer)`` without the ``controller_fields``
+    test), or not observing when the fields are off."""
+    x = ids()
+    plain = ChronovisorMixtralForCausalLM(tiny_config()).train()
+    off = ChronovisorMixtralForCausalLM(tiny_config(enable_chronovisor=True,
+                                                    controller_fields=False)).train()
+    on = ChronovisorMixtralForCausalLM(tiny_config(enable_chronovisor=True)).train()
+    _strong_fields(off.controller)
+    _strong_fields(on.controller)
+    ref, got, moved = plain(x), off(x), on(x)
+    assert torch.equal(got.logits, ref.logits)
+    for a, b in zip(got.expert_indices, ref.expert_indices):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(moved.expert_indices, ref.expert_indices))
+    ctrl = off.controller
+    counts = ctrl.observation_views()["counts_LE"].clone()
+    assert torch.equal(counts[0], torch.bincount(ref.expert_indices[0].reshape(-1),
+                                                 minlength=4).float())
+    ctrl.tick()
+    assert ctrl.num_ticks == 1 and bool((ctrl.logit_scale_L > 0).all())
+    assert not torch.equal(ctrl.usage_LE, torch.full_like(ctrl.usage_LE, 0.25))
 
 
 # --- numerics, training, syncs ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from chronomoe_torch.moe import Router, SparseMoE, grouped_mm_available
+from chronomoe_torch.routing import LayerFields
 from _sync import SyncCounter
 
 N, H, I, E, K = 48, 16, 32, 8, 2
@@ -29,31 +30,39 @@ def make_x(seed: int = 1, n: int = N, dtype=torch.float32) -> torch.Tensor:
 
 
 class FieldsController:
-    """Supplies fixed (bias, temperature) and records observations."""
+    """Supplies fixed v2 fields (bias, temperature, scale σ, τ = 0: no noise) and records the
+    observed stats rows as (layer, counts, gate sums)."""
 
-    def __init__(self, bias_E=None, temperature_E=None):
-        self.bias_E = torch.zeros(E) if bias_E is None else bias_E
-        self.temperature_E = torch.ones(E) if temperature_E is None else temperature_E
+    def __init__(self, bias_E=None, temperature_E=None, scale=1.0):
+        self.fields = LayerFields(torch.zeros(E) if bias_E is None else bias_E,
+                                  torch.ones(E) if temperature_E is None else temperature_E,
+                                  torch.tensor(float(scale)), torch.tensor(0.0))
         self.observed = []
 
     def layer_fields(self, i):
-        return self.bias_E, self.temperature_E
+        return self.fields
 
-    def observe(self, layer, counts_E, weight_sum_E):
-        self.observed.append((layer, counts_E.clone(), weight_sum_E.clone()))
+    def noise_key(self, i, n):
+        return None
+
+    def observe_stats(self, layer, stats_F):
+        self.observed.append((layer, stats_F[:E].clone(), stats_F[E:2 * E].clone()))
 
 
-def reference_moe(moe: SparseMoE, x_NH: torch.Tensor, bias_E=None, temperature_E=None):
-    """Token by token: softmax((l + b)/T), top-k, renormalised gates, SwiGLU of each chosen
-    expert. Written independently of the module's dispatch."""
+def reference_moe(moe: SparseMoE, x_NH: torch.Tensor, bias_E=None, temperature_E=None,
+                  scale: float = 1.0):
+    """Token by token, the v2 rule: select the top-k of ((z − mean z)/σ)/T + b, gates from the
+    raw softmax(z) (renormalised over the selected or not), SwiGLU of each chosen expert.
+    Written independently of the module's dispatch."""
     W = moe.router.weight
     out = torch.zeros_like(x_NH)
     for n in range(x_NH.shape[0]):
         logits = W @ x_NH[n]
+        score = logits
         if bias_E is not None:
-            logits = (logits + bias_E) / temperature_E
+            score = (logits - logits.mean()) / scale / temperature_E + bias_E
         p = logits.softmax(-1)
-        top = torch.topk(p, K).indices
+        top = torch.topk(score, K).indices
         g = p[top] / p[top].sum() if moe.router.renormalize else p[top]
         for k in range(K):
             e = top[k]
@@ -69,11 +78,13 @@ def test_matches_token_by_token_reference(backend, renormalize):
     x = make_x()
     bias = torch.linspace(-0.5, 0.5, E)
     temp = torch.linspace(0.5, 2.0, E)
-    ctrl = FieldsController(bias, temp)
+    ctrl = FieldsController(bias, temp, scale=0.7)
     y, r = moe.eval()(x, ctrl)
-    ref = reference_moe(moe, x, bias, temp)
+    ref = reference_moe(moe, x, bias, temp, scale=0.7)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r.logits_NE, (x @ moe.router.weight.T + bias) / temp)
+    # The router's logits output is the raw z: the fields move the selection only.
+    torch.testing.assert_close(r.logits_NE, x @ moe.router.weight.T)
+    assert not torch.equal(r.expert_idx_NK, r.logits_NE.topk(K).indices)
 
 
 def test_grouped_and_loop_agree_in_values_and_gradients():
@@ -142,15 +153,18 @@ def test_grouped_path_is_sparse_and_never_dense():
     assert rec.max_numel < N * E * I
 
 
-def test_bias_and_temperature_steer_the_selection():
+def test_bias_and_temperature_steer_the_selection_not_the_gates():
     moe = make_moe()
     bias = torch.zeros(E)
     bias[3] = 100.0
     _, r = moe.eval()(make_x(), FieldsController(bias_E=bias))
     assert (r.expert_idx_NK[:, 0] == 3).all()
-    # A huge temperature flattens the distribution: gates tend to 1/K.
-    _, r = moe(make_x(), FieldsController(temperature_E=torch.full((E,), 1e6)))
-    torch.testing.assert_close(r.gate_NK, torch.full((N, K), 1.0 / K), rtol=0, atol=1e-5)
+    p = r.probs_NE.gather(-1, r.expert_idx_NK)
+    torch.testing.assert_close(r.gate_NK, p / p.sum(-1, keepdim=True))   # raw-logit gates
+    # A huge temperature flattens z̃/T: the (small) bias alone decides the selection.
+    ramp = torch.linspace(0.0, 0.07, E)
+    _, r = moe(make_x(), FieldsController(bias_E=ramp, temperature_E=torch.full((E,), 1e6)))
+    assert (r.expert_idx_NK == torch.tensor([E - 1, E - 2])).all()
 
 
 def test_gates_are_renormalised_probabilities():

@@ -17,6 +17,7 @@ from torch import nn
 from chronomoe_dyn import ControllerConfig
 from chronomoe_torch.controller import PxTController
 from chronomoe_torch.optim import CoherenceGatedOptimizer
+from chronomoe_torch.routing import route
 from _sync import SyncCounter
 
 
@@ -24,9 +25,9 @@ from _sync import SyncCounter
 
 
 class TinyMoE(nn.Module):
-    """One-file MoE of L layers: router fields from the controller, top-k, dense expert mix
-    (the real sparse model lives elsewhere); counts and gate-weight sums go to the controller
-    with scatter_add (no sync)."""
+    """One-file MoE of L layers routed by ``routing.route`` with the controller's fields and
+    Gumbel noise (the real sparse model lives elsewhere), a dense expert mix; the routing stats
+    go to the controller with ``observe_stats`` (no sync)."""
 
     def __init__(self, controller: PxTController, dim: int = 8, top_k: int = 2) -> None:
         super().__init__()
@@ -38,21 +39,19 @@ class TinyMoE(nn.Module):
         self.head = nn.Linear(dim, 4)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        bias, temp = self.controller.routing_fields()
         idx_per_layer = []
+        ctrl = self.controller
         for li, (router, experts) in enumerate(zip(self.routers, self.experts)):
-            logits = (router(x) + bias[li]) / temp[li]
-            w, idx = torch.topk(logits.softmax(-1), self.top_k, dim=-1)        # [N, K]
-            E = logits.shape[-1]
-            gates = torch.zeros_like(logits).scatter(-1, idx, w)              # [N, E]
+            z = router(x)
+            r = route(z, self.top_k, fields=ctrl.layer_fields(li), training=self.training,
+                      noise=ctrl.noise_key(li, z.shape[0]) if self.training else None, full_stats=True)
+            idx, w = r.expert_idx_NK, r.gate_NK
+            E = z.shape[-1]
+            gates = torch.zeros_like(z).scatter(-1, idx, w)                   # [N, E]
             out = experts(x).view(x.shape[0], E, -1)                           # [N, E, D]
             x = x + (gates.unsqueeze(-1) * out).sum(1)
             if self.training:
-                counts = torch.zeros(E, device=x.device).scatter_add_(
-                    0, idx.flatten(), torch.ones(idx.numel(), device=x.device))
-                wsum = torch.zeros(E, device=x.device).scatter_add_(
-                    0, idx.flatten(), w.detach().flatten())
-                self.controller.observe(li, counts, wsum)
+                ctrl.observe_stats(li, r.stats_F)
             idx_per_layer.append(idx)
         return self.head(x), idx_per_layer
 

@@ -23,7 +23,7 @@ from _sync import SyncCounter
 V, S = 64, 17
 STEP_RE = re.compile(r"^Step (\d+) \| Loss: (-?\d+\.\d{4}|nan) \| κ: (-?\d\.\d{2}) \(([a-z_]+)\) "
                      r"\| R: (\d\.\d{2}|n/a) \| Gate: (\d\.\d{2})$")
-LANDSCAPE_RE = re.compile(r"^  Landscape: var=\d+\.\d{4}, valleys=\[(\d+(, \d+)*)?\], "
+LANDSCAPE_RE = re.compile(r"^  Landscape(\[layer \d+\])?: var=\d+\.\d{4}, valleys=\[(\d+(, \d+)*)?\], "
                           r"ridges=\[(\d+(, \d+)*)?\]$")
 
 
@@ -107,7 +107,7 @@ def test_train_returns_results_and_learns(tmp_path):
     assert res["kappa_history"][0] > res["kappa_history"][-1]   # κ anneals 0.5 → -0.3
     assert res["kappa_history"][-1] == pytest.approx(-0.3, abs=0.01)
     assert set(res["landscape"]) >= {"variance", "valleys", "ridges", "formed"}
-    assert res["valley_health"]["layer"] is None
+    assert res["valley_health"]["layer"] is None and len(res["valley_health"]["layers"]) == 2
     assert tr.controller.num_ticks == 30                   # one tick per optimizer step
 
 
@@ -124,11 +124,13 @@ def test_log_lines_have_the_seed_format(tmp_path, caplog):
         assert int(m.group(1)) == i
     assert STEP_RE.match(step_lines[0]).group(4) == "warmup_explore"
     assert STEP_RE.match(step_lines[5]).group(4) == "cosine_anneal"
-    land = [i for i, ln in enumerate(lines) if ln.startswith("  Landscape:")]
-    assert len(land) == 2                                   # every 10th log line
+    # v2: one landscape per layer, every 10th log line, in layer order after the step line.
+    land = [i for i, ln in enumerate(lines) if ln.startswith("  Landscape")]
+    assert len(land) == 2 * 2
     for i in land:
         assert LANDSCAPE_RE.match(lines[i]), lines[i]
-    assert [int(STEP_RE.match(lines[i - 1]).group(1)) for i in land] == [10, 20]
+    assert [lines[i][:20] for i in land[:2]] == ["  Landscape[layer 0]", "  Landscape[layer 1]"]
+    assert [int(STEP_RE.match(lines[i - 1]).group(1)) for i in land[::2]] == [10, 20]
 
 
 def test_log_lines_reproduce_the_seed_example():
@@ -142,6 +144,8 @@ def test_log_lines_reproduce_the_seed_example():
     assert format_step_line(7, 1.0, -0.3, "final_exploit", None, 1.0) == \
         "Step 7 | Loss: 1.0000 | κ: -0.30 (final_exploit) | R: n/a | Gate: 1.00"
     assert format_landscape_line(0.0, [], []) == "  Landscape: var=0.0000, valleys=[], ridges=[]"
+    assert format_landscape_line(0.0234, [2, 5], [1, 7], layer=3) == \
+        "  Landscape[layer 3]: var=0.0234, valleys=[2, 5], ridges=[1, 7]"
 
 
 def test_metrics_writer_validates_and_is_a_no_op_without_a_dir(tmp_path):
@@ -170,14 +174,63 @@ def test_metrics_jsonl_follows_the_schema(tmp_path):
     for r in train:
         for k in ("loss", "loss_lm", "loss_balance", "loss_coherence", "loss_valley", "loss_z",
                   "lr", "R", "dR", "kappa", "phase", "gate", "tbar_variance", "valleys",
-                  "ridges", "load_LE", "tbar_local_LE", "tbar_global_E"):
+                  "ridges", "load_LE", "tbar_local_LE", "tbar_global",
+                  # run metrics v2 (docs/CONTRACTS.md)
+                  "maxvio_L", "maxvio", "routing_entropy", "load_entropy", "exploration_rate",
+                  "logit_scale_L"):
             assert k in r, k
+        assert "tbar_global_E" not in r and isinstance(r["tbar_global"], float)
         load = torch.tensor(r["load_LE"])
         assert load.shape == (2, 4) and torch.all(load.sum(1) == 4 * S * 2)  # B·S·K slots
+        maxvio_L = (load.amax(1) / load.mean(1) - 1).tolist()
+        assert r["maxvio_L"] == pytest.approx(maxvio_L)
+        assert r["maxvio"] == pytest.approx(sum(maxvio_L) / 2)
+        share = load / load.sum(1, keepdim=True)
+        ent = -(share * share.log()).sum(1).mean()
+        assert r["load_entropy"] == pytest.approx(float(ent))
+        assert 0.0 < r["routing_entropy"] <= math.log(4) + 1e-6
+        assert 0.0 <= r["exploration_rate"] <= 1.0
+        assert len(r["logit_scale_L"]) == 2 and all(v > 0 for v in r["logit_scale_L"])
+    # τ₀ = 0.1 draws noise in training: some slots leave the noiseless top-k over the run.
+    assert any(r["exploration_rate"] > 0 for r in train)
+    for r in evals:
+        for k in ("loss", "perplexity", "maxvio_global", "maxvio_global_L", "routing_entropy",
+                  "exploration_rate"):
+            assert k in r, k
+        assert r["exploration_rate"] == 0.0 and len(r["maxvio_global_L"]) == 2
+        assert r["maxvio_global"] == pytest.approx(sum(r["maxvio_global_L"]) / 2)
     series = read_metrics_jsonl(path)                        # the plot reader accepts it
     assert list(series.step_T) == [2, 4, 6]
+    assert series.logit_scale_TL.shape == (3, 2) and series.scalar("exploration_rate") is not None
+    assert list(series.eval_maxvio_global) == [r["maxvio_global"] for r in evals]
+    from chronomoe_dyn.plot import plot_run
+    names = {p.name for p in plot_run(tmp_path / "run")}
+    assert "routing.png" in names and "load.png" in names
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["training"]["max_steps"] == 6 and cfg["model"]["num_experts"] == 4
+
+
+def test_eval_maxvio_global_is_over_the_whole_eval_set(tmp_path):
+    """maxvio_global sums the slot counts over every eval batch before max/mean − 1 (not a mean
+    of per-batch MaxVio). Catches: taking the routing stats of the last eval batch only."""
+    tr = ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=3), loader(),
+                          loader(12, shuffle=False))
+    tr.train()
+    got = tr.evaluate()["eval_routing"]
+    model = tr.model.eval()
+    counts = torch.zeros(2, 4)
+    per_batch = []
+    with torch.no_grad():
+        for b in loader(12, shuffle=False):
+            out = model(b["input_ids"])
+            c = torch.stack([torch.bincount(i.reshape(-1), minlength=4).float()
+                             for i in out.expert_indices])
+            counts += c
+            per_batch.append((c.amax(1) / c.mean(1) - 1).mean().item())
+    want_L = (counts.amax(1) / counts.mean(1) - 1).tolist()
+    assert got["maxvio_global_L"] == pytest.approx(want_L)
+    assert got["maxvio_global"] == pytest.approx(sum(want_L) / 2)
+    assert got["maxvio_global"] != pytest.approx(sum(per_batch) / len(per_batch))
 
 
 def test_plain_moe_baseline_without_controller(tmp_path, caplog):
