@@ -142,8 +142,12 @@ def load_arms_file(path: str | Path) -> dict[str, Arm]:
             raise ArmError(f"{where}: expected a table")
         extra = sorted(set(body) - {"base", "description", "training", "model", "controller"})
         if extra:
+            hint = ""
+            if any(isinstance(body[k], dict) for k in extra):
+                hint = (f"; a name with dots must be quoted in TOML, e.g. "
+                        f"[arms.\"{name}.{extra[0]}\"]")
             raise ArmError(f"{where}: unknown key(s) {extra} (allowed: base, description, "
-                           f"training, model, controller)")
+                           f"training, model, controller){hint}")
         base = builtin_arm(body["base"]) if "base" in body else Arm(name, "")
         merged = Arm(name, str(body.get("description", base.description or name)),
                      {**base.training, **_section("training", where, body.get("training"))},

@@ -81,6 +81,11 @@ def test_arms_file_defines_arms_and_refuses_unknown_fields(tmp_path):
     (bad,) = parse_arms(["bad"], f)
     with pytest.raises(ArmError, match=r"TrainingConfig has no field\(s\) \['lambda_balanse'\]"):
         resolve_arm(bad, _tiny_spec(), 0)
+    f.write_text('[arms.a0.05]\nbase = "pxt"\n')          # dotted name, unquoted
+    with pytest.raises(ArmError, match=r'must be quoted in TOML, e.g. \[arms."a0.05"\]'):
+        parse_arms(["a0.05"], f)
+    f.write_text('[arms."a0.05"]\nbase = "pxt"\n')
+    assert parse_arms(["a0.05"], f)[0].name == "a0.05"
     f.write_text('[arms.bad]\ncontroller = { coupling = -1.0 }\n')
     (bad,) = parse_arms(["bad"], f)
     with pytest.raises(ArmError, match="arm 'bad': coupling=-1.0"):
