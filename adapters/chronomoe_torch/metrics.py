@@ -8,7 +8,7 @@ Log lines (training-infrastructure.md, "Monitoring Training"), exactly:
 Without a controller (``enable_chronovisor=False``) R is printed as ``n/a``.
 
 ``MetricsWriter`` appends one JSON object per record to ``<run_dir>/metrics.jsonl`` in the
-schema of ``chronomoe_dyn.plot`` ("Run metrics (JSONL)": ``step``, ``split``, ``loss``,
+schema of ``chronomoe_dyn.runlog`` ("Run metrics (JSONL)": ``step``, ``split``, ``loss``,
 ``loss_*``, ``lr``, ``R``, ``dR``, ``kappa``, ``phase``, ``gate``, ``tbar_variance``,
 ``tbar_variance_local``, ``valleys``, ``ridges``, ``load_LE``, ``tbar_local_LE``,
 ``tbar_global_E``; extra keys are allowed), validating each record with that module's
@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from chronomoe_dyn.plot import validate_metrics_record
+from chronomoe_dyn.runlog import validate_metrics_record
 
 __all__ = ["format_step_line", "format_landscape_line", "format_eval_line", "format_skip_line",
            "MetricsWriter", "METRICS_FILE", "tensorboard_available"]
