@@ -72,7 +72,7 @@ class ClusterSpec:
     scheduler: str | None = None
     workers: int | None = None
     threads: int | None = None
-    connect_timeout: float = 10.0
+    connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.scheduler is not None and (not isinstance(self.scheduler, str)

@@ -151,11 +151,24 @@ class GridStore:
         another identity or something that is not a grid store, unless ``overwrite``."""
         p = Path(path)
         ident = _plain(identity)
-        if p.exists() and not overwrite:
-            cls._check(p, kind, ident)
-        if not p.exists() or overwrite:
+        if not cls.check(p, kind, identity, overwrite):
             atomic_dir(p, lambda tmp: cls._create(tmp, kind, ident, grids), overwrite)
         return cls(p, grids)
+
+    @classmethod
+    def check(cls, path: str | Path, kind: str, identity: dict, overwrite: bool = False) -> bool:
+        """True when ``path`` holds a store that ``open`` would reuse; False when ``open``
+        would create one (nothing there, or ``overwrite``). Raises StoreMismatch like ``open``;
+        writes nothing."""
+        p = Path(path)
+        if overwrite:
+            if p.exists() and not is_zarr_store(p):
+                raise StoreMismatch(f"{p} exists and is not a zarr store; refusing to replace it")
+            return False
+        if not p.exists():
+            return False
+        cls._check(p, kind, _plain(identity))
+        return True
 
     @staticmethod
     def _check(p: Path, kind: str, ident: dict) -> None:

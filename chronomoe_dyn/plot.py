@@ -1,15 +1,17 @@
-"""Figures of controller runs: training metrics (JSONL) and simulator trajectories (.npz).
+"""Figures of controller runs: training metrics (JSONL) and simulator trajectories (.npz, .zarr).
 
 ``plot_run(run)`` renders PNGs for one run, where ``run`` is
 
 * a run directory holding ``metrics.jsonl`` (written by the torch trainer or the Hugging Face
-  callback) or ``trajectory.npz`` (``Trajectory.to_npz``), or any single ``*.jsonl`` / ``*.npz``;
+  callback), ``trajectory.npz`` (``Trajectory.to_npz``) or ``trajectory.zarr``
+  (``Trajectory.to_zarr``), or any single ``*.jsonl`` / ``*.npz`` / ``*.zarr``;
 * a path to such a file;
 * a ``Trajectory`` object (then ``out_dir`` is required).
 
 PNGs go to ``<run_dir>/plots/`` unless ``out_dir`` is given:
 ``curves.png`` (R, κ, gate), ``landscape.png`` (T̄ variance, valley/ridge counts),
-``tbar_snapshots.png`` (T̄ as a layer × expert heatmap at several times), ``tbar_time.png``
+``tbar_snapshots.png`` (T̄ relative to its layer mean as a layer × expert heatmap at several
+times), ``tbar_time.png``
 (T̄ relative to its layer mean, every (layer, expert) over time), ``load.png`` (per-expert load per
 layer over time, MaxVio) and ``loss.png`` (loss and its components). A figure whose data the run
 does not have is skipped. Shaded bands are the seed's healthy ranges (``HEALTHY_RANGES``).
@@ -20,6 +22,7 @@ The run-metrics JSONL schema, its reader/writer and ``HEALTHY_RANGES`` live in
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,6 +38,7 @@ __all__ = ["HEALTHY_RANGES", "MetricsFormatError", "RunSeries", "read_metrics_js
            "shade_band"]
 
 TRAJECTORY_FILE = "trajectory.npz"
+ZARR_STORE = "trajectory.zarr"
 
 
 # ------------------------------------------------------------------------------------------
@@ -102,38 +106,66 @@ def _load_npz(path: Path, system: int) -> RunSeries:
     try:
         with np.load(path, allow_pickle=False) as z:
             traj = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read simulator trajectory ({e})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot read simulator trajectory ({e}); is the file "
+                         f"truncated or not an .npz?") from None
     return series_from_trajectory(traj, system=system, source=str(path))
+
+
+def _load_zarr(path: Path, system: int) -> RunSeries:
+    """A trajectory store written by ``Trajectory.to_zarr``."""
+    from .store import read_zarr
+    try:
+        import zarr
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
+    except Exception:  # noqa: BLE001  (read_zarr names the problem below)
+        attrs = {}
+    if "kind" in attrs and "identity" in attrs:
+        raise ValueError(f"{path} is the store of study {attrs['kind']!r}, not one trajectory; "
+                         f"its figures are in {path.parent}")
+    return series_from_trajectory(read_zarr(path), system=system, source=str(path))
+
+
+def _is_zarr(p: Path) -> bool:
+    from .store import is_zarr_store
+    return is_zarr_store(p)
 
 
 def _resolve_run(run: str | Path) -> Path:
     p = Path(run)
     if not p.exists():
         raise FileNotFoundError(f"run not found: {p} (expected a run directory, a metrics "
-                                f".jsonl file or a trajectory .npz)")
+                                f".jsonl file, a trajectory .npz or a trajectory .zarr store)")
+    if _is_zarr(p):
+        return p
     if p.is_file():
         if p.suffix not in (".jsonl", ".npz"):
-            raise ValueError(f"{p}: unsupported file type {p.suffix!r} (expected .jsonl or .npz)")
+            raise ValueError(f"{p}: unsupported file type {p.suffix!r} (expected .jsonl, .npz "
+                             f"or a .zarr store)")
         return p
     for name in (METRICS_FILE, TRAJECTORY_FILE):
         if (p / name).is_file():
             return p / name
-    for ext in ("*.jsonl", "*.npz"):
-        found = sorted(p.glob(ext))
+    if _is_zarr(p / ZARR_STORE):
+        return p / ZARR_STORE
+    for ext in ("*.jsonl", "*.npz", "*.zarr"):
+        found = sorted(f for f in p.glob(ext) if f.is_file() or _is_zarr(f))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             names = ", ".join(f.name for f in found)
             raise ValueError(f"{p}: several {ext} files ({names}); pass the one to plot")
-    raise FileNotFoundError(f"{p}: no {METRICS_FILE}, {TRAJECTORY_FILE}, *.jsonl or *.npz in this "
-                            f"directory")
+    raise FileNotFoundError(f"{p}: no {METRICS_FILE}, {TRAJECTORY_FILE}, {ZARR_STORE}, *.jsonl, "
+                            f"*.npz or *.zarr in this directory")
 
 
 def load_run(run: str | Path, system: int = 0) -> RunSeries:
-    """Read a run directory, a metrics JSONL file or a trajectory .npz into a RunSeries."""
+    """Read a run directory, a metrics JSONL file, a trajectory .npz or a trajectory .zarr
+    store into a RunSeries."""
     p = _resolve_run(run)
-    return read_metrics_jsonl(p) if p.suffix == ".jsonl" else _load_npz(p, system)
+    if p.suffix == ".jsonl":
+        return read_metrics_jsonl(p)
+    return _load_zarr(p, system) if p.is_dir() else _load_npz(p, system)
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,21 +275,24 @@ def _snapshot_index(T: int, n: int) -> list[int]:
 
 
 def _fig_tbar_snapshots(s: RunSeries, out: Path, n: int = 6) -> Path | None:
+    """T̄ minus its layer mean at ``n`` times, on one diverging scale centred at 0, so that
+    blue cells are below their layer's mean (valleys) and red cells above it (ridges)."""
+    from matplotlib.colors import TwoSlopeNorm
     tb, label = _tbar_LE(s)
     if tb is None:
         return None
     idx = _snapshot_index(tb.shape[0], n)
-    finite = tb[idx][np.isfinite(tb[idx])]
-    if finite.size == 0:
+    snap = tb[idx]
+    if not np.any(np.isfinite(snap)):
         return None
+    with np.errstate(all="ignore"):
+        rel = snap - np.nanmean(snap, axis=-1, keepdims=True)
+    lim = max(float(np.nanmax(np.abs(rel))), 1e-6)
     L, E = tb.shape[1:]
     fig, axes = new_figure(1, len(idx), width=2.2, height=max(1.6, 0.28 * L + 1.0))
-    vmin, vmax = float(finite.min()), float(finite.max())
-    if vmax - vmin < 1e-12:
-        vmin, vmax = vmin - 1e-3, vmax + 1e-3
     im = None
     for j, (ax, t) in enumerate(zip(axes[0], idx)):
-        im = ax.imshow(tb[t], aspect="auto", cmap="coolwarm", vmin=vmin, vmax=vmax,
+        im = ax.imshow(rel[j], aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(0.0, -lim, lim),
                        interpolation="nearest")
         ax.set_title(f"{s.step_label} {int(s.step_T[t])}", fontsize=8)
         ax.set_xlabel("expert", fontsize=8)
@@ -266,8 +301,8 @@ def _fig_tbar_snapshots(s: RunSeries, out: Path, n: int = 6) -> Path | None:
         else:
             ax.set_yticks([])
         ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label=label)
-    fig.suptitle(f"{label} landscape (blue = valley, red = ridge)", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label=f"{label} − layer mean")
+    fig.suptitle(f"{label} relative to its layer mean (blue = valley, red = ridge)", fontsize=10)
     return save_figure(fig, out / "tbar_snapshots.png")
 
 
@@ -381,7 +416,7 @@ def plot_run(run: Any, out_dir: str | Path | None = None, system: int = 0) -> li
     Default output: ``<run dir>/plots`` (the directory holding the file for a file path)."""
     if isinstance(run, (str, Path)):
         p = _resolve_run(run)
-        series = read_metrics_jsonl(p) if p.suffix == ".jsonl" else _load_npz(p, system)
+        series = load_run(p, system)
         out = Path(out_dir) if out_dir is not None else p.parent / "plots"
     else:
         if out_dir is None:

@@ -55,7 +55,7 @@ def _checked(key: str, value: Any, default: Any) -> Any:
         return value
     types, what = exp
     if isinstance(value, bool) and types is not bool or not isinstance(value, types):
-        raise ValueError(f"config key {key!r}: expected {what} (default {default!r}), "
+        raise ValueError(f"config key {key!r}: expected {what} (the study has {default!r}), "
                          f"got {value!r}")
     if isinstance(default, float):
         return float(value)

@@ -157,22 +157,27 @@ def run_study(module: ModuleType, out_dir: str | Path | None = None, quick: bool
     out = out_dir_for(module.NAME, out_dir, quick)
     identity = {k: v for k, v in cfg.items() if k not in getattr(module, "ANALYSIS_KEYS", ())}
     identity["simulator_code_sha256"] = code_fingerprint()
-    store = GridStore.open(out / f"{module.NAME}.zarr", module.NAME, identity, plan.grids,
-                           overwrite=execution.overwrite)
+    path = out / f"{module.NAME}.zarr"
+    # Every check before anything is written: the store's identity, then the cluster.
+    reuse = GridStore.check(path, module.NAME, identity, execution.overwrite)
+    store = GridStore(path, plan.grids) if reuse else None
     names = {n: c for n, (c, _) in plan.tasks.items()}
-    todo = [n for n, c in names.items() if not store.is_done(c)]
+    todo = [n for n, c in names.items() if store is None or not store.is_done(c)]
     where = describe(execution.cluster)
     if progress:
-        _note(f"{module.NAME}: {len(names)} cells, {len(names) - len(todo)} already in "
-              f"{store.path}, {len(todo)} to run {'on ' if execution.cluster else ''}{where}")
+        _note(f"{module.NAME}: {len(names)} cells, {len(names) - len(todo)} already in {path}, "
+              f"{len(todo)} to run {'on ' if execution.cluster else ''}{where}")
     client = None
     started = time.perf_counter()
     try:
         if todo:
-            if not kernels_cached(getattr(module, "KERNELS", ())):
-                _note("compiling kernels (first run only)…")
             if execution.cluster is not None:
                 client = open_client(execution.cluster)
+            if not kernels_cached(getattr(module, "KERNELS", ())):
+                _note("compiling kernels (first run only)…")
+        if store is None:
+            store = GridStore.open(path, module.NAME, identity, plan.grids,
+                                   overwrite=execution.overwrite)
         threads = execution.cluster.threads_per_task if execution.cluster else 1
         report = run_tasks(client, {n: a for n, (_, a) in plan.tasks.items()}, module.run_cell,
                            is_done=lambda n: store.is_done(names[n]),
