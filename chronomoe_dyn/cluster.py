@@ -136,7 +136,9 @@ def open_client(spec: ClusterSpec):
             raise ValueError(f"scheduler {spec.scheduler}: does not answer within "
                              f"{spec.connect_timeout:g} s ({e})") from None
     cluster = LocalCluster(n_workers=spec.workers_per_cluster, threads_per_worker=1,
-                           processes=True, dashboard_address=None, silence_logs=logging.ERROR,
+                           processes=True, dashboard_address=None,
+                           # a failed task is reported by run_tasks; no worker log on stderr
+                           silence_logs=logging.CRITICAL,
                            env=_thread_env(spec.threads_per_task))
     return Client(cluster)
 

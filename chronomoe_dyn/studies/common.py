@@ -1,9 +1,12 @@
-"""What the studies share: config resolution, output folders, JSON, progress bars, statistics.
+"""What the studies share: config resolution, output folders, JSON, statistics.
 
 A study's config is a plain dict at the top of its module (JSON-serialisable). ``resolve_config``
-applies the ``quick`` variant and user overrides (dotted keys reach nested dicts; an unknown key
-raises ValueError naming it and the allowed keys), and ``finish`` writes ``config.json`` and
-``summary.json`` next to the figures.
+applies the ``quick`` variant and user overrides: dotted keys reach nested dicts and, through
+``sections``, every field of the dataclass behind an entry (``env.top_k``,
+``schedule.rule.rate``); an unknown key raises ValueError naming it and the allowed keys, a value
+of the wrong type names the key and the type. ``finish`` writes ``config.json`` and
+``summary.json`` next to the figures. The prologue and execution that all studies share is in
+``runner.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ import numpy as np
 from ..runlog import HEALTHY_RANGES  # noqa: F401  (re-exported for the studies)
 
 __all__ = ["HEALTHY_RANGES", "resolve_config", "out_dir_for", "to_jsonable", "write_json",
-           "progress_bar", "finish", "in_range_fraction", "first_sustained", "controller_config",
-           "env_config", "knob_schedule", "Timer"]
+           "finish", "in_range_fraction", "first_sustained"]
 
 DEFAULT_OUT_ROOT = Path("studies") / "out"
 """Default output root, relative to the working directory (git-ignored in the repository)."""
@@ -185,11 +187,6 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return p
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "it"):
-    """A tqdm bar (disabled when ``enabled`` is False or the total is tiny)."""
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total <= 1,
-                leave=False, dynamic_ncols=True)
 
 
 def finish(out: Path, name: str, config: dict, summary: dict, figures: Iterable[Path],
@@ -224,33 +221,3 @@ def first_sustained(mask: np.ndarray, min_run: int = 1) -> int | None:
         if run >= min_run:
             return i - min_run + 1
     return None
-
-
-def controller_config(changes: dict | None = None):
-    """``ControllerConfig()`` with ``changes`` (validated by the config itself)."""
-    from ..config import ControllerConfig
-    return ControllerConfig(**(changes or {}))
-
-
-def env_config(changes: dict | None = None):
-    """``EnvConfig()`` of the simulator with ``changes``."""
-    from ..env import EnvConfig
-    return EnvConfig(**(changes or {}))
-
-
-def knob_schedule(spec: dict):
-    """``KnobSchedule(**spec)``; ``spec`` may omit fields to keep their defaults."""
-    from ..schedule import KnobSchedule
-    return KnobSchedule(**spec)
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds``."""
-
-    def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.seconds = time.perf_counter() - self.t0

@@ -21,10 +21,13 @@ the landscape is formed, so we also report counts restricted to formed records.
 
 Run:  chronomoe-dyn study phases [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/phases.py
-Outputs (studies/out/phases/): phases.png (the six metrics over time with the phase windows and
-healthy bands, median and 10–90 % band over systems), healthy_fractions.png, run/*.png (system 0
-through ``chronomoe_dyn.plot``: T̄ layer × expert heatmaps over time, load, curves),
-summary.json, config.json.
+Outputs (studies/out/phases/): phases.zarr (every cell's trajectory), phases.png (the six metrics
+over time with the phase windows and healthy bands, median and 10–90 % band over systems),
+healthy_fractions.png, run/*.png (system 0 through ``chronomoe_dyn.plot``: T̄ layer × expert
+heatmaps over time, load, curves), summary.json, config.json.
+
+Length: a straight script (question, config, plan, analysis and figures in one file, as
+STYLE.md §11 asks of studies), hence over 400 lines.
 """
 
 from __future__ import annotations

@@ -95,8 +95,9 @@ def simulate_cell(arg: dict):
     ds.attrs = {}           # the configs live in the store's identity, not per cell
     dtype = np.dtype(arg.get("dtype", "float64"))
     if dtype != np.float64:
-        ds = ds.astype({n: dtype for n, v in ds.data_vars.items()
-                        if v.dtype == np.float64 and not str(n).startswith("final_")})
+        for n, v in list(ds.data_vars.items()):
+            if v.dtype == np.float64 and not str(n).startswith("final_"):
+                ds[n] = v.astype(dtype)
     return ds
 
 

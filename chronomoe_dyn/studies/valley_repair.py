@@ -23,8 +23,12 @@ with β_reliability only through the size of the T_fast jump.
 
 Run:  chronomoe-dyn study valley-repair [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/valley_repair.py
-Outputs (studies/out/valley-repair/): repair_vs_beta.png, repair_vs_eta.png,
-estimate_vs_measured.png, repair_example.png, summary.json, config.json.
+Outputs (studies/out/valley-repair/): valley-repair.zarr (every cell's trajectory),
+repair_vs_beta.png, repair_vs_eta.png, estimate_vs_measured.png, repair_example.png,
+summary.json, config.json.
+
+Length: a straight script (question, config, plan, analysis and figures in one file, as
+STYLE.md §11 asks of studies), hence over 400 lines.
 """
 
 from __future__ import annotations

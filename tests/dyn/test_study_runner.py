@@ -61,6 +61,7 @@ def test_sweep_on_a_local_cluster_equals_in_process_bitwise(tmp_path):
 
 
 def _done_count(store: Path) -> int:
+    """Systems marked done in the store (= cells when a cell holds one system)."""
     import zarr
     try:
         return int(np.sum(zarr.open_array(store / "cell_done", mode="r")[...]))
@@ -168,7 +169,7 @@ def test_cell_failure_exits_1_and_keeps_the_rest(tmp_path, capsys, monkeypatch):
                    str(out), *TINY])
     assert rc == 1
     _one_line_error(capsys, "2 of 4 cells failed", "worker lost", "rerun")
-    assert _done_count(out / "sweep.zarr") == 2       # the other coupling's cells are kept
+    assert _done_count(out / "sweep.zarr") == 2 * 2   # the other coupling's 2 cells × 2 systems
 
 
 def test_quick_writes_to_its_own_folder(tmp_path, monkeypatch):
@@ -245,3 +246,18 @@ def test_first_run_prints_the_compile_note_once(tmp_path):
     second = subprocess.run(cmd + ["--out", str(tmp_path / "b")], capture_output=True,
                             text=True, env=env, timeout=600)
     assert second.returncode == 0 and "compiling" not in second.stderr
+
+
+def test_float32_store(tmp_path):
+    """``store_dtype=float32`` halves the store; the numbers stay close to float64's.
+    (Mutation caught: the cast in ``simulate_cell`` failing for every cell, as it first did.)"""
+    sweep = get_study("sweep")
+    over = {"kappa": [0.0], "coupling": [0.0, 1.0], "ticks": 100, "record_every": 10}
+    a = sweep.main(out_dir=tmp_path / "a", quick=True, progress=False, overrides=over)
+    b = sweep.main(out_dir=tmp_path / "b", quick=True, progress=False,
+                   overrides={**over, "store_dtype": "float32"})
+    ds = xr.open_zarr(tmp_path / "b" / "sweep.zarr", consolidated=False, chunks=None)
+    assert ds["R"].dtype == np.float32 and ds["Tbar_local"].dtype == np.float32
+    assert ds["valley_local"].dtype == bool and ds["final_theta"].dtype == np.float64
+    np.testing.assert_allclose(np.array(b["grids"]["R"]), np.array(a["grids"]["R"]),
+                               rtol=1e-6)
