@@ -54,26 +54,16 @@ def test_unreachable_scheduler_is_a_clear_error():
         open_client(ClusterSpec(scheduler="tcp://127.0.0.1:9", connect_timeout=1.0))
 
 
-def _check_report(report, got, errors):
-    assert sorted(report.done) == ["a", "b", "d"] and report.skipped == ["c"]
-    assert list(report.failed) == ["e"] and "three is bad" in report.failed["e"]
-    assert got == {"a": 0, "b": 1, "d": 16} and list(errors) == ["e"]
-
-
-def test_in_process_loop_skips_done_and_survives_a_failure():
-    tasks = {"a": 0, "b": 1, "c": 2, "d": 4, "e": 3}
-    got, errors = {}, {}
-    report = run_tasks(None, tasks, square, is_done=lambda n: n == "c",
-                       on_done=got.__setitem__, on_error=errors.__setitem__, progress=False)
-    _check_report(report, got, errors)
-
-
-def test_cluster_loop_same_results_and_failure_isolated(client):
+@pytest.mark.parametrize("where", ["in-process", "cluster"])
+def test_loop_skips_done_tasks_and_survives_a_failure(where, request):
+    client = None if where == "in-process" else request.getfixturevalue("client")
     tasks = {"a": 0, "b": 1, "c": 2, "d": 4, "e": 3}
     got, errors = {}, {}
     report = run_tasks(client, tasks, square, is_done=lambda n: n == "c",
                        on_done=got.__setitem__, on_error=errors.__setitem__, progress=False)
-    _check_report(report, got, errors)
+    assert sorted(report.done) == ["a", "b", "d"] and report.skipped == ["c"]
+    assert list(report.failed) == ["e"] and "three is bad" in report.failed["e"]
+    assert got == {"a": 0, "b": 1, "d": 16} and list(errors) == ["e"]
 
 
 def test_workers_start_with_thread_limits(client):
