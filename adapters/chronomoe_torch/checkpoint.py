@@ -324,20 +324,18 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int,
                       match: str | re.Pattern | None = None) -> list[Path]:
     """Delete old checkpoints of ``directory``; returns what was deleted.
 
-    Rule: a checkpoint that a pointer other than ``latest`` names (``best``, ``final``, ...) is
-    never deleted; of the others (only names matching ``match``, when given), the ``keep``
-    newest are kept, and the one ``latest`` names is kept too. Each deletion renames the
-    directory to a hidden name first, so a crash never leaves half a checkpoint visible."""
+    Rule: of the checkpoints (only names matching ``match``, when given), the ``keep`` newest
+    are kept, and so is every one that a pointer (``latest``, ``best``, ``final``, ...) names;
+    the others are deleted. Each deletion renames the directory to a hidden name first, so a
+    crash never leaves half a checkpoint visible."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise ValueError(f"prune_checkpoints: keep={keep!r}: expected an int >= 0")
     directory = Path(directory)
-    named = pointers(directory)
-    protected = {t for n, t in named.items() if n != LATEST_POINTER}
+    named = set(pointers(directory).values())
     pattern = re.compile(match) if isinstance(match, str) else match
-    candidates = [p for p in list_checkpoints(directory) if p.name not in protected
-                  and (pattern is None or pattern.match(p.name))]
-    doomed = [p for p in candidates[:max(0, len(candidates) - keep)]
-              if p.name != named.get(LATEST_POINTER)]
+    candidates = [p for p in list_checkpoints(directory)
+                  if pattern is None or pattern.match(p.name)]
+    doomed = [p for p in candidates[:max(0, len(candidates) - keep)] if p.name not in named]
     for p in doomed:
         remove_dir(p)
     return doomed

@@ -29,16 +29,34 @@ skipped first; they change nothing but the data position.
 Host syncs: none in ``train_step`` except on log steps, which read every logged value in one
 device-to-host copy (``_to_host``). Batches are validated on the host copy before the transfer,
 and the train loader is read as a resumable stream (exact resume mid-epoch): see ``_batches.py``.
+
+Data parallel (the user's single-process script under ``torchrun --nproc-per-node W``): the
+trainer initialises the process group from the launcher's environment if nobody has, wraps the
+model in DDP (gradients averaged; buffers are not broadcast: every rank updates them from the
+same all-reduced numbers), and gives each rank its shard of the train batches (global batch i to
+rank i mod W; see ``_batches``). Per optimizer step the controller's observation and the
+aux-free loads are summed over the ranks before they are used, and a step is skipped on every
+rank when it is bad on one; evaluation is sharded and its sums all-reduced. So every rank holds
+the same model and controller, and the run equals one process with W·G micro-batches per step
+(up to floating-point summation order). Rank 0 alone writes metrics, logs and checkpoints;
+every rank loads the same checkpoint.
+
+Checkpoints (``save_checkpoint``): write-once directories ``step_<n>`` and the pointer files
+``latest``, ``best``, ``final``, ``last_good`` that name them (``checkpoint``); saving the same
+state under two names writes it once. The run directory belongs to one run (``_run``), and a
+resumed run keeps its κ/LR schedule length (``config.TrainingConfig``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -52,8 +70,12 @@ from tqdm.auto import tqdm
 
 from chronomoe_dyn.landscape import landscape
 
+from . import _run
 from . import checkpoint as ckpt
-from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch
+from . import distributed as cdist
+from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch, shard_batches
+from ._run import RunDirError
+from ._threads import apply_threads
 from .config import TrainingConfig
 from .knob import KnobScheduler
 from .loss import ChronoMoELoss, causal_lm_token_loss
@@ -63,12 +85,13 @@ from .optim import CoherenceGatedOptimizer, LrGatedAdamW  # LrGatedAdamW: re-exp
 
 # TrainingConfig is re-exported: this module plays the seed's ``chronomoe.training``.
 __all__ = ["ChronoMoETrainer", "TrainingConfig", "StepOutput", "NonFiniteTrainingError",
-           "BadBatchError", "LrGatedAdamW", "resolve_device"]
+           "BadBatchError", "RunDirError", "LrGatedAdamW", "resolve_device"]
 
 logger = logging.getLogger("chronomoe_torch")
 
 LANDSCAPE_EVERY_N_LOGS = 10
-_STEP_CKPT = re.compile(r"^step_(\d+)$")
+_STEP_NAME = re.compile(r"^step_\d+$")             # a periodic checkpoint's name
+_STEP_DIR = re.compile(r"^step_\d+(\.\d+)?$")      # its directory (``.k``: the name was taken)
 _LOSS_KEYS = ("total", "lm", "balance", "coherence", "valley", "z")
 
 
@@ -137,7 +160,9 @@ class ChronoMoETrainer:
             raise TypeError("train_dataloader is required")
         self.config = config
         self.device = resolve_device(config.device)
+        self._init_data_parallel()
         self.model = model.to(self.device)
+        self._wrap_data_parallel()
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         self.controller = getattr(model, "controller", None)
         mcfg = getattr(model, "config", None)
@@ -147,10 +172,11 @@ class ChronoMoETrainer:
                                       vocab_size=self.vocab_size,
                                       max_seq_length=self.max_seq_length)
         self.stream = TrainStream(train_dataloader, config.gradient_accumulation_steps,
-                                  config.max_epochs, config.seed, self._prepare_batch)
+                                  config.max_epochs, config.seed, self._prepare_batch,
+                                  self.rank, self.world_size)
 
         G = config.gradient_accumulation_steps
-        n = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
+        n = len(self.stream.loader) if hasattr(self.stream.loader, "__len__") else None
         self.steps_per_epoch = None if n is None else n // G
         if self.steps_per_epoch == 0:
             raise ValueError(f"the train loader has {n} batches, fewer than "
@@ -193,6 +219,7 @@ class ChronoMoETrainer:
                                                           "gate", "lr")}
         self.eval_history: list[dict[str, float]] = []
         self._metrics: MetricsWriter | None = None
+        self._init_run_state()
 
     # ------------------------------------------------------------------ construction
     def _build_optimizer(self) -> None:
@@ -267,9 +294,9 @@ class ChronoMoETrainer:
         ok = torch.ones((), dtype=torch.bool, device=dev)
         sums = torch.zeros(len(_LOSS_KEYS), device=dev)
         load_LE = None
-        for b in batches:
-            with self._autocast():
-                out = self.model(b.input_ids, attention_mask=b.attention_mask)
+        for i, b in enumerate(batches):
+            with self._autocast(), self._grad_sync(last=i == G - 1):
+                out = self._forward_model(b.input_ids, attention_mask=b.attention_mask)
                 lo = self.loss_fn(out, b.labels, self.controller,
                                   attention_mask=b.attention_mask)
             parts = torch.stack([lo.total, lo.lm, lo.balance, lo.coherence, lo.valley, lo.z])
@@ -280,7 +307,7 @@ class ChronoMoETrainer:
             if log:
                 load_LE = self._add_load(load_LE, out)
         grad_norm = self._clip_gradients()
-        ok = ok & grad_norm.isfinite()
+        ok = cdist.all_true(ok & grad_norm.isfinite())    # skipped on every rank, or on none
         gate = self._optimizer_step(ok)
         self.global_step += 1
         self.micro_step += G
@@ -314,6 +341,7 @@ class ChronoMoETrainer:
         self._kappa_applied = self.knob_scheduler.get_kappa()
         self._phase_applied = self.knob_scheduler.get_phase()
         self._lr_applied = self.base_optimizer.param_groups[0]["lr"]
+        self._all_reduce_step_observations()
         opt = self.base_optimizer
         opt.grad_scale, opt.found_inf = None, (~ok).to(torch.float32)
         try:
@@ -405,9 +433,7 @@ class ChronoMoETrainer:
         cnt = torch.zeros((), dtype=torch.float64, device=self.device)
         n = 0
         try:
-            for i, raw in enumerate(self.eval_dataloader):
-                if self.config.eval_max_batches is not None and i >= self.config.eval_max_batches:
-                    break
+            for i, raw in self._eval_batches():
                 b = self._prepare(raw, i, "eval")
                 with self._autocast():
                     out = self.model(b.input_ids, attention_mask=b.attention_mask)
@@ -417,6 +443,7 @@ class ChronoMoETrainer:
                 n += 1
         finally:
             self.model.train(was_training)
+        n = self._all_reduce_eval_sums([tot, cnt], n)
         if n == 0:
             raise ValueError("evaluate: the eval loader yielded no batches")
         total, count = torch.stack([tot, cnt]).cpu().tolist()
@@ -449,11 +476,14 @@ class ChronoMoETrainer:
         start_step, start_tokens, t0 = self.global_step, self.tokens_seen, time.perf_counter()
         stop_reason = ("max_steps" if cfg.max_steps is not None
                        and self.total_steps == cfg.max_steps else "max_epochs")
-        self._metrics = MetricsWriter(cfg.run_dir, cfg.tensorboard)
+        with self._log_output():
+            self._begin_run()        # threads (the first log line), the run directory
+        self._metrics = MetricsWriter(cfg.run_dir if self.is_main else None, cfg.tensorboard)
         self._metrics.write_json("config.json", self._configs())
         out, logged = None, True
         with self._log_output(), self._metrics, \
-                tqdm(total=self.total_steps, initial=self.global_step, disable=not cfg.progress_bar,
+                tqdm(total=self.total_steps, initial=self.global_step,
+                     disable=not cfg.progress_bar or not self.is_main,
                      unit="step", dynamic_ncols=True, leave=False) as bar:
             while self.global_step < self.total_steps:
                 group = self._next_micro_batches()
@@ -573,7 +603,8 @@ class ChronoMoETrainer:
                 "model": mcfg.to_dict() if hasattr(mcfg, "to_dict") else None,
                 "controller": (self.controller.config.to_dict()
                                if self.controller is not None else None),
-                "total_steps": self.total_steps, "schedule_steps": self.schedule_steps}
+                "total_steps": self.total_steps, "schedule_steps": self.schedule_steps,
+                "run_id": self.run_id}
 
     def _controller_prefix(self) -> str | None:
         for name, m in self.model.named_modules():
@@ -609,8 +640,10 @@ class ChronoMoETrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a tree from ``state_dict()``; the data iterator resumes on the next step."""
+        """Restore a tree from ``state_dict()``; the data iterator resumes on the next step.
+        The κ and LR schedules keep the checkpoint's length (see ``TrainingConfig``)."""
         self._check_compatible(state.get("configs") or {})
+        self._continue_schedules(state.get("configs") or {}, int(state["counters"]["global_step"]))
         prefix = self._controller_prefix()
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         allowed = [k for k in missing if prefix is not None and k.startswith(prefix)]
@@ -635,6 +668,7 @@ class ChronoMoETrainer:
         self.best_eval_loss = c["best_eval_loss"]
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.eval_history = [dict(e) for e in state["eval_history"]]
+        self._resumed(state.get("configs") or {})
 
     def _check_compatible(self, configs: dict[str, Any]) -> None:
         saved, mine = configs.get("model"), self._configs()["model"]
@@ -654,26 +688,192 @@ class ChronoMoETrainer:
         return Path(self.config.checkpoint_dir) / p
 
     def save_checkpoint(self, name: str | Path) -> Path:
-        """Save the trainer's state as ``<checkpoint_dir>/<name>`` (or a path); returns it."""
-        path = ckpt.save_state(self._checkpoint_path(name), self.state_dict(), kind="trainer")
-        logger.info(f"Step {self.global_step} | saved checkpoint {path}")
+        """Save the trainer's state (rank 0; every rank waits for it) and return the path that
+        ``load_checkpoint`` takes.
+
+        ``step_<n>``: a new checkpoint directory of that name (``step_<n>.<k>`` when the name is
+        taken: checkpoints are never overwritten). Any other name (``final``, ``best``,
+        ``last_good``, yours): a pointer file naming the checkpoint of the current state, which
+        is written as ``step_<global_step>`` unless this state was saved already. A path with
+        directories: a checkpoint directory of its own. Every save moves ``latest``."""
+        path = self._checkpoint_path(name)
+        self.prepare_run_dirs()
+        if self.is_main:
+            path = self._save_main(path)
+        cdist.barrier()
+        return path
+
+    def _save_main(self, path: Path) -> Path:
+        d, name = path.parent, path.name
+        if path != Path(self.config.checkpoint_dir) / name:          # an explicit path
+            ckpt.save_state(path, self.state_dict(), kind="trainer")
+            logger.info(f"Step {self.global_step} | saved checkpoint {path}")
+            return path
+        key = (self.global_step, len(self.eval_history), self._loads)
+        target = self._last_save[1] if self._last_save and self._last_save[0] == key else None
+        if target is None or not (target / ckpt.MANIFEST_FILE).is_file():
+            base = name if _STEP_NAME.match(name) else f"step_{self.global_step}"
+            target = d / ckpt.unique_name(d, base)
+            ckpt.save_state(target, self.state_dict(), kind="trainer")
+            self._last_save = (key, target)
+            logger.info(f"Step {self.global_step} | saved checkpoint {target}")
+        if _STEP_NAME.match(name):
+            return target
+        ckpt.write_pointer(d, name, target.name)
+        logger.info(f"Step {self.global_step} | {path} -> {target.name}")
         return path
 
     def load_checkpoint(self, name: str | Path) -> None:
-        """Load ``<checkpoint_dir>/<name>`` (or a path) saved by ``save_checkpoint``;
-        ``train()`` then continues from its step."""
+        """Load ``<checkpoint_dir>/<name>`` (a checkpoint or a pointer such as ``final``), or a
+        path, saved by ``save_checkpoint``; ``train()`` then continues from its step."""
         path = self._checkpoint_path(name)
         self.load_state_dict(ckpt.load_state(path, kind="trainer", map_location=self.device))
         logger.info(f"Step {self.global_step} | loaded checkpoint {path}")
 
     def _prune(self) -> None:
+        """Delete old ``step_<n>`` checkpoints (``keep_last_n_checkpoints``), and say so."""
         keep = self.config.keep_last_n_checkpoints
         d = Path(self.config.checkpoint_dir)
-        if keep is None or not d.is_dir():
+        if keep is None or not self.is_main or not d.is_dir():
             return
-        names = [p.name for p in ckpt.list_checkpoints(d)]
-        protect = tuple(n for n in names if not _STEP_CKPT.match(n))
-        ckpt.prune_checkpoints(d, keep, protect=protect)
+        removed = ckpt.prune_checkpoints(d, keep, match=_STEP_DIR)
+        if removed:
+            logger.info(f"Step {self.global_step} | deleted checkpoint(s) "
+                        f"{', '.join(p.name for p in removed)} ({self._prune_rule()})")
+
+    def _prune_rule(self) -> str:
+        k = self.config.keep_last_n_checkpoints
+        return (f"keep_last_n_checkpoints={k}: the {k} newest step_<n> checkpoints are kept, "
+                f"and any that latest/best/final/last_good name; older ones are deleted")
+
+    # ------------------------------------------------------------------ run directory, resume
+    def _init_run_state(self) -> None:
+        self.run_id = uuid.uuid4().hex[:12]
+        """Identifies the run (config.json, checkpoints); a resumed run keeps its own."""
+        self._resumed_step: int | None = None   # set by load_state_dict: this is a resume
+        self._claimed = False                   # run directories checked (and cleared)
+        self._loads = 0                         # load_state_dict calls (state identity)
+        self._last_save: tuple | None = None    # (state key, directory) of the last save
+
+    def prepare_run_dirs(self) -> None:
+        """Make sure ``run_dir``/``checkpoint_dir`` are this run's before anything is written
+        (``train()`` and the first save call it; ``chronomoe-train`` calls it early). A
+        directory of an earlier run raises ``RunDirError`` saying how to proceed, unless
+        ``overwrite`` (its outputs are deleted first); a resumed run continues its own
+        directory. Rank 0 checks; every rank raises when it refuses."""
+        if self._claimed:
+            return
+        error, lines = None, []
+        if self.is_main:
+            try:
+                lines = _run.claim(self.config.run_dir, self.config.checkpoint_dir,
+                                   run_id=self.run_id, resumed_step=self._resumed_step,
+                                   overwrite=self.config.overwrite)
+            except RunDirError as e:
+                error = e
+        with self._log_output():
+            for line in lines:
+                logger.info(line)
+        refused = not bool(cdist.all_true(torch.tensor(error is None, device=self.device)))
+        if error is not None:
+            raise error
+        if refused:
+            raise RunDirError("rank 0 refused the run directory (see its error)")
+        self._claimed = True
+
+    def _resumed(self, configs: dict[str, Any]) -> None:
+        self._loads += 1
+        self._last_save = None
+        self._resumed_step = self.global_step
+        self.run_id = configs.get("run_id") or self.run_id
+        self._claimed = False    # checked again: the directory must be this run's
+
+    def _continue_schedules(self, configs: dict[str, Any], step: int) -> None:
+        """Keep the checkpoint's κ/LR schedule length whatever this run's max_steps says, so κ
+        and the learning rate are continuous at the resume point (TrainingConfig docstring)."""
+        saved = configs.get("schedule_steps")
+        if not isinstance(saved, int) or isinstance(saved, bool) or saved == self.schedule_steps:
+            return
+        logger.info(f"resume at step {step}: the κ and LR schedules keep the checkpoint's length "
+                    f"of {saved} steps (this config's would be {self.schedule_steps}); steps past "
+                    f"{saved} run at their final values")
+        self.schedule_steps = saved
+        ks = self.knob_scheduler
+        ks.schedule = dataclasses.replace(ks.schedule, total_steps=saved)
+
+    def _begin_run(self) -> None:
+        """Start of ``train()``: threads (the first log line), the run directory, the rule by
+        which checkpoints are deleted."""
+        logger.info(f"CPU threads: {apply_threads(self.config.num_threads).describe()}")
+        self.prepare_run_dirs()
+        cfg = self.config
+        if cfg.save_every_n_steps and cfg.keep_last_n_checkpoints is not None:
+            logger.info(f"checkpoints: step_<n> every {cfg.save_every_n_steps} steps in "
+                        f"{cfg.checkpoint_dir}; {self._prune_rule()}")
+
+    # ------------------------------------------------------------------ data parallel
+    def _init_data_parallel(self) -> None:
+        """Under ``torchrun``: the process group (if nobody made it) and this rank's device;
+        ranks other than 0 log warnings only."""
+        self.device, made = cdist.init_from_env(self.device)
+        self.rank, self.world_size = cdist.rank(), cdist.world_size()
+        self.is_main = self.rank == 0
+        if made:
+            import atexit
+            atexit.register(torch.distributed.destroy_process_group)
+        if not self.is_main:
+            logger.addFilter(lambda record: record.levelno >= logging.WARNING)
+        self._ddp = None
+
+    def _wrap_data_parallel(self) -> None:
+        if self.world_size == 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Buffers are not broadcast: the controller's and the aux-free ones are updated on every
+        # rank from all-reduced numbers, and the observation accumulators are per rank.
+        self._ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                        else None, broadcast_buffers=False)
+
+    def _forward_model(self, *args: Any, **kwargs: Any) -> Any:
+        return (self._ddp or self.model)(*args, **kwargs)
+
+    def _grad_sync(self, last: bool):
+        """DDP all-reduces gradients in the last micro-batch's backward only."""
+        return self._ddp.no_sync() if self._ddp is not None and not last \
+            else contextlib.nullcontext()
+
+    def _all_reduce_step_observations(self) -> None:
+        """THE data-parallel all-reduce of a step's routing statistics, right before the tick:
+        the controller's observation and the aux-free loads, summed over the ranks (one
+        collective; the lead moves the controller's part into its tick path at merge)."""
+        if self.world_size == 1:
+            return
+        parts = [] if self.controller is None else [self.controller.observation_buffer()]
+        if self._aux_free:
+            parts += [m.load_E for m in self.model.modules()
+                      if isinstance(getattr(m, "load_E", None), torch.Tensor)]
+        cdist.all_reduce_sum_(parts)
+
+    def _eval_batches(self):
+        """(global index, batch) of this rank's share of the eval loader, ``eval_max_batches``
+        counted over all ranks."""
+        cap = self.config.eval_max_batches
+        batches = self.eval_dataloader
+        if self.world_size > 1:
+            batches = shard_batches(self.eval_dataloader, self.rank, self.world_size, even=False)
+        for j, raw in enumerate(batches):
+            i = j * self.world_size + self.rank
+            if cap is not None and i >= cap:
+                break
+            yield i, raw
+
+    def _all_reduce_eval_sums(self, sums: list[torch.Tensor], n: int) -> int:
+        """Sum the eval sums (in place) and the batch count over the ranks."""
+        if self.world_size == 1:
+            return n
+        count = torch.tensor(float(n), dtype=sums[0].dtype, device=sums[0].device)
+        cdist.all_reduce_sum_([*sums, count])
+        return int(count)
 
 
 class _TqdmHandler(logging.Handler):

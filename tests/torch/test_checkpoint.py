@@ -317,25 +317,24 @@ def test_unique_name(tmp_path):
 
 
 def test_prune_keeps_the_newest_and_whatever_a_pointer_names(tmp_path):
-    """Mutations caught: pruning a checkpoint that ``best``/``final`` name; counting the
-    pointed-at ones among the ``keep`` newest; deleting the one ``latest`` names."""
+    """Mutations caught: pruning a checkpoint that ``best``/``final``/``latest`` name; keeping
+    other than the ``keep`` newest; ignoring ``match``."""
     d = tmp_path
     for i in range(1, 7):
         save_state(d / f"step_{i}", {"s": i})
     save_state(d / "manual", {"s": 0}, update_latest=False)
     ck.write_pointer(d, "best", "step_2")
     ck.write_pointer(d, "final", "step_6")
-    ck.write_pointer(d, "latest", "step_6")
     removed = ck.prune_checkpoints(d, keep=2, match=r"^step_\d+(\.\d+)?$")
-    assert sorted(p.name for p in removed) == ["step_1", "step_3"]
+    assert [p.name for p in removed] == ["step_1", "step_3", "step_4"]
     assert sorted(p.name for p in ck.list_checkpoints(d)) == \
-        ["manual", "step_2", "step_4", "step_5", "step_6"]
+        ["manual", "step_2", "step_5", "step_6"]
     assert not [n for n in os.listdir(d) if n.startswith(".")]  # trash removed
-    # `latest` is kept even when it is not among the newest (`manual` is the newest here)
-    ck.write_pointer(d, "latest", "step_4")
+    # without `match` every checkpoint counts (`manual` is the newest); `latest` is kept too
+    ck.write_pointer(d, "latest", "step_5")
     ck.write_pointer(d, "final", "step_2")
-    assert [p.name for p in ck.prune_checkpoints(d, keep=1)] == ["step_5", "step_6"]
-    assert sorted(p.name for p in ck.list_checkpoints(d)) == ["manual", "step_2", "step_4"]
+    assert [p.name for p in ck.prune_checkpoints(d, keep=1)] == ["step_6"]
+    assert sorted(p.name for p in ck.list_checkpoints(d)) == ["manual", "step_2", "step_5"]
     with pytest.raises(ValueError, match="keep=-1"):
         ck.prune_checkpoints(d, keep=-1)
 
