@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main_process", "all_reduce_observation",
            "barrier", "replicated_checksum_equal", "init_from_env", "all_reduce_sum_",
-           "all_true"]
+           "all_true", "broadcast_str"]
 
 
 def init_from_env(device: torch.device) -> tuple[torch.device, bool]:
@@ -58,6 +58,15 @@ def all_reduce_sum_(tensors: list[torch.Tensor], group=None) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         for t, part in zip(same, flat.split([t.numel() for t in same])):
             t.copy_(part.view_as(t))
+
+
+def broadcast_str(text: str, group=None) -> str:
+    """Rank 0's ``text`` on every rank (``text`` itself outside torch.distributed)."""
+    if not is_distributed(group):
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def all_true(ok: torch.Tensor, group=None) -> torch.Tensor:

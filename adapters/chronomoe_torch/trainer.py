@@ -306,6 +306,8 @@ class ChronoMoETrainer:
             sums += parts.detach().float()
             if log:
                 load_LE = self._add_load(load_LE, out)
+        if log:
+            self._all_reduce_logged(sums, load_LE)
         grad_norm = self._clip_gradients()
         ok = cdist.all_true(ok & grad_norm.isfinite())    # skipped on every rank, or on none
         gate = self._optimizer_step(ok)
@@ -748,7 +750,7 @@ class ChronoMoETrainer:
 
     # ------------------------------------------------------------------ run directory, resume
     def _init_run_state(self) -> None:
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = cdist.broadcast_str(uuid.uuid4().hex[:12])   # rank 0's on every rank
         """Identifies the run (config.json, checkpoints); a resumed run keeps its own."""
         self._resumed_step: int | None = None   # set by load_state_dict: this is a resume
         self._claimed = False                   # run directories checked (and cleared)
@@ -829,8 +831,9 @@ class ChronoMoETrainer:
         if self.world_size == 1:
             return
         from torch.nn.parallel import DistributedDataParallel as DDP
-        # Buffers are not broadcast: the controller's and the aux-free ones are updated on every
-        # rank from all-reduced numbers, and the observation accumulators are per rank.
+        # Buffers are not broadcast (a collective per forward saved): the controller's and the
+        # aux-free ones are updated on every rank from all-reduced numbers, and the observation
+        # accumulators are per rank (a broadcast would overwrite a rank's with rank 0's).
         self._ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda"
                         else None, broadcast_buffers=False)
 
@@ -853,6 +856,13 @@ class ChronoMoETrainer:
             parts += [m.load_E for m in self.model.modules()
                       if isinstance(getattr(m, "load_E", None), torch.Tensor)]
         cdist.all_reduce_sum_(parts)
+
+    def _all_reduce_logged(self, sums: torch.Tensor, load_LE: torch.Tensor | None) -> None:
+        """On log steps: the loss means over all ranks' micro-batches and the summed load."""
+        if self.world_size == 1:
+            return
+        cdist.all_reduce_sum_([sums] + ([] if load_LE is None else [load_LE]))
+        sums.div_(self.world_size)
 
     def _eval_batches(self):
         """(global index, batch) of this rank's share of the eval loader, ``eval_max_batches``
