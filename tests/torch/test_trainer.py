@@ -730,8 +730,8 @@ def test_resume_does_not_fetch_the_consumed_batches(tmp_path):
     a = ChronoMoETrainer(tiny_model(), cfg, dl())
     ra = a.train()                                       # 16 batches per epoch: step 10 is mid-epoch
     c = ChronoMoETrainer(tiny_model(), cfg, dl())
-    c.load_checkpoint("step_10")
     Counting.fetched = 0
+    c.load_checkpoint("step_10")
     rc = c.train()
     assert Counting.fetched == 2 * 4                     # steps 11 and 12 only
     assert rc["loss_history"] == ra["loss_history"]
