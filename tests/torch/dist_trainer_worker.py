@@ -29,25 +29,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-V, S, B, STEPS, WORLD, ACCUM = 64, 17, 4, 6, 2, 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _progressions import V, Progressions  # noqa: E402
 
-
-class Progressions(Dataset):
-    """Arithmetic progressions mod V (random start, stride 1–3)."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        start = torch.randint(0, V, (n, 1), generator=g)
-        stride = torch.randint(1, 4, (n, 1), generator=g)
-        self.ids = (start + stride * torch.arange(S)) % V
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
+B, STEPS, WORLD, ACCUM = 4, 6, 2, 2
 
 
 def script(out: Path, accum: int, aux_free: bool = False, init_seed: int = 0,

@@ -580,3 +580,21 @@ def test_cuda_tensors_and_rng_states(tmp_path):
     ck.restore_rng_state(back["rng"])
     assert torch.equal(torch.rand(3, device="cuda"), want)
     assert load_state(tmp_path / "ck")["t"].device.type == "cpu"
+
+
+def test_hf_callback_state_follows_a_rewritten_trainer_checkpoint(tmp_path):
+    """transformers' Trainer may write ``checkpoint-<n>`` again (a new run into the same
+    output_dir); the callback's ``chronomoe/`` inside it is then replaced, not refused (the only
+    caller that replaces a checkpoint; it removes the old one first). Mutation caught: no
+    ``remove_dir`` in ``ChronoMoECallback.save`` (CheckpointExistsError)."""
+    pytest.importorskip("transformers")
+    import _attach_models as M
+    from chronomoe_torch.hf_callback import STATE_DIRNAME, ChronoMoECallback
+    cb = ChronoMoECallback()
+    cb.setup(M.make_hf("mixtral"))
+    cb.save(tmp_path / "checkpoint-2")
+    cb.handle.controller.set_knob(0.25)
+    cb.save(tmp_path / "checkpoint-2")
+    back = load_state(tmp_path / "checkpoint-2" / STATE_DIRNAME)
+    assert float(back["attach"]["controller"]["kappa_target"]) == 0.25
+    assert sorted(os.listdir(tmp_path / "checkpoint-2")) == [STATE_DIRNAME, "latest"]

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from chronomoe_dyn.plot import read_metrics_jsonl
 from chronomoe_torch import checkpoint as ckpt
@@ -19,31 +19,15 @@ from chronomoe_torch.loss import causal_lm_token_loss
 from chronomoe_torch.model import ChronovisorMixtralForCausalLM, MixtralConfig
 from chronomoe_torch.trainer import (BadBatchError, ChronoMoETrainer, NonFiniteTrainingError,
                                      RunDirError)
+from _progressions import S, V, Progressions  # V vocabulary, S sequence length
 from _sync import SyncCounter
 
-V, S = 64, 17
 STEP_RE = re.compile(r"^Step (\d+) \| Loss: (-?\d+\.\d{4}|nan) \| κ: (-?\d\.\d{2}) \(([a-z_]+)\) "
                      r"\| R: (\d\.\d{2}|n/a) \| Gate: (\d\.\d{2})$")
 LANDSCAPE_RE = re.compile(r"^  Landscape: var=\d+\.\d{4}, valleys=\[(\d+(, \d+)*)?\], "
                           r"ridges=\[(\d+(, \d+)*)?\]$")
 
 
-
-
-class Progressions(Dataset):
-    """Arithmetic progressions mod V (random start, stride 1–3): learnable in a few steps."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        start = torch.randint(0, V, (n, 1), generator=g)
-        stride = torch.randint(1, 4, (n, 1), generator=g)
-        self.ids = (start + stride * torch.arange(S)) % V
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
 
 
 def tiny_model(chronovisor: bool = True, **kw) -> ChronovisorMixtralForCausalLM:
