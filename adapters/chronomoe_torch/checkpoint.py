@@ -175,21 +175,26 @@ def _read_dir(path: Path, expect_version: int) -> tuple[dict, dict[str, bytes]]:
 
 
 def _read(path: Path, expect_version: int) -> tuple[Path, dict, dict[str, bytes]]:
-    """Resolve ``path`` (directory or pointer) and read it. A failure is retried only when the
-    checkpoint moved meanwhile (a concurrent writer moved the pointer and pruned its old
-    target); the same checkpoint failing twice is a real fault and raises."""
+    """Resolve ``path`` (directory or pointer) and read it. A failure is retried only when
+    ``path`` is a pointer that moved meanwhile (a concurrent writer moved it and pruned its old
+    target); anything else is a real fault and raises."""
     for attempt in range(5):
-        target = resolve(path)
+        named = _pointed(path)
         try:
+            target = resolve(path)
             return (target, *_read_dir(target, expect_version))
-        except (CheckpointCorruptError, OSError):
-            try:
-                moved = resolve(path) != target or not target.is_dir()
-            except CheckpointError:
-                moved = True
-            if attempt == 4 or not moved:
+        except (CheckpointNotFoundError, CheckpointCorruptError, OSError):
+            if attempt == 4 or named is None or _pointed(path) == named:
                 raise
     raise AssertionError("unreachable")
+
+
+def _pointed(path: Path) -> Path | None:
+    """What the pointer file ``path`` names now (None: not a readable pointer)."""
+    try:
+        return read_pointer(path) if path.is_file() else None
+    except (CheckpointError, OSError):
+        return None
 
 
 def read_manifest(path: str | os.PathLike, *, _expect_version: int = FORMAT_VERSION) -> dict:

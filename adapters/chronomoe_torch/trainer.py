@@ -30,33 +30,18 @@ Host syncs: none in ``train_step`` except on log steps, which read every logged 
 device-to-host copy (``_to_host``). Batches are validated on the host copy before the transfer,
 and the train loader is read as a resumable stream (exact resume mid-epoch): see ``_batches.py``.
 
-Data parallel (the user's single-process script under ``torchrun --nproc-per-node W``): the
-trainer initialises the process group from the launcher's environment if nobody has, wraps the
-model in DDP (gradients averaged; buffers are not broadcast: every rank updates them from the
-same all-reduced numbers), and gives each rank its shard of the train batches (global batch i to
-rank i mod W; see ``_batches``). Per optimizer step the controller's observation and the
-aux-free loads are summed over the ranks before they are used, and a step is skipped on every
-rank when it is bad on one; evaluation is sharded and its sums all-reduced. So every rank holds
-the same model and controller, and the run equals one process with W·G micro-batches per step
-(up to floating-point summation order). Rank 0 alone writes metrics, logs and checkpoints;
-every rank loads the same checkpoint.
-
-Checkpoints (``save_checkpoint``): write-once directories ``step_<n>`` and the pointer files
-``latest``, ``best``, ``final``, ``last_good`` that name them (``checkpoint``); saving the same
-state under two names writes it once. The run directory belongs to one run (``_run``), and a
-resumed run keeps its κ/LR schedule length (``config.TrainingConfig``).
+Data parallel (the user's single-process script under ``torchrun``): ``_trainer_ddp``.
+Checkpoints, the run directory, resume and CPU threads: ``_trainer_ckpt``. Both are mixins, so
+this module keeps the step, the loop and logging.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-import re
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -70,12 +55,12 @@ from tqdm.auto import tqdm
 
 from chronomoe_dyn.landscape import landscape
 
-from . import _run
 from . import checkpoint as ckpt
 from . import distributed as cdist
-from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch, shard_batches
+from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch
 from ._run import RunDirError
-from ._threads import apply_threads
+from ._trainer_ckpt import CheckpointingMixin
+from ._trainer_ddp import DataParallelMixin
 from .config import TrainingConfig
 from .knob import KnobScheduler
 from .loss import ChronoMoELoss, causal_lm_token_loss
@@ -90,8 +75,6 @@ __all__ = ["ChronoMoETrainer", "TrainingConfig", "StepOutput", "NonFiniteTrainin
 logger = logging.getLogger("chronomoe_torch")
 
 LANDSCAPE_EVERY_N_LOGS = 10
-_STEP_NAME = re.compile(r"^step_\d+$")             # a periodic checkpoint's name
-_STEP_DIR = re.compile(r"^step_\d+(\.\d+)?$")      # its directory (``.k``: the name was taken)
 _LOSS_KEYS = ("total", "lm", "balance", "coherence", "valley", "z")
 
 
@@ -131,7 +114,7 @@ class StepOutput:
     """Tokens in the step's micro-batches (B·S summed; host value, no sync)."""
 
 
-class ChronoMoETrainer:
+class ChronoMoETrainer(CheckpointingMixin, DataParallelMixin):
     """Train a ``ChronovisorMixtralForCausalLM`` (or any model with the same output) with the
     seed's ChronoMoE recipe. See the module docstring for the step, skips, syncs and resume.
 
@@ -682,208 +665,6 @@ class ChronoMoETrainer:
         if a != b:
             raise ckpt.CheckpointMismatchError(f"checkpoint is from a model with {a}, this model "
                                                f"has {b}")
-
-    def _checkpoint_path(self, name: str | Path) -> Path:
-        p = Path(name)
-        if p.is_absolute() or len(p.parts) > 1:
-            return p
-        return Path(self.config.checkpoint_dir) / p
-
-    def save_checkpoint(self, name: str | Path) -> Path:
-        """Save the trainer's state (rank 0; every rank waits for it) and return the path that
-        ``load_checkpoint`` takes.
-
-        ``step_<n>``: a new checkpoint directory of that name (``step_<n>.<k>`` when the name is
-        taken: checkpoints are never overwritten). Any other name (``final``, ``best``,
-        ``last_good``, yours): a pointer file naming the checkpoint of the current state, which
-        is written as ``step_<global_step>`` unless this state was saved already. A path with
-        directories: a checkpoint directory of its own. Every save moves ``latest``."""
-        path = self._checkpoint_path(name)
-        self.prepare_run_dirs()
-        if self.is_main:
-            path = self._save_main(path)
-        cdist.barrier()
-        return path
-
-    def _save_main(self, path: Path) -> Path:
-        d, name = path.parent, path.name
-        if path != Path(self.config.checkpoint_dir) / name:          # an explicit path
-            ckpt.save_state(path, self.state_dict(), kind="trainer")
-            logger.info(f"Step {self.global_step} | saved checkpoint {path}")
-            return path
-        key = (self.global_step, len(self.eval_history), self._loads)
-        target = self._last_save[1] if self._last_save and self._last_save[0] == key else None
-        if target is None or not (target / ckpt.MANIFEST_FILE).is_file():
-            base = name if _STEP_NAME.match(name) else f"step_{self.global_step}"
-            target = d / ckpt.unique_name(d, base)
-            ckpt.save_state(target, self.state_dict(), kind="trainer")
-            self._last_save = (key, target)
-            logger.info(f"Step {self.global_step} | saved checkpoint {target}")
-        if _STEP_NAME.match(name):
-            return target
-        ckpt.write_pointer(d, name, target.name)
-        logger.info(f"Step {self.global_step} | {path} -> {target.name}")
-        return path
-
-    def load_checkpoint(self, name: str | Path) -> None:
-        """Load ``<checkpoint_dir>/<name>`` (a checkpoint or a pointer such as ``final``), or a
-        path, saved by ``save_checkpoint``; ``train()`` then continues from its step."""
-        path = self._checkpoint_path(name)
-        self.load_state_dict(ckpt.load_state(path, kind="trainer", map_location=self.device))
-        logger.info(f"Step {self.global_step} | loaded checkpoint {path}")
-
-    def _prune(self) -> None:
-        """Delete old ``step_<n>`` checkpoints (``keep_last_n_checkpoints``), and say so."""
-        keep = self.config.keep_last_n_checkpoints
-        d = Path(self.config.checkpoint_dir)
-        if keep is None or not self.is_main or not d.is_dir():
-            return
-        removed = ckpt.prune_checkpoints(d, keep, match=_STEP_DIR)
-        if removed:
-            logger.info(f"Step {self.global_step} | deleted checkpoint(s) "
-                        f"{', '.join(p.name for p in removed)} ({self._prune_rule()})")
-
-    def _prune_rule(self) -> str:
-        k = self.config.keep_last_n_checkpoints
-        return (f"keep_last_n_checkpoints={k}: the {k} newest step_<n> checkpoints are kept, "
-                f"and any that latest/best/final/last_good name; older ones are deleted")
-
-    # ------------------------------------------------------------------ run directory, resume
-    def _init_run_state(self) -> None:
-        self.run_id = cdist.broadcast_str(uuid.uuid4().hex[:12])   # rank 0's on every rank
-        """Identifies the run (config.json, checkpoints); a resumed run keeps its own."""
-        self._resumed_step: int | None = None   # set by load_state_dict: this is a resume
-        self._claimed = False                   # run directories checked (and cleared)
-        self._loads = 0                         # load_state_dict calls (state identity)
-        self._last_save: tuple | None = None    # (state key, directory) of the last save
-
-    def prepare_run_dirs(self) -> None:
-        """Make sure ``run_dir``/``checkpoint_dir`` are this run's before anything is written
-        (``train()`` and the first save call it; ``chronomoe-train`` calls it early). A
-        directory of an earlier run raises ``RunDirError`` saying how to proceed, unless
-        ``overwrite`` (its outputs are deleted first); a resumed run continues its own
-        directory. Rank 0 checks; every rank raises when it refuses."""
-        if self._claimed:
-            return
-        error, lines = None, []
-        if self.is_main:
-            try:
-                lines = _run.claim(self.config.run_dir, self.config.checkpoint_dir,
-                                   run_id=self.run_id, resumed_step=self._resumed_step,
-                                   overwrite=self.config.overwrite)
-            except RunDirError as e:
-                error = e
-        with self._log_output():
-            for line in lines:
-                logger.info(line)
-        refused = not bool(cdist.all_true(torch.tensor(error is None, device=self.device)))
-        if error is not None:
-            raise error
-        if refused:
-            raise RunDirError("rank 0 refused the run directory (see its error)")
-        self._claimed = True
-
-    def _resumed(self, configs: dict[str, Any]) -> None:
-        self._loads += 1
-        self._last_save = None
-        self._resumed_step = self.global_step
-        self.run_id = configs.get("run_id") or self.run_id
-        self._claimed = False    # checked again: the directory must be this run's
-
-    def _continue_schedules(self, configs: dict[str, Any], step: int) -> None:
-        """Keep the checkpoint's κ/LR schedule length whatever this run's max_steps says, so κ
-        and the learning rate are continuous at the resume point (TrainingConfig docstring)."""
-        saved = configs.get("schedule_steps")
-        if not isinstance(saved, int) or isinstance(saved, bool) or saved == self.schedule_steps:
-            return
-        logger.info(f"resume at step {step}: the κ and LR schedules keep the checkpoint's length "
-                    f"of {saved} steps (this config's would be {self.schedule_steps}); steps past "
-                    f"{saved} run at their final values")
-        self.schedule_steps = saved
-        ks = self.knob_scheduler
-        ks.schedule = dataclasses.replace(ks.schedule, total_steps=saved)
-
-    def _begin_run(self) -> None:
-        """Start of ``train()``: threads (the first log line), the run directory, the rule by
-        which checkpoints are deleted."""
-        logger.info(f"CPU threads: {apply_threads(self.config.num_threads).describe()}")
-        self.prepare_run_dirs()
-        cfg = self.config
-        if cfg.save_every_n_steps and cfg.keep_last_n_checkpoints is not None:
-            logger.info(f"checkpoints: step_<n> every {cfg.save_every_n_steps} steps in "
-                        f"{cfg.checkpoint_dir}; {self._prune_rule()}")
-
-    # ------------------------------------------------------------------ data parallel
-    def _init_data_parallel(self) -> None:
-        """Under ``torchrun``: the process group (if nobody made it) and this rank's device;
-        ranks other than 0 log warnings only."""
-        self.device, made = cdist.init_from_env(self.device)
-        self.rank, self.world_size = cdist.rank(), cdist.world_size()
-        self.is_main = self.rank == 0
-        if made:
-            import atexit
-            atexit.register(torch.distributed.destroy_process_group)
-        if not self.is_main:
-            logger.addFilter(lambda record: record.levelno >= logging.WARNING)
-        self._ddp = None
-
-    def _wrap_data_parallel(self) -> None:
-        if self.world_size == 1:
-            return
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # Buffers are not broadcast (a collective per forward saved): the controller's and the
-        # aux-free ones are updated on every rank from all-reduced numbers, and the observation
-        # accumulators are per rank (a broadcast would overwrite a rank's with rank 0's).
-        self._ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                        else None, broadcast_buffers=False)
-
-    def _forward_model(self, *args: Any, **kwargs: Any) -> Any:
-        return (self._ddp or self.model)(*args, **kwargs)
-
-    def _grad_sync(self, last: bool):
-        """DDP all-reduces gradients in the last micro-batch's backward only."""
-        return self._ddp.no_sync() if self._ddp is not None and not last \
-            else contextlib.nullcontext()
-
-    def _all_reduce_step_observations(self) -> None:
-        """THE data-parallel all-reduce of a step's routing statistics, right before the tick:
-        the controller's observation and the aux-free loads, summed over the ranks (one
-        collective; the lead moves the controller's part into its tick path at merge)."""
-        if self.world_size == 1:
-            return
-        parts = [] if self.controller is None else [self.controller.observation_buffer()]
-        if self._aux_free:
-            parts += [m.load_E for m in self.model.modules()
-                      if isinstance(getattr(m, "load_E", None), torch.Tensor)]
-        cdist.all_reduce_sum_(parts)
-
-    def _all_reduce_logged(self, sums: torch.Tensor, load_LE: torch.Tensor | None) -> None:
-        """On log steps: the loss means over all ranks' micro-batches and the summed load."""
-        if self.world_size == 1:
-            return
-        cdist.all_reduce_sum_([sums] + ([] if load_LE is None else [load_LE]))
-        sums.div_(self.world_size)
-
-    def _eval_batches(self):
-        """(global index, batch) of this rank's share of the eval loader, ``eval_max_batches``
-        counted over all ranks."""
-        cap = self.config.eval_max_batches
-        batches = self.eval_dataloader
-        if self.world_size > 1:
-            batches = shard_batches(self.eval_dataloader, self.rank, self.world_size, even=False)
-        for j, raw in enumerate(batches):
-            i = j * self.world_size + self.rank
-            if cap is not None and i >= cap:
-                break
-            yield i, raw
-
-    def _all_reduce_eval_sums(self, sums: list[torch.Tensor], n: int) -> int:
-        """Sum the eval sums (in place) and the batch count over the ranks."""
-        if self.world_size == 1:
-            return n
-        count = torch.tensor(float(n), dtype=sums[0].dtype, device=sums[0].device)
-        cdist.all_reduce_sum_([*sums, count])
-        return int(count)
 
 
 class _TqdmHandler(logging.Handler):

@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from chronomoe_torch import _atomic  # the filesystem protocol: where its knobs are patched
 from chronomoe_torch import checkpoint as ck
 from chronomoe_torch.checkpoint import (
     CheckpointCorruptError, CheckpointError, CheckpointVersionError, load_state, save_state,
@@ -98,7 +97,6 @@ def test_flipped_byte_in_tensors_file(tmp_path):
 
 def test_edited_meta_json(tmp_path):
     p = _small(tmp_path)
-    meta = json.loads((p / "meta.json").read_text())
     good = (p / "meta.json").read_bytes()
     edited = good.replace(b'["step",3]', b'["step",4]')  # same size, one digit changed
     assert edited != good and len(edited) == len(good)
