@@ -14,8 +14,9 @@ what they chose in their first log line):
     was imported first, the environment's policy stays (the default spins) and that is reported.
   * thread count ("auto"): ``OMP_NUM_THREADS`` when the environment sets it, or the count set
     with ``torch.set_num_threads`` since ``chronomoe_torch`` was imported (the user's choice);
-    else half the usable CPUs (at least 1) with the PASSIVE policy, and 1 thread when workers
-    may spin (more could collapse as above). Half, because the loader, the OS and other jobs
+    else half the usable CPUs (at least 1; under torchrun, shared by the node's
+    ``LOCAL_WORLD_SIZE`` ranks) with the PASSIVE policy, and 1 thread when workers may spin
+    (more could collapse as above). Half, because the loader, the OS and other jobs
     need room, and because the small models trained on CPU here gain nothing from more
     (measured on 2 cores, 30 steps of the default model: 1 thread 2.3 s idle / 3.0 s busy;
     2 PASSIVE threads 3.6 / 3.1; 2 spinning threads 1.9 / 6-60).
@@ -97,8 +98,10 @@ def choose_threads(requested: int | None = None) -> ThreadChoice:
     elif torch.get_num_threads() != _AT_IMPORT.get("threads", torch.get_num_threads()):
         n, why = torch.get_num_threads(), "set with torch.set_num_threads"
     elif policy == "PASSIVE":
-        cpus = usable_cpus()
-        n, why = max(1, cpus // 2), f"auto: half of {cpus} usable CPUs"
+        cpus, local = usable_cpus(), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        n = max(1, cpus // (2 * local))
+        why = f"auto: half of {cpus} usable CPUs" + (f" over {local} local ranks"
+                                                      if local > 1 else "")
     else:
         n, why = 1, "auto: workers may spin-wait, so one thread"
     return ThreadChoice(n, why, policy, source)

@@ -79,3 +79,18 @@ def test_explicit_and_user_set_counts():
             assert (choice.threads, choice.reason) == (2, "set with torch.set_num_threads")
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_count_with_passive_workers_and_local_ranks(monkeypatch):
+    """Half the usable CPUs, shared by the node's ranks under torchrun."""
+    from chronomoe_torch import _threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_threads, "wait_policy", lambda: ("PASSIVE", "test"))
+    monkeypatch.setattr(_threads, "usable_cpus", lambda: 16)
+    monkeypatch.setitem(_threads._AT_IMPORT, "threads", __import__("torch").get_num_threads())
+    assert _threads.choose_threads().threads == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    c = _threads.choose_threads()
+    assert (c.threads, c.reason) == (2, "auto: half of 16 usable CPUs over 4 local ranks")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert _threads.choose_threads().threads == 1
