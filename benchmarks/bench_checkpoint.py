@@ -7,7 +7,8 @@ controller's ``ChronovisorCheckpoint`` alone?
 
 Method: one trainer, two optimizer steps (so AdamW state exists), then each operation timed
 ``--repeats`` times into a temporary directory on the same filesystem as ``--dir``; medians (and
-minima) printed. Saves include every fsync; loads include reading and hashing every file (the
+minima) printed. Checkpoints are write-once, so each timed save writes a new directory; moving a
+pointer (``final``) is timed on its own. Saves include every fsync; loads include reading and hashing every file (the
 page cache is warm: it measures the CPU side, not the disk).
 
 Run: ``python benchmarks/bench_checkpoint.py [--repeats 7] [--dir /tmp] [--threads 1] [--json OUT]``.
@@ -77,10 +78,18 @@ def main() -> None:
         tree = tr.state_dict()
         r: dict[str, object] = {"model": MODEL, "parameters": n_params}
 
-        r["trainer_save_verified"] = timed(lambda: tr.save_checkpoint("bench"), args.repeats)
+        counter = iter(range(1 << 30))   # checkpoints are write-once: a new name per save
+
+        def fresh(prefix: str) -> Path:
+            return d / "ckpt" / f"{prefix}_{next(counter)}"
+
+        r["trainer_save_verified"] = timed(
+            lambda: ckpt.save_state(fresh("v"), tr.state_dict(), kind="trainer"), args.repeats)
         r["save_state_unverified"] = timed(
-            lambda: ckpt.save_state(d / "ckpt" / "bench_nv", tr.state_dict(), verify=False),
-            args.repeats)
+            lambda: ckpt.save_state(fresh("nv"), tr.state_dict(), verify=False), args.repeats)
+        ckpt.save_state(d / "ckpt" / "bench", tree)
+        r["pointer_move"] = timed(lambda: ckpt.write_pointer(d / "ckpt", "final", "bench"),
+                                  args.repeats)
         r["state_dict_only"] = timed(tr.state_dict, args.repeats)
         r["load_state"] = timed(lambda: ckpt.load_state(d / "ckpt" / "bench"), args.repeats)
         r["trainer_load_checkpoint"] = timed(lambda: tr.load_checkpoint("bench"), args.repeats)
@@ -98,7 +107,8 @@ def main() -> None:
         r["geo_capture"] = timed(lambda: ckpt.ChronovisorCheckpoint.from_controller(ctrl),
                                  args.repeats)
         geo = ckpt.ChronovisorCheckpoint.from_controller(ctrl)
-        r["geo_save"] = timed(lambda: geo.save(d / "geo", update_latest=False), args.repeats)
+        r["geo_save"] = timed(lambda: geo.save(fresh("geo"), update_latest=False), args.repeats)
+        geo.save(d / "geo", update_latest=False)
         r["geo_load_restore"] = timed(
             lambda: ckpt.ChronovisorCheckpoint.load(d / "geo").restore_to_controller(ctrl),
             args.repeats)
@@ -110,9 +120,9 @@ def main() -> None:
     print(f"trainer checkpoint: {r['trainer_total_bytes'] / mb:.1f} MB on disk "
           f"({r['tensors_in_tree']} tensors, {r['tensor_bytes'] / mb:.1f} MB of tensor data; "
           + ", ".join(f"{k} {v / mb:.2f} MB" for k, v in r["trainer_files_bytes"].items()) + ")")
-    for k in ("trainer_save_verified", "save_state_unverified", "state_dict_only", "load_state",
-              "trainer_load_checkpoint", "verify_checksums_only", "geo_capture", "geo_save",
-              "geo_load_restore"):
+    for k in ("trainer_save_verified", "save_state_unverified", "pointer_move", "state_dict_only",
+              "load_state", "trainer_load_checkpoint", "verify_checksums_only", "geo_capture",
+              "geo_save", "geo_load_restore"):
         v = r[k]
         print(f"  {k:26s} {v['median_s'] * 1e3:8.1f} ms   (min {v['min_s'] * 1e3:.1f} ms)")
     print(f"ChronovisorCheckpoint: {r['geo_total_bytes'] / 1e3:.1f} kB on disk")

@@ -329,3 +329,12 @@ def simulate(config: ControllerConfig = ControllerConfig(), env: EnvConfig = Env
         variance_local_BTL=rec.var_local_BTL, **layers, config=config, env=env,
         schedule=schedule, events=events, controller_fields=bool(controller_fields),
         final_states=finals)
+
+
+def check_arguments(**kwargs: Any) -> None:
+    """Raise the ValueError ``simulate(**kwargs)`` would raise on its arguments, without
+    running anything (the study runner checks every cell before the first one starts)."""
+    import inspect
+    bound = inspect.signature(simulate).bind(**kwargs)
+    bound.apply_defaults()
+    _validate(**bound.arguments)

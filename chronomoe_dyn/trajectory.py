@@ -99,8 +99,10 @@ class Trajectory:
         return self.maxvio_BTL.mean(axis=-1)
 
     def to_npz(self, path: str | Path) -> Path:
-        """Save every array, the configs (JSON) and the final states to one .npz file."""
+        """Save every array, the configs (JSON) and the final states to one .npz file (its
+        folder is created if needed)."""
         p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
         arrays = {n: getattr(self, n) for n in ARRAY_FIELDS if getattr(self, n) is not None}
         meta = {"config": self.config.to_dict(), "env": self.env.to_dict(),
                 "schedule": asdict(self.schedule), "events": [e.to_dict() for e in self.events],
@@ -131,6 +133,30 @@ class Trajectory:
                    env=EnvConfig.from_dict(meta["env"]), schedule=KnobSchedule(**sched),
                    events=tuple(Event.from_dict(e) for e in meta["events"]),
                    controller_fields=bool(meta["controller_fields"]), final_states=finals)
+
+    # Labelled data (xarray / zarr): the layout lives in ``store.py``.
+    def to_xarray(self):
+        """``xarray.Dataset`` with dims system, tick, layer, expert; coordinates ``tick`` and
+        ``seed``; the final states as ``final_*``; the configs as JSON attributes."""
+        from .store import to_dataset
+        return to_dataset(self)
+
+    @classmethod
+    def from_xarray(cls, ds) -> "Trajectory":
+        from .store import from_dataset
+        return from_dataset(ds, cls)
+
+    def to_zarr(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a zarr store (atomically; an existing one only with ``overwrite=True``)."""
+        from .store import write_zarr
+        return write_zarr(self, path, overwrite)
+
+    @classmethod
+    def from_zarr(cls, path: str | Path) -> "Trajectory":
+        """Read a store written by ``to_zarr``: the same arrays, bit for bit."""
+        from .store import read_zarr
+        return read_zarr(path, cls)
+
 
 
 def check_format(fmt, path) -> None:

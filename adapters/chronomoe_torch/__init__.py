@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import importlib
 
-from .controller import PxTController
-from .knob import AdaptiveKnobController, KnobScheduler, MetaKnob
-from .loss import ChronoMoELoss, LossOutput
-from .model import ChronovisorMixtralForCausalLM, MixtralConfig, MoECausalLMOutput
-from .moe import SparseMoE
-from .optim import CoherenceGatedOptimizer, coherence_gate_tensor
-from .data import ByteDataset, byte_dataloader, stdlib_source_files, unigram_entropy
+# Before anything imports torch: its OpenMP runtime reads the wait policy once, when it loads
+# (see _threads: spinning workers collapse on a shared machine).
+from ._threads import configure_openmp_env as _configure_openmp_env
+
+_configure_openmp_env()
+
+import torch as _torch  # noqa: E402
+
+from ._threads import record_torch_threads as _record_torch_threads  # noqa: E402
+
+_record_torch_threads(_torch.get_num_threads())
+
+from .controller import PxTController  # noqa: E402
+from .knob import AdaptiveKnobController, KnobScheduler, MetaKnob  # noqa: E402
+from .loss import ChronoMoELoss, LossOutput  # noqa: E402
+from .model import ChronovisorMixtralForCausalLM, MixtralConfig, MoECausalLMOutput  # noqa: E402
+from .moe import SparseMoE  # noqa: E402
+from .optim import CoherenceGatedOptimizer, coherence_gate_tensor  # noqa: E402
+from .data import ByteDataset, byte_dataloader, stdlib_source_files, unigram_entropy  # noqa: E402
 # Bound eagerly, after the submodule import: ``chronomoe_torch.attach`` is the function (the
 # submodule of the same name would otherwise shadow it once anything imported it; its names stay
 # importable as ``from chronomoe_torch.attach import AttachHandle``).
-from .attach import AttachError, AttachHandle, attach, find_routers
-from .routing import route
+from .attach import AttachError, AttachHandle, attach, find_routers  # noqa: E402
+from .routing import route  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -10,22 +10,36 @@ Data order and exact resume (``TrainStream``): at each epoch start the train loa
 generator (and the loader's own, which seeds workers) is given a seeded generator if it has none,
 and its state is recorded; ``state_dict()`` stores (epoch, micro-batches consumed, that state).
 ``load_state_dict`` restores the state, re-creates the epoch's iterator and skips the consumed
-micro-batches, so the batch sequence is the one of an uninterrupted run. Loaders that are plain
-iterables are iterated as they are.
+micro-batches, so the batch sequence is the one of an uninterrupted run. A ``DataLoader`` over a
+map-style dataset is re-created around a ``ShardedBatchSampler`` (same dataset, collate, workers,
+generators), which skips consumed batches as index lists, without fetching them; other loaders
+(any iterable) are read and the consumed batches dropped.
+
+Data parallel (``rank``/``world``): global batch i of the loader's order goes to rank i mod W,
+in whole groups of W (a last incomplete group is dropped from training, so every rank takes the
+same number of steps), and each rank fetches only its own batches when the loader is re-created
+as above. The union over the ranks of step n's micro-batches is then the set a single process
+with W times the gradient accumulation takes at its step n. Eval batches are sharded the same
+way without dropping any (``shard_batches``).
+
+(torchdata's ``StatefulDataLoader`` does the same skipping for its own loader class; it is not
+used: the trainer takes the user's ``DataLoader``, which would have to be re-created as another
+class anyway, and its state alone does not restore the generator of later epochs.)
 
 Shape legend: B batch, S sequence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
-__all__ = ["BadBatchError", "Batch", "batch_name", "prepare_batch", "TrainStream"]
+__all__ = ["BadBatchError", "Batch", "batch_name", "prepare_batch", "TrainStream",
+           "ShardedBatchSampler", "shard_batches"]
 
 IGNORE_INDEX = -100
 
@@ -118,6 +132,86 @@ def _check_ids(t: Any, name: str, where: str, vocab_size: int | None, allow_igno
                                                     if allow_ignore else ""))
 
 
+def _shard(items: Iterable, rank: int, world: int, even: bool, skip: int = 0) -> Iterator:
+    """Item i goes to rank i mod ``world``, in groups of ``world``; ``even`` drops a last
+    incomplete group (every rank the same count). The first ``skip`` of this rank's items are
+    passed over."""
+    group: list = []
+    taken = 0
+    for x in items:
+        group.append(x)
+        if len(group) == world:
+            if taken >= skip:
+                yield group[rank]
+            taken += 1
+            group = []
+    if not even and rank < len(group) and taken >= skip:
+        yield group[rank]
+
+
+class ShardedBatchSampler:
+    """Rank ``rank``'s share of a batch sampler's batches (see ``_shard``); ``skip`` local
+    batches are passed over at the next iteration only (a resume), as index lists."""
+
+    def __init__(self, inner: Any, rank: int = 0, world: int = 1, even: bool = True) -> None:
+        self.inner, self.rank, self.world, self.even = inner, rank, world, even
+        self.skip = 0
+
+    @property
+    def sampler(self) -> Any:
+        """The inner batch sampler's sampler (its shuffling generator is the stream's)."""
+        return getattr(self.inner, "sampler", None)
+
+    def __len__(self) -> int:
+        n = len(self.inner)
+        return n // self.world if self.even else (n - self.rank + self.world - 1) // self.world
+
+    def __iter__(self) -> Iterator:
+        skip, self.skip = self.skip, 0
+        return _shard(self.inner, self.rank, self.world, self.even, skip)
+
+
+class _ShardedIterable:
+    """Any re-iterable of batches, sharded like ``ShardedBatchSampler`` (every batch is read)."""
+
+    def __init__(self, inner: Any, rank: int, world: int, even: bool) -> None:
+        self.inner, self.rank, self.world, self.even = inner, rank, world, even
+
+    def __len__(self) -> int:
+        n = len(self.inner)
+        return n // self.world if self.even else (n - self.rank + self.world - 1) // self.world
+
+    def __iter__(self) -> Iterator:
+        return _shard(self.inner, self.rank, self.world, self.even)
+
+
+def _resamplable(loader: Any) -> bool:
+    """A plain DataLoader over a map-style dataset with automatic batching."""
+    return (type(loader) is DataLoader and loader.batch_sampler is not None
+            and not isinstance(loader.dataset, IterableDataset))
+
+
+def _with_batch_sampler(loader: DataLoader, batch_sampler: Any) -> DataLoader:
+    """The same loader (dataset, collate, workers, generator) drawing from ``batch_sampler``."""
+    return DataLoader(
+        loader.dataset, batch_sampler=batch_sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        multiprocessing_context=loader.multiprocessing_context,
+        prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device, in_order=getattr(loader, "in_order", True))
+
+
+def shard_batches(loader: Any, rank: int, world: int, even: bool) -> Any:
+    """``loader`` restricted to rank ``rank`` of ``world`` (itself when ``world`` is 1)."""
+    if world == 1:
+        return loader
+    if _resamplable(loader):
+        return _with_batch_sampler(loader, ShardedBatchSampler(loader.batch_sampler, rank,
+                                                               world, even))
+    return _ShardedIterable(loader, rank, world, even)
+
+
 class TrainStream:
     """The train loader as a resumable stream of optimizer-step groups of micro-batches.
 
@@ -130,10 +224,17 @@ class TrainStream:
         seed: seeds the loader's generators where it has none (sampler: seed, loader: seed + 1).
         prepare: ``prepare(raw_batch, where) -> Batch`` (``prepare_batch`` with the trainer's
             device and model limits).
+        rank, world: this process's share of the batches under data parallelism.
     """
 
     def __init__(self, loader: Any, group_size: int, max_epochs: int, seed: int,
-                 prepare: Callable[[Any, str], Batch]) -> None:
+                 prepare: Callable[[Any, str], Batch], rank: int = 0, world: int = 1) -> None:
+        self._skipper = None
+        if _resamplable(loader):      # consumed batches are skipped without fetching them
+            self._skipper = ShardedBatchSampler(loader.batch_sampler, rank, world, even=True)
+            loader = _with_batch_sampler(loader, self._skipper)
+        elif world > 1:
+            loader = _ShardedIterable(loader, rank, world, even=True)
         self.loader, self.group_size, self.max_epochs = loader, group_size, max_epochs
         self.seed, self.prepare = seed, prepare
         self.epoch = 0
@@ -170,8 +271,14 @@ class TrainStream:
                 if k in restore:
                     g.set_state(restore[k].cpu())
         self._epoch_gen_states = {k: g.get_state() for k, g in gens.items()}
+        skip = self.batch_in_epoch                   # resume inside an epoch
+        if self._skipper is not None:
+            if skip > len(self._skipper):
+                raise ValueError(f"resume: the train loader has only {len(self._skipper)} "
+                                 f"batches in epoch {self.epoch}, the checkpoint consumed {skip}")
+            self._skipper.skip, skip = skip, 0
         self._iter = iter(self.loader)
-        for i in range(self.batch_in_epoch):        # resume inside an epoch
+        for i in range(skip):
             if next(self._iter, None) is None:
                 raise ValueError(f"resume: the train loader has only {i} batches in epoch "
                                  f"{self.epoch}, the checkpoint consumed {self.batch_in_epoch}")

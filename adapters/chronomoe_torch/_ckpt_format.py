@@ -11,8 +11,9 @@ A checkpoint is a *directory*::
       manifest.json         "format", "format_version", "kind", "created_unix_ns" and, per file,
                             its size in bytes and sha256
 
-The manifest must list exactly the two data files; ``latest`` is reserved for the pointer file
-in the parent directory.
+The manifest must list exactly the two data files. Beside the checkpoint directories, small
+pointer files (``latest``, ``best``, ``final``, ...) each hold the name of one of them (see
+``_atomic``); ``latest`` is reserved for the pointer that follows every save.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No checkpoint at the path (and no recoverable one beside it)."""
 
 
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """The name is taken: checkpoints are never overwritten (save under a new name)."""
+
+
 class CheckpointCorruptError(CheckpointError):
     """A file is missing, truncated, altered, or not what its manifest says."""
 
@@ -60,8 +65,8 @@ class CheckpointMismatchError(CheckpointError):
 
 
 # Their public home: tracebacks and pickles name chronomoe_torch.checkpoint, which re-exports them.
-for _cls in (CheckpointError, CheckpointNotFoundError, CheckpointCorruptError,
-             CheckpointVersionError, CheckpointMismatchError):
+for _cls in (CheckpointError, CheckpointNotFoundError, CheckpointExistsError,
+             CheckpointCorruptError, CheckpointVersionError, CheckpointMismatchError):
     _cls.__module__ = "chronomoe_torch.checkpoint"
 del _cls
 
@@ -79,13 +84,6 @@ def _check_name(path: Path) -> None:
         raise ValueError(f"save_state: checkpoint name {name!r} (from {path}) is not allowed: "
                          f"use letters, digits, '_', '.', '-', not starting with '.' or '-', "
                          f"and not {LATEST_POINTER!r} (reserved for the pointer file)")
-
-
-def _not_a_dir(path: Path) -> CheckpointCorruptError:
-    return CheckpointCorruptError(
-        f"{path} is not a checkpoint directory (checkpoints are directories written by "
-        f"save_state, holding {MANIFEST_FILE}, {META_FILE} and {TENSORS_FILE}); nothing was "
-        f"read from it, and files such as pickles or .pt files are never loaded")
 
 
 def _parse_manifest(data: bytes | None, path: Path, expect_version: int) -> dict:

@@ -1,7 +1,7 @@
-"""Checkpoint IO: atomic, versioned, checksummed, never unpickles; and (re-exported from
+"""Checkpoint IO: write-once, versioned, checksummed, never unpickles; and (re-exported from
 ``chronovisor_checkpoint``) the geological ``ChronovisorCheckpoint`` of the P×T controller.
 
-On-disk layout (format version 1). A checkpoint is a *directory*::
+On-disk layout (format version 1). A checkpoint directory holds::
 
     <name>/
       tensors.safetensors   every tensor and numpy array of the tree, keyed by its path
@@ -10,42 +10,36 @@ On-disk layout (format version 1). A checkpoint is a *directory*::
       manifest.json         "format", "format_version", "kind", "created_unix_ns" and, per file,
                             its size in bytes and sha256
 
-Trees: nested dict / list / tuple of torch tensors (any dtype, any layout; non-contiguous and
-storage-sharing tensors are written as their values; identical aliases, e.g. tied weights, are
-written once and come back as one tensor), numpy arrays and scalars, Python int (any size),
-float (inf/nan too), bool, str, bytes, None, torch.Size and torch.dtype. Dict keys are str or
-int (torch optimizer state_dicts use int keys); tuples stay tuples; OrderedDict stays
-OrderedDict with its ``_metadata`` (module versions that ``load_state_dict`` reads). The
-encoding is ``_tree``'s.
+and beside the checkpoint directories, pointer files: ``latest`` (moved by every save), and
+whatever names a caller keeps (the trainer's ``best``, ``final``, ``last_good``), each holding
+one line, the name of a sibling checkpoint directory. ``load_state(dir / "final")`` follows it.
 
-Writing (``save_state``) is atomic: everything is encoded in memory first (a bad tree raises
-before the disk is touched); the files are written and fsynced in a hidden temporary sibling,
-read back and compared bit for bit (``verify=True``), committed with one rename (or an atomic
-exchange with the checkpoint it replaces), and then the ``latest`` pointer file in the parent
-directory is replaced atomically. A visible name therefore only ever holds a complete
-checkpoint, and ``latest`` only ever names one that was complete when it was written; a crash
-leaves at most hidden leftovers, which later calls recover or delete. The protocol, its
-leftovers (``.<name>.<tmp|old|trash>-<host tag>-<pid>-<token>``) and ``recover_checkpoints``
-are ``_atomic``'s.
+Checkpoints are never overwritten. ``save_state`` writes a new directory (an existing name is
+refused with ``CheckpointExistsError``): everything is encoded in memory first (a bad tree raises
+before the disk is touched), written and fsynced in a hidden temporary sibling, read back and
+compared bit for bit (``verify=True``), and made visible with one ``rename``; then ``latest`` is
+pointed at it. A replaceable name is a pointer (``write_pointer``), moved atomically after the
+checkpoint it names is complete. A crash therefore leaves at most hidden leftovers, which later
+saves delete (``_atomic``). ``unique_name`` picks a free directory name, ``prune_checkpoints``
+deletes old checkpoints that no pointer names.
+
+Trees: nested dict / list / tuple of torch tensors, numpy arrays and scalars, Python scalars,
+str, bytes, None, torch.Size and torch.dtype (the encoding is ``_tree``'s).
 
 Reading (``load_state``) never runs code from the file: JSON through ``json`` and tensors
 through ``safetensors``; nothing is unpickled. The manifest must list exactly the two files;
 each file's size and sha256 are checked before it is parsed; any failure raises a
 ``CheckpointError`` (a ``ValueError``) naming the file. A checkpoint of another format version
-raises ``CheckpointVersionError`` naming both versions. All files are read through one handle
-on the directory, and a read that fails because a concurrent ``save_state`` replaced the
-checkpoint meanwhile is retried, so a reader never mixes two checkpoints nor reports a good one
-as corrupt.
-
-``ChronovisorCheckpoint`` is the controller's geological state with the seed's field names,
-mapped one to one onto the ``PxTController``'s persistent buffers and saved with
-``save_state`` (kind "chronovisor"); see ``chronovisor_checkpoint``.
+raises ``CheckpointVersionError`` naming both versions. Directories are immutable, so a reader
+cannot mix two checkpoints; a read through a pointer that a concurrent writer moves (and whose
+old target it prunes) meanwhile is retried on the new target.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -57,14 +51,14 @@ import torch
 import safetensors.torch
 
 from ._atomic import (  # noqa: F401  (_HIDDEN_RE, _host_tag: read by the tests)
-    _HIDDEN_RE, _host_tag, _read_consistent, _remove_tree, _write_dir, _write_latest,
-    recover_checkpoints,
+    _HIDDEN_RE, _host_tag, read_pointer, remove_dir, remove_leftovers, resolve, write_dir,
+    write_pointer,
 )
 from ._ckpt_format import (
-    _KIND_RE, _MAX_JSON_BYTES, _NAME_RE, FORMAT_NAME, FORMAT_VERSION, LATEST_POINTER,
+    _FILES, _KIND_RE, _MAX_JSON_BYTES, _NAME_RE, FORMAT_NAME, FORMAT_VERSION, LATEST_POINTER,
     MANIFEST_FILE, META_FILE, TENSORS_FILE, CheckpointCorruptError, CheckpointError,
-    CheckpointMismatchError, CheckpointNotFoundError, CheckpointVersionError, _check_name,
-    _not_a_dir, _parse_manifest, _sha256,
+    CheckpointExistsError, CheckpointMismatchError, CheckpointNotFoundError,
+    CheckpointVersionError, _check_name, _parse_manifest, _sha256,
 )
 from ._tree import _Decoder, _Encoder, trees_equal  # noqa: F401  (_Encoder: the benchmark's)
 from .chronovisor_checkpoint import (  # noqa: F401  (the buffer tables: docs/CONTRACTS.md)
@@ -73,10 +67,11 @@ from .chronovisor_checkpoint import (  # noqa: F401  (the buffer tables: docs/CO
 
 __all__ = [
     "FORMAT_VERSION", "FORMAT_NAME", "LATEST_POINTER",
-    "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError",
-    "CheckpointVersionError", "CheckpointMismatchError",
+    "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError",
+    "CheckpointCorruptError", "CheckpointVersionError", "CheckpointMismatchError",
     "save_state", "load_state", "verify_checkpoint", "read_manifest",
-    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "recover_checkpoints",
+    "write_pointer", "read_pointer", "pointers", "unique_name",
+    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "remove_leftovers",
     "trees_equal", "capture_rng_state", "restore_rng_state",
     "ChronovisorCheckpoint", "LensState",
 ]
@@ -88,15 +83,15 @@ __all__ = [
 def save_state(path: str | os.PathLike, tree: Any, *, kind: str = "trainer",
                format_version: int = FORMAT_VERSION, update_latest: bool = True,
                verify: bool = True) -> Path:
-    """Write ``tree`` atomically as the checkpoint directory ``path``; returns ``path``.
+    """Write ``tree`` as the new checkpoint directory ``path`` (never overwriting: an existing
+    ``path`` raises ``CheckpointExistsError``); returns ``path``.
 
     kind: a label checked by ``load_state(kind=...)`` ("trainer", "chronovisor", ...).
     format_version: the version written in meta.json and manifest.json (other values only to
         test version checks; the layout is always this module's).
     update_latest: afterwards point ``<parent>/latest`` at this checkpoint.
-    verify: before committing, read the written files back and require them to decode to a
-        tree bit-identical to ``tree`` (guards against saving something other than the live
-        state); raises ``CheckpointError`` and leaves any previous checkpoint in place if not.
+    verify: before the commit, read the written files back and require them to decode to a
+        tree bit-identical to ``tree``; raises ``CheckpointError`` (nothing visible) if not.
     """
     path = Path(path)
     _check_name(path)
@@ -106,13 +101,9 @@ def save_state(path: str | os.PathLike, tree: Any, *, kind: str = "trainer",
     if isinstance(format_version, bool) or not isinstance(format_version, int) \
             or format_version < 1:
         raise ValueError(f"save_state: format_version={format_version!r}: expected an int >= 1")
-    parent = path.parent
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise CheckpointError(f"save_state: {path} exists and is not a checkpoint directory; "
-                              f"refusing to replace it")
-    if path.is_dir() and not (path / MANIFEST_FILE).is_file() and any(path.iterdir()):
-        raise CheckpointError(f"save_state: {path} is a non-empty directory that is not a "
-                              f"checkpoint (no {MANIFEST_FILE}); refusing to replace it")
+    if os.path.lexists(path):
+        raise CheckpointExistsError(f"save_state: {path} already exists; checkpoints are never "
+                                    f"overwritten (choose a new name, e.g. unique_name())")
 
     enc = _Encoder()
     skeleton = enc.encode(tree)
@@ -136,48 +127,108 @@ def save_state(path: str | os.PathLike, tree: Any, *, kind: str = "trainer",
             raise CheckpointError(f"save_state: the files written to {tmp} do not read back "
                                   f"as the tree that was given; not committed")
 
-    _write_dir(path, files, check if verify else None)
+    write_dir(path, files, check if verify else None)
     if update_latest:
-        _write_latest(parent, path.name)
+        write_pointer(path.parent, LATEST_POINTER, path.name)
     return path
 
 
-def read_manifest(path: str | os.PathLike, *, _expect_version: int = FORMAT_VERSION) -> dict:
-    """The validated manifest of the checkpoint directory ``path`` (files are not hashed)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise _not_a_dir(path)
-    mfile = path / MANIFEST_FILE
+def _read_file(file: Path, want: int | None, limit: int | None = None) -> bytes | None:
+    """The bytes of ``file`` (None when missing); its size is checked before it is read."""
     try:
-        size = mfile.stat().st_size
-        if size > _MAX_JSON_BYTES:
-            raise CheckpointCorruptError(f"checkpoint file {mfile}: {size} bytes, more than "
-                                         f"any checkpoint JSON file can be")
-        data = mfile.read_bytes()
+        f = open(file, "rb")
     except FileNotFoundError:
-        data = None
-    return _parse_manifest(data, path, _expect_version)
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if want is not None and size != want:
+            raise CheckpointCorruptError(f"checkpoint file {file} has {size} bytes, the manifest "
+                                         f"says {want} (truncated or altered)")
+        if limit is not None and size > limit:
+            raise CheckpointCorruptError(f"checkpoint file {file}: {size} bytes, more than any "
+                                         f"checkpoint JSON file can be")
+        return f.read()
+
+
+def _read_dir(path: Path, expect_version: int) -> tuple[dict, dict[str, bytes]]:
+    """(manifest, {file: bytes}) of the checkpoint directory ``path``, sizes and checksums
+    checked."""
+    manifest = _parse_manifest(_read_file(path / MANIFEST_FILE, None, _MAX_JSON_BYTES), path,
+                               expect_version)
+    out = {}
+    for name in _FILES:
+        entry = manifest["files"][name]
+        data = _read_file(path / name, entry["size"])
+        if data is None:
+            raise CheckpointCorruptError(f"checkpoint file {path / name} is missing")
+        if len(data) != entry["size"]:  # shrank while being read
+            raise CheckpointCorruptError(
+                f"checkpoint file {path / name} has {len(data)} bytes, the manifest says "
+                f"{entry['size']} (truncated or altered)")
+        digest = _sha256(data)
+        if digest != entry["sha256"]:
+            raise CheckpointCorruptError(
+                f"checkpoint file {path / name} fails its checksum: sha256 {digest}, the "
+                f"manifest says {entry['sha256']} (altered)")
+        out[name] = data
+    return manifest, out
+
+
+def _read(path: Path, expect_version: int) -> tuple[Path, dict, dict[str, bytes]]:
+    """Resolve ``path`` (directory or pointer) and read it. A failure is retried only when
+    ``path`` is a pointer that moved meanwhile (a concurrent writer moved it and pruned its old
+    target); anything else is a real fault and raises."""
+    for attempt in range(5):
+        named = _pointed(path)
+        try:
+            target = resolve(path)
+            return (target, *_read_dir(target, expect_version))
+        except (CheckpointNotFoundError, CheckpointCorruptError, OSError):
+            if attempt == 4 or named is None or _pointed(path) == named:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _pointed(path: Path) -> Path | None:
+    """What the pointer file ``path`` names now (None: not a readable pointer)."""
+    try:
+        return read_pointer(path) if path.is_file() else None
+    except (CheckpointError, OSError):
+        return None
+
+
+def read_manifest(path: str | os.PathLike, *, _expect_version: int = FORMAT_VERSION) -> dict:
+    """The validated manifest of a checkpoint (directory or pointer; files are not hashed)."""
+    path = resolve(Path(path))
+    return _parse_manifest(_read_file(path / MANIFEST_FILE, None, _MAX_JSON_BYTES), path,
+                           _expect_version)
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:
     """Check manifest, sizes and checksums of a checkpoint without decoding it; returns the
     manifest or raises ``CheckpointError`` naming the file."""
-    return _read_consistent(Path(path), FORMAT_VERSION)[1]
+    return _read(Path(path), FORMAT_VERSION)[1]
 
 
 def load_state(path: str | os.PathLike, *, kind: str | None = None,
                map_location: Any = "cpu", _expect_version: int = FORMAT_VERSION) -> Any:
     """Read a checkpoint written by ``save_state`` and return its tree.
 
-    path: the checkpoint directory, or a ``latest`` pointer file (its target is loaded).
+    path: the checkpoint directory, or a pointer file (``latest``, ``final``, ...) naming one.
     kind: if given, the checkpoint's kind must equal it (``CheckpointMismatchError``).
     map_location: device for the tensors (None keeps them on the CPU).
     Never unpickles. Raises ``CheckpointNotFoundError``, ``CheckpointCorruptError``,
     ``CheckpointVersionError`` or ``CheckpointMismatchError``, each naming the file.
     Peak memory is about twice the tensor data (file bytes + tensors).
     """
-    path, manifest, files = _read_consistent(Path(path), _expect_version)
-    return _decode(path, manifest, files, kind, map_location)
+    return _load(path, kind, map_location, _expect_version)[1]
+
+
+def _load(path: str | os.PathLike, kind: str | None, map_location: Any,
+          expect_version: int = FORMAT_VERSION) -> tuple[dict, Any]:
+    """(manifest, tree) of a checkpoint."""
+    target, manifest, files = _read(Path(path), expect_version)
+    return manifest, _decode(target, manifest, files, kind, map_location)
 
 
 def _decode(path: Path, manifest: dict, files: dict[str, bytes], kind: str | None,
@@ -214,7 +265,7 @@ def _decode(path: Path, manifest: dict, files: dict[str, bytes], kind: str | Non
 
 
 # ----------------------------------------------------------------------------------------
-# checkpoint directories: list, latest, prune
+# a directory of checkpoints: list, pointers, names, prune
 # ----------------------------------------------------------------------------------------
 def _created(p: Path) -> int:
     try:
@@ -224,53 +275,75 @@ def _created(p: Path) -> int:
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``directory`` (visible subdirectories holding a manifest),
-    oldest first by the time they were written. Hidden leftovers are never listed."""
+    """Checkpoint directories in ``directory`` (visible, holding a manifest), oldest first by
+    the time they were written. Pointers and hidden leftovers are never listed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    recover_checkpoints(directory)
     found = [p for p in directory.iterdir() if not p.name.startswith(".") and p.is_dir()
              and not p.is_symlink() and (p / MANIFEST_FILE).is_file()]
     return sorted(found, key=lambda p: (_created(p), p.name))
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint named by ``<directory>/latest`` when it exists and is complete; else the
-    most recently written complete checkpoint; None when there is none."""
+def pointers(directory: str | os.PathLike) -> dict[str, str]:
+    """{pointer name: checkpoint name} of the pointer files in ``directory`` (unreadable or
+    dangling ones are left out)."""
     directory = Path(directory)
-    recover_checkpoints(directory)
-    pointer = directory / LATEST_POINTER
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-        cand = directory / name
-        if _NAME_RE.match(name) and name != LATEST_POINTER and cand.is_dir() \
-                and (cand / MANIFEST_FILE).is_file():
-            return cand
+    out: dict[str, str] = {}
+    if not directory.is_dir():
+        return out
+    for p in sorted(directory.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or not _NAME_RE.match(p.name):
+            continue
+        try:
+            target = read_pointer(p)
+        except (CheckpointError, OSError):
+            continue
+        if (target / MANIFEST_FILE).is_file():
+            out[p.name] = target.name
+    return out
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The checkpoint ``<directory>/latest`` names when it exists; else the most recently
+    written one; None when there is none."""
+    directory = Path(directory)
+    name = pointers(directory).get(LATEST_POINTER)
+    if name is not None:
+        return directory / name
     found = list_checkpoints(directory)
     return found[-1] if found else None
 
 
-def prune_checkpoints(directory: str | os.PathLike, keep: int,
-                      protect: tuple[str, ...] = ("best", "final")) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints of ``directory``; returns what was deleted.
+def unique_name(directory: str | os.PathLike, base: str) -> str:
+    """``base`` when nothing in ``directory`` has that name, else ``base.1``, ``base.2``, ..."""
+    directory = Path(directory)
+    name, k = base, 0
+    while os.path.lexists(directory / name):
+        k += 1
+        name = f"{base}.{k}"
+    return name
 
-    Never deletes the names in ``protect`` ('best', 'final') nor the checkpoint that ``latest``
-    points at. Each deletion first renames the directory to a hidden name, so a crash during
-    pruning never leaves a half-deleted checkpoint under a visible name."""
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int,
+                      match: str | re.Pattern | None = None) -> list[Path]:
+    """Delete old checkpoints of ``directory``; returns what was deleted.
+
+    Rule: of the checkpoints (only names matching ``match``, when given), the ``keep`` newest
+    are kept, and so is every one that a pointer (``latest``, ``best``, ``final``, ...) names;
+    the others are deleted. Each deletion renames the directory to a hidden name first, so a
+    crash never leaves half a checkpoint visible."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise ValueError(f"prune_checkpoints: keep={keep!r}: expected an int >= 0")
     directory = Path(directory)
-    latest = latest_checkpoint(directory)
+    named = set(pointers(directory).values())
+    pattern = re.compile(match) if isinstance(match, str) else match
     candidates = [p for p in list_checkpoints(directory)
-                  if p.name not in protect and (latest is None or p.name != latest.name)]
-    # `latest` (when not protected) is one of the `keep` newest
-    room = keep - 1 if keep and latest is not None and latest.name not in protect else keep
-    doomed = candidates[:max(0, len(candidates) - room)]
+                  if pattern is None or pattern.match(p.name)]
+    doomed = [p for p in candidates[:max(0, len(candidates) - keep)] if p.name not in named]
     for p in doomed:
-        _remove_tree(p)
+        remove_dir(p)
     return doomed
-
 
 
 # ----------------------------------------------------------------------------------------

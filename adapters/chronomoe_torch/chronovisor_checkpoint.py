@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from ._atomic import _resolve
 from ._ckpt_format import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from ._tree import _dtype_name
 
@@ -379,7 +378,8 @@ class ChronovisorCheckpoint:
         return out
 
     def save(self, path: str | os.PathLike, *, allow_stale: bool = False, **kwargs: Any) -> Path:
-        """Write as a checkpoint directory (``save_state``, kind "chronovisor").
+        """Write as a new checkpoint directory (``save_state``, kind "chronovisor"; an existing
+        ``path`` is never overwritten).
 
         When captured with ``from_controller``, the live controller must still hold this state:
         saving a snapshot the controller has moved past raises ``CheckpointError`` (stale)
@@ -397,10 +397,10 @@ class ChronovisorCheckpoint:
     def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> "ChronovisorCheckpoint":
         """Read one written by ``save``, or extract the controller state from a trainer
         checkpoint (its model state dict's controller buffers and its configs)."""
-        from .checkpoint import load_state, read_manifest  # it imports this module
+        from .checkpoint import _load  # it imports this module
         path = Path(path)
-        tree = load_state(path, map_location=map_location)
-        kind = read_manifest(_resolve(path))["kind"]
+        manifest, tree = _load(path, None, map_location)
+        kind = manifest["kind"]
         if kind == CHRONOVISOR_KIND:
             return cls.from_tree(tree, where=str(path))
         if kind == "trainer" and isinstance(tree, dict) and isinstance(tree.get("model"), dict):

@@ -12,8 +12,15 @@ with its deterministic file-level train/eval split. Writes into ``--run-dir``: `
 load; via ``chronomoe_dyn.plot.plot_run``) and ``checkpoints/`` (``final``; ``step_<n>`` with
 ``--save-every``). Prints the unigram baseline (the entropy of the eval split's bytes: the best
 loss of a model that ignores context) and whether the final eval loss went below it.
-Exit status 0 on success, 1 when ``--require-below-baseline`` is given and the eval loss did not
-go below the baseline, 2 on a usage error.
+
+The first line says how many CPU threads it uses and the OpenMP wait policy (chosen to stay
+fast on a shared machine, see ``chronomoe_torch._threads``; ``--threads`` overrides). A run
+directory belongs to one run: a non-empty ``--run-dir`` is refused unless ``--resume NAME``
+continues its run or ``--overwrite`` deletes it first. Exit status 0 on success, 1 when
+``--require-below-baseline`` is given and the eval loss did not go below the baseline, 2 on a
+user mistake (bad option, unreadable ``--data`` file, missing/corrupt/mismatched checkpoint,
+unavailable device, a run directory of another run), reported in one ``error:`` line
+(``--debug``: with the traceback).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -68,11 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eval-batches", type=int, default=50, help="batches per evaluation")
     o.add_argument("--save-every", type=int, default=0, help="periodic checkpoints (0: off)")
     o.add_argument("--resume", default=None, metavar="NAME",
-                   help="load this checkpoint (name in <run-dir>/checkpoints, or a path) first")
+                   help="continue the run in --run-dir from this checkpoint (step_<n>, latest, "
+                        "final, best: names in <run-dir>/checkpoints; or a path)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="a non-empty --run-dir: delete the earlier run's outputs first")
     o.add_argument("--no-plots", action="store_true")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    o.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: chosen for a shared machine, see the first "
+                        "output line)")
+    o.add_argument("--debug", action="store_true", help="tracebacks for errors")
     o.add_argument("--require-below-baseline", action="store_true",
                    help="exit 1 unless the final eval loss is below the unigram baseline")
     return p
@@ -86,61 +99,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         build_parser().error(f"--steps={args.steps}: expected an integer >= 1")
+    if args.threads is not None and args.threads < 1:
+        build_parser().error(f"--threads={args.threads}: expected an integer >= 1")
+    # `import chronomoe_torch` (this module's package) has already chosen the OpenMP wait
+    # policy, before torch loaded its OpenMP runtime.
+    from ._threads import apply_threads
+    print(f"chronomoe-train: {apply_threads(args.threads).describe()}", flush=True)
+    try:
+        trainer, baseline, run_dir = _setup(args)
+    except Exception as e:
+        if args.debug or not _user_mistake(e):
+            raise
+        print(f"chronomoe-train: error: {e}", file=sys.stderr)
+        return 2
+    return _train(trainer, baseline, run_dir, args)
 
-    import torch
 
+def _user_mistake(e: BaseException) -> bool:
+    """Errors that come from what the user asked for (options, files, checkpoints, device, run
+    directory); anything else is a bug and keeps its traceback."""
+    return isinstance(e, (ValueError, OSError, UnicodeError))
+
+
+def _setup(args: argparse.Namespace):
+    """Configs, data, model, trainer, the run directory and the resumed checkpoint: everything
+    a user mistake can break, before the run writes anything."""
     from .config import TrainingConfig
     from .data import BYTE_VOCAB_SIZE, ByteDataset, byte_dataloader
     from .model import ChronovisorMixtralForCausalLM, MixtralConfig
     from .trainer import ChronoMoETrainer
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     steps = args.steps
-    try:
-        model_cfg = MixtralConfig(
-            vocab_size=BYTE_VOCAB_SIZE, hidden_dim=args.hidden_dim, num_layers=args.layers,
-            num_experts=args.experts, enable_chronovisor=not args.no_chronovisor,
-            num_heads=args.heads, num_kv_heads=args.kv_heads, top_k=args.top_k,
-            max_seq_length=args.seq_len + 1, init_seed=args.seed, controller_seed=args.seed)
-        train_cfg = TrainingConfig(
-            learning_rate=args.lr, max_steps=steps, batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            kappa_warmup_steps=steps // 10 if args.kappa_warmup is None else args.kappa_warmup,
-            kappa_schedule=args.kappa_schedule, balance_mode=args.balance_mode,
-            lr_schedule=args.lr_schedule,
-            lr_warmup_steps=steps // 20 if args.lr_warmup is None else args.lr_warmup,
-            log_every_n_steps=max(1, steps // 30) if args.log_every is None else args.log_every,
-            eval_every_n_steps=(steps // 4 if args.eval_every is None else args.eval_every),
-            eval_max_batches=args.eval_batches, save_every_n_steps=args.save_every,
-            checkpoint_dir=str(run_dir / "checkpoints"), run_dir=str(run_dir),
-            device=args.device, bf16=args.bf16, seed=args.seed,
-            progress_bar=not args.no_progress, tensorboard=args.tensorboard,
-            save_best=False)
-        # Configs first (cheap), then the corpus (reads every file).
-        ds_kw = dict(seq_len=args.seq_len, eval_fraction=args.eval_fraction)
-        train_ds = ByteDataset(args.data, split="train", **ds_kw)
-        eval_ds = ByteDataset(args.data, split="eval", **ds_kw)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"chronomoe-train: error: {e}", file=sys.stderr)
-        return 2
-
+    model_cfg = MixtralConfig(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_dim=args.hidden_dim, num_layers=args.layers,
+        num_experts=args.experts, enable_chronovisor=not args.no_chronovisor,
+        num_heads=args.heads, num_kv_heads=args.kv_heads, top_k=args.top_k,
+        max_seq_length=args.seq_len + 1, init_seed=args.seed, controller_seed=args.seed)
+    train_cfg = TrainingConfig(
+        learning_rate=args.lr, max_steps=steps, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        kappa_warmup_steps=steps // 10 if args.kappa_warmup is None else args.kappa_warmup,
+        kappa_schedule=args.kappa_schedule, balance_mode=args.balance_mode,
+        lr_schedule=args.lr_schedule,
+        lr_warmup_steps=steps // 20 if args.lr_warmup is None else args.lr_warmup,
+        log_every_n_steps=max(1, steps // 30) if args.log_every is None else args.log_every,
+        eval_every_n_steps=(steps // 4 if args.eval_every is None else args.eval_every),
+        eval_max_batches=args.eval_batches, save_every_n_steps=args.save_every,
+        checkpoint_dir=str(run_dir / "checkpoints"), run_dir=str(run_dir),
+        device=args.device, bf16=args.bf16, seed=args.seed,
+        progress_bar=not args.no_progress, tensorboard=args.tensorboard,
+        save_best=False, overwrite=args.overwrite, num_threads=args.threads)
+    # Configs first (cheap), then the corpus (reads every file).
+    ds_kw = dict(seq_len=args.seq_len, eval_fraction=args.eval_fraction)
+    train_ds = ByteDataset(args.data, split="train", **ds_kw)
+    eval_ds = ByteDataset(args.data, split="eval", **ds_kw)
     baseline = eval_ds.unigram_entropy()
     train_loader = byte_dataloader(train_ds, args.batch_size, seed=args.seed)
     eval_loader = byte_dataloader(eval_ds, args.batch_size, shuffle=False, drop_last=False)
     model = ChronovisorMixtralForCausalLM(model_cfg)
     trainer = ChronoMoETrainer(model, train_cfg, train_loader, eval_loader)
+    if args.resume:
+        trainer.load_checkpoint(args.resume)
+    trainer.prepare_run_dirs()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"chronomoe-train: {len(train_ds.files)} train files ({train_ds.num_bytes:,} bytes), "
           f"{len(eval_ds.files)} eval files ({eval_ds.num_bytes:,} bytes); "
           f"{n_params:,} parameters; device {trainer.device}; "
           f"{'ChronoMoE' if model.controller is not None else 'plain MoE (no controller)'}")
     print(f"unigram baseline (entropy of the eval bytes): {baseline:.4f} nats/byte")
-    if args.resume:
-        trainer.load_checkpoint(args.resume)
-    results = trainer.train()
+    return trainer, baseline, run_dir
 
+
+def _train(trainer: Any, baseline: float, run_dir: Path, args: argparse.Namespace) -> int:
+    results = trainer.train()
     final = results["final_eval_loss"]
     below = final is not None and final < baseline
     summary = {"unigram_baseline": baseline, "below_unigram_baseline": below,

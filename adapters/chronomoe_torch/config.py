@@ -11,6 +11,20 @@ the train loader, whichever comes first (``max_steps=None``: epochs only). The �
 schedules span ``max_steps`` when it is given (so a run that the epochs end early stops part-way
 through them), else the epochs' steps; ``kappa_warmup_steps`` and ``lr_warmup_steps`` must be
 below that length.
+
+Resume (``ChronoMoETrainer.load_checkpoint``): the schedules continue exactly where they were.
+Their length is fixed when a run starts and kept in its checkpoints; a resumed run keeps it
+whatever its own ``max_steps`` says, so κ and the learning rate are continuous at the resume
+point. ``max_steps`` of the resumed run is only its step budget: a larger one trains on past the
+schedules' end at their final values (κ = ``final_kappa``, LR = its last value), a smaller one
+stops early. The trainer logs a line when the two lengths differ.
+
+Run directory: ``run_dir`` and ``checkpoint_dir`` belong to one run. Without a resume, a
+non-empty one is refused (``RunDirError``) unless ``overwrite=True``, which first deletes the
+earlier run's outputs (metrics, configs, plots, TensorBoard events, checkpoints and their
+pointers; other files are left and named in the log). A resumed run continues its own
+directory: records logged after the resume point are dropped from ``metrics.jsonl`` (the run
+writes them again); a directory that holds another run is refused.
 """
 
 from __future__ import annotations
@@ -109,7 +123,9 @@ class TrainingConfig:
 
     # --- checkpointing (seed) ------------------------------------------------------------
     checkpoint_dir: str = "checkpoints"
-    """Directory holding the named checkpoints (``step_<n>``, ``best``, ``final``, ...)."""
+    """Directory of the run's checkpoints: write-once directories ``step_<n>`` (``step_<n>.<k>``
+    when the name is taken) and the pointer files ``latest``, ``best``, ``final``, ``last_good``
+    that name them (``chronomoe_torch.checkpoint``)."""
     save_every_n_steps: int = 1000
     """Save ``step_<n>`` every n optimizer steps; 0 disables periodic saves."""
     save_chronovisor_state: bool = True
@@ -154,8 +170,9 @@ class TrainingConfig:
 
     # --- ours: outputs and robustness --------------------------------------------------------
     run_dir: str | None = "runs"
-    """Directory for ``metrics.jsonl`` (appended, one record per log step and per eval),
-    ``config.json`` and TensorBoard events; None writes no files but checkpoints."""
+    """Directory of one run: ``metrics.jsonl`` (one record per log step and per eval),
+    ``config.json`` and TensorBoard events; None writes no files but checkpoints. A non-empty
+    one is refused unless resuming or ``overwrite`` (see "Run directory" above)."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to ``run_dir`` (needs the tensorboard package)."""
     progress_bar: bool = True
@@ -164,12 +181,21 @@ class TrainingConfig:
     """Steps with a non-finite loss, router logit or gradient are skipped (nothing updated);
     after this many in a row training stops with ``NonFiniteTrainingError``."""
     keep_last_n_checkpoints: int | None = 3
-    """Periodic ``step_<n>`` checkpoints kept (older ones deleted); None keeps all. ``best``,
-    ``final`` and ``last_good`` are never deleted."""
+    """How many ``step_<n>`` checkpoints are kept: after each periodic save, older ones are
+    deleted unless a pointer (``best``, ``final``, ``last_good``) names them; None keeps all.
+    The trainer logs the rule when a run starts and each deletion."""
     save_best: bool = True
     """Save ``best`` whenever the eval loss improves (when checkpointing is available)."""
     save_final: bool = True
     """Save ``final`` when ``train()`` finishes its budget (when checkpointing is available)."""
+    overwrite: bool = False
+    """Allow a run into a non-empty ``run_dir``/``checkpoint_dir`` that holds an earlier run:
+    its outputs are deleted first (see "Run directory" above). False refuses such a directory."""
+    num_threads: int | None = None
+    """Intra-op CPU threads for torch during ``train()``; None: chosen to stay fast on a shared
+    machine (``OMP_NUM_THREADS`` or an earlier ``torch.set_num_threads`` when set, else half the
+    usable CPUs with the PASSIVE OpenMP wait policy, 1 when workers may spin; see
+    ``chronomoe_torch._threads``). The choice is the first log line of ``train()``."""
 
     def __post_init__(self) -> None:
         _real("learning_rate", self.learning_rate, 0.0, None, lo_open=True)
@@ -215,10 +241,11 @@ class TrainingConfig:
         if self.run_dir is not None and (not isinstance(self.run_dir, str) or not self.run_dir):
             raise ValueError(f"TrainingConfig.run_dir={self.run_dir!r}: expected a non-empty "
                              f"path string or None")
-        for name in ("tensorboard", "progress_bar", "save_best", "save_final"):
+        for name in ("tensorboard", "progress_bar", "save_best", "save_final", "overwrite"):
             _flag(name, getattr(self, name))
         _int("max_consecutive_skips", self.max_consecutive_skips, 1)
         _int("keep_last_n_checkpoints", self.keep_last_n_checkpoints, 1, none_ok=True)
+        _int("num_threads", self.num_threads, 1, none_ok=True)
 
     def total_steps(self, steps_per_epoch: int | None) -> int:
         """The step budget: min(max_steps, max_epochs·steps_per_epoch), either bound absent

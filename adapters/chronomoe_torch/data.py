@@ -62,12 +62,22 @@ def _is_eval_file(rel_path: str, eval_fraction: float) -> bool:
     return h / 2**32 < eval_fraction
 
 
+def _check_file(p: Path) -> None:
+    if not p.exists():
+        raise FileNotFoundError(f"ByteDataset: no such file {p}")
+    if not p.is_file():
+        raise FileNotFoundError(f"ByteDataset: {p} is not a file (give text files, not "
+                                f"directories)")
+
+
 def _read(paths: Iterable[Path]) -> bytes:
     chunks = []
     for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"ByteDataset: no such file {p}")
-        b = p.read_bytes()
+        _check_file(p)
+        try:
+            b = p.read_bytes()
+        except OSError as e:
+            raise OSError(f"ByteDataset: cannot read {p}: {e.strerror or e}") from None
         if not b:
             raise ValueError(f"ByteDataset: file {p} is empty")
         chunks.append(b)
@@ -103,8 +113,7 @@ class ByteDataset(Dataset):
             if not files:
                 raise ValueError("ByteDataset: no files given")
             for p in files:
-                if not p.is_file():
-                    raise FileNotFoundError(f"ByteDataset: no such file {p}")
+                _check_file(p)
             if root is None:
                 root = Path(os.path.commonpath([p.resolve().parent for p in files]))
         root = Path(root).resolve()

@@ -13,16 +13,71 @@ floating-point sums).
 The controller's state is a few [L, E] buffers: replicate it on every rank (never shard it under
 FSDP), checkpoint it from rank 0 only, and load the same file on every rank.
 
+``ChronoMoETrainer`` uses the rest under ``torchrun``: ``init_from_env`` (the process group from
+the launcher's environment), ``all_reduce_sum_`` (several tensors in one collective), ``all_true``
+(a step is skipped on every rank when it is bad on one).
+
 Shape legend: L routed layers, E experts.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main_process", "all_reduce_observation",
-           "barrier", "replicated_checksum_equal"]
+           "barrier", "replicated_checksum_equal", "init_from_env", "all_reduce_sum_",
+           "all_true", "broadcast_str"]
+
+
+def init_from_env(device: torch.device) -> tuple[torch.device, bool]:
+    """Under a launcher that sets ``WORLD_SIZE`` > 1 (``torchrun``), initialise the default
+    process group if nobody has (gloo for CPU, nccl for CUDA, rendezvous from the environment)
+    and, on CUDA, use the GPU ``LOCAL_RANK``. Returns (device, whether this call initialised
+    the group). Outside a launcher: (device, False), nothing done."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], group=None) -> None:
+    """Sum each tensor over the ranks in place: one collective per dtype (a no-op outside
+    torch.distributed). The tensors must live on the backend's device."""
+    if not tensors or not is_distributed(group):
+        return
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for t, part in zip(same, flat.split([t.numel() for t in same])):
+            t.copy_(part.view_as(t))
+
+
+def broadcast_str(text: str, group=None) -> str:
+    """Rank 0's ``text`` on every rank (``text`` itself outside torch.distributed)."""
+    if not is_distributed(group):
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def all_true(ok: torch.Tensor, group=None) -> torch.Tensor:
+    """A 0-d bool tensor: ``ok`` on every rank (no host sync; ``ok`` itself outside
+    torch.distributed)."""
+    if not is_distributed(group):
+        return ok
+    v = ok.to(torch.float32).reshape(1)
+    dist.all_reduce(v, op=dist.ReduceOp.MIN, group=group)
+    return v[0] > 0.5
 
 
 def is_distributed(group=None) -> bool:

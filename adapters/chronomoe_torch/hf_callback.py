@@ -159,9 +159,14 @@ class ChronoMoECallback(TrainerCallback):
                              "this callback has a knob")
 
     def save(self, checkpoint_dir: str | os.PathLike) -> Path:
-        from .checkpoint import save_state
-        return save_state(Path(checkpoint_dir) / STATE_DIRNAME, self.state_dict(),
-                          kind="hf-callback")
+        from .checkpoint import remove_dir, save_state
+        path = Path(checkpoint_dir) / STATE_DIRNAME
+        if (path / "manifest.json").is_file():
+            # The Trainer is writing this checkpoint folder again (a new run into the same
+            # output_dir): our part of it follows. Checkpoints are never overwritten in place,
+            # so the old one is removed first.
+            remove_dir(path)
+        return save_state(path, self.state_dict(), kind="hf-callback")
 
     def load(self, checkpoint_dir: str | os.PathLike) -> None:
         from .checkpoint import load_state

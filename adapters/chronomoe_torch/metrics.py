@@ -8,7 +8,7 @@ Log lines (training-infrastructure.md, "Monitoring Training"), exactly:
 Without a controller (``enable_chronovisor=False``) R is printed as ``n/a``.
 
 ``MetricsWriter`` appends one JSON object per record to ``<run_dir>/metrics.jsonl`` in the
-schema of ``chronomoe_dyn.plot`` ("Run metrics (JSONL)": ``step``, ``split``, ``loss``,
+schema of ``chronomoe_dyn.runlog`` ("Run metrics (JSONL)": ``step``, ``split``, ``loss``,
 ``loss_*``, ``lr``, ``R``, ``dR``, ``kappa``, ``phase``, ``gate``, ``tbar_variance``,
 ``tbar_variance_local``, ``valleys``, ``ridges``, ``load_LE``, ``tbar_local_LE``, and the v2
 keys ``tbar_global`` (scalar), ``maxvio_L``, ``maxvio``, ``routing_entropy``, ``load_entropy``,
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chronomoe_dyn.landscape import landscape
-from chronomoe_dyn.plot import validate_metrics_record
+from chronomoe_dyn.runlog import validate_metrics_record
 
 __all__ = ["format_step_line", "format_landscape_line", "format_eval_line", "format_skip_line",
            "MetricsWriter", "METRICS_FILE", "tensorboard_available", "routing_metrics",

@@ -33,6 +33,10 @@ the record carries the v2 routing metrics of the step (maxvio, entropies, explor
 logit scale; docs/CONTRACTS.md "Run metrics v2"); each evaluation adds ``maxvio_global`` over
 the eval set. Batches are validated on the host copy before the transfer,
 and the train loader is read as a resumable stream (exact resume mid-epoch): see ``_batches.py``.
+
+Data parallel (the user's single-process script under ``torchrun``): ``_trainer_ddp``.
+Checkpoints, the run directory, resume and CPU threads: ``_trainer_ckpt``. Both are mixins, so
+this module keeps the step, the loop and logging.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -55,7 +58,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed as cdist
 from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch
+from ._run import RunDirError
+from ._trainer_ckpt import CheckpointingMixin
+from ._trainer_ddp import DataParallelMixin
 from .config import TrainingConfig
 from .knob import KnobScheduler
 from .loss import ChronoMoELoss, causal_lm_token_loss
@@ -66,12 +73,11 @@ from .optim import CoherenceGatedOptimizer, LrGatedAdamW  # LrGatedAdamW: re-exp
 
 # TrainingConfig is re-exported: this module plays the seed's ``chronomoe.training``.
 __all__ = ["ChronoMoETrainer", "TrainingConfig", "StepOutput", "NonFiniteTrainingError",
-           "BadBatchError", "LrGatedAdamW", "resolve_device"]
+           "BadBatchError", "RunDirError", "LrGatedAdamW", "resolve_device"]
 
 logger = logging.getLogger("chronomoe_torch")
 
 LANDSCAPE_EVERY_N_LOGS = 10
-_STEP_CKPT = re.compile(r"^step_(\d+)$")
 _LOSS_KEYS = ("total", "lm", "balance", "coherence", "valley", "z")
 
 
@@ -113,7 +119,7 @@ class StepOutput:
     """Tokens in the step's micro-batches (B·S summed; host value, no sync)."""
 
 
-class ChronoMoETrainer:
+class ChronoMoETrainer(CheckpointingMixin, DataParallelMixin):
     """Train a ``ChronovisorMixtralForCausalLM`` (or any model with the same output) with the
     seed's ChronoMoE recipe. See the module docstring for the step, skips, syncs and resume.
 
@@ -142,7 +148,9 @@ class ChronoMoETrainer:
             raise TypeError("train_dataloader is required")
         self.config = config
         self.device = resolve_device(config.device)
+        self._init_data_parallel()
         self.model = model.to(self.device)
+        self._wrap_data_parallel()
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         self.controller = getattr(model, "controller", None)
         mcfg = getattr(model, "config", None)
@@ -152,10 +160,11 @@ class ChronoMoETrainer:
                                       vocab_size=self.vocab_size,
                                       max_seq_length=self.max_seq_length)
         self.stream = TrainStream(train_dataloader, config.gradient_accumulation_steps,
-                                  config.max_epochs, config.seed, self._prepare_batch)
+                                  config.max_epochs, config.seed, self._prepare_batch,
+                                  self.rank, self.world_size)
 
         G = config.gradient_accumulation_steps
-        n = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
+        n = len(self.stream.loader) if hasattr(self.stream.loader, "__len__") else None
         self.steps_per_epoch = None if n is None else n // G
         if self.steps_per_epoch == 0:
             raise ValueError(f"the train loader has {n} batches, fewer than "
@@ -203,6 +212,7 @@ class ChronoMoETrainer:
         self._aux_free_handle = (self.model.register_aux_free_hook(
             self.optimizer, valid=lambda: self._step_ok) if self._aux_free else None)
         self._knob_handle = self.knob_scheduler.register_on(self.optimizer)
+        self._init_run_state()
 
     # ------------------------------------------------------------------ construction
     def _build_optimizer(self) -> None:
@@ -280,9 +290,9 @@ class ChronoMoETrainer:
         stats = getattr(self.model, "routing_stats", None) if log else None
         if stats is not None:
             stats.start()
-        for b in batches:
-            with self._autocast():
-                out = self.model(b.input_ids, attention_mask=b.attention_mask)
+        for i, b in enumerate(batches):
+            with self._autocast(), self._grad_sync(last=i == G - 1):
+                out = self._forward_model(b.input_ids, attention_mask=b.attention_mask)
                 lo = self.loss_fn(out, b.labels, self.controller,
                                   attention_mask=b.attention_mask)
             parts = torch.stack([lo.total, lo.lm, lo.balance, lo.coherence, lo.valley, lo.z])
@@ -293,10 +303,13 @@ class ChronoMoETrainer:
             if log and stats is None:
                 load_LE = self._add_load(load_LE, out)
         routing_LF = stats.take() if stats is not None else None
+        if log:
+            # one all-reduce of what the log step reads (every rank's micro-batches)
+            self._all_reduce_logged(sums, routing_LF if routing_LF is not None else load_LE)
         if routing_LF is not None:
             load_LE = routing_LF[:, :routing_LF.shape[1] // 2 - 2]
         grad_norm = self._clip_gradients()
-        ok = ok & grad_norm.isfinite()
+        ok = cdist.all_true(ok & grad_norm.isfinite())    # skipped on every rank, or on none
         gate = self._optimizer_step(ok)
         self.global_step += 1
         self.micro_step += G
@@ -433,9 +446,7 @@ class ChronoMoETrainer:
         if stats is not None:
             stats.start()
         try:
-            for i, raw in enumerate(self.eval_dataloader):
-                if self.config.eval_max_batches is not None and i >= self.config.eval_max_batches:
-                    break
+            for i, raw in self._eval_batches():
                 b = self._prepare(raw, i, "eval")
                 with self._autocast():
                     out = self.model(b.input_ids, attention_mask=b.attention_mask)
@@ -446,6 +457,7 @@ class ChronoMoETrainer:
         finally:
             self.model.train(was_training)
             acc = stats.take() if stats is not None else None
+        n = self._all_reduce_eval_sums([tot, cnt] + ([] if acc is None else [acc]), n)
         if n == 0:
             raise ValueError("evaluate: the eval loader yielded no batches")
         host = torch.cat([tot.view(1), cnt.view(1)] + ([] if acc is None else [acc.reshape(-1)])
@@ -485,11 +497,14 @@ class ChronoMoETrainer:
         start_step, start_tokens, t0 = self.global_step, self.tokens_seen, time.perf_counter()
         stop_reason = ("max_steps" if cfg.max_steps is not None
                        and self.total_steps == cfg.max_steps else "max_epochs")
-        self._metrics = MetricsWriter(cfg.run_dir, cfg.tensorboard)
+        with self._log_output():
+            self._begin_run()        # threads (the first log line), the run directory
+        self._metrics = MetricsWriter(cfg.run_dir if self.is_main else None, cfg.tensorboard)
         self._metrics.write_json("config.json", self._configs())
         out, logged = None, True
         with self._log_output(), self._metrics, \
-                tqdm(total=self.total_steps, initial=self.global_step, disable=not cfg.progress_bar,
+                tqdm(total=self.total_steps, initial=self.global_step,
+                     disable=not cfg.progress_bar or not self.is_main,
                      unit="step", dynamic_ncols=True, leave=False) as bar:
             while self.global_step < self.total_steps:
                 group = self._next_micro_batches()
@@ -609,7 +624,8 @@ class ChronoMoETrainer:
                 "model": mcfg.to_dict() if hasattr(mcfg, "to_dict") else None,
                 "controller": (self.controller.config.to_dict()
                                if self.controller is not None else None),
-                "total_steps": self.total_steps, "schedule_steps": self.schedule_steps}
+                "total_steps": self.total_steps, "schedule_steps": self.schedule_steps,
+                "run_id": self.run_id}
 
     def _controller_prefix(self) -> str | None:
         for name, m in self.model.named_modules():
@@ -645,8 +661,10 @@ class ChronoMoETrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a tree from ``state_dict()``; the data iterator resumes on the next step."""
+        """Restore a tree from ``state_dict()``; the data iterator resumes on the next step.
+        The κ and LR schedules keep the checkpoint's length (see ``TrainingConfig``)."""
         self._check_compatible(state.get("configs") or {})
+        self._continue_schedules(state.get("configs") or {}, int(state["counters"]["global_step"]))
         prefix = self._controller_prefix()
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         allowed = [k for k in missing if prefix is not None and k.startswith(prefix)]
@@ -671,6 +689,7 @@ class ChronoMoETrainer:
         self.best_eval_loss = c["best_eval_loss"]
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.eval_history = [dict(e) for e in state["eval_history"]]
+        self._resumed(state.get("configs") or {})
 
     def _check_compatible(self, configs: dict[str, Any]) -> None:
         saved, mine = configs.get("model"), self._configs()["model"]
@@ -682,34 +701,6 @@ class ChronoMoETrainer:
         if a != b:
             raise ckpt.CheckpointMismatchError(f"checkpoint is from a model with {a}, this model "
                                                f"has {b}")
-
-    def _checkpoint_path(self, name: str | Path) -> Path:
-        p = Path(name)
-        if p.is_absolute() or len(p.parts) > 1:
-            return p
-        return Path(self.config.checkpoint_dir) / p
-
-    def save_checkpoint(self, name: str | Path) -> Path:
-        """Save the trainer's state as ``<checkpoint_dir>/<name>`` (or a path); returns it."""
-        path = ckpt.save_state(self._checkpoint_path(name), self.state_dict(), kind="trainer")
-        logger.info(f"Step {self.global_step} | saved checkpoint {path}")
-        return path
-
-    def load_checkpoint(self, name: str | Path) -> None:
-        """Load ``<checkpoint_dir>/<name>`` (or a path) saved by ``save_checkpoint``;
-        ``train()`` then continues from its step."""
-        path = self._checkpoint_path(name)
-        self.load_state_dict(ckpt.load_state(path, kind="trainer", map_location=self.device))
-        logger.info(f"Step {self.global_step} | loaded checkpoint {path}")
-
-    def _prune(self) -> None:
-        keep = self.config.keep_last_n_checkpoints
-        d = Path(self.config.checkpoint_dir)
-        if keep is None or not d.is_dir():
-            return
-        names = [p.name for p in ckpt.list_checkpoints(d)]
-        protect = tuple(n for n in names if not _STEP_CKPT.match(n))
-        ckpt.prune_checkpoints(d, keep, protect=protect)
 
 
 class _TqdmHandler(logging.Handler):

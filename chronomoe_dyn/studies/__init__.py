@@ -1,9 +1,14 @@
-"""Dynamics studies: one module per question, each a straight script with a ``main``.
+"""Dynamics studies: one module per question, each a straight script.
 
 Run one as ``chronomoe-dyn study NAME`` or ``python studies/NAME.py`` (``valley_repair.py`` for
-``valley-repair``). Each ``main(out_dir=None, quick=False, seed=0, progress=True,
-overrides=None) -> dict`` writes PNGs, ``summary.json`` (its numbers) and ``config.json`` (the
-resolved config) to ``studies/out/<name>/`` unless ``out_dir`` is given, and returns the summary.
+``valley-repair``). Each module's ``main(out_dir=None, quick=False, seed=0, progress=True,
+overrides=None, execution=None) -> dict`` runs the study through ``runner.run_study``: its cells
+(one ``simulate`` call each) run in this process (``execution=None``) or on a dask cluster
+(``runner.Execution(cluster.ClusterSpec(...))``), land in ``<out>/<name>.zarr``, and the
+analysis reads them back to write PNGs, ``summary.json`` (its numbers) and ``config.json`` (the
+resolved config) to ``studies/out/<name>/`` (``<name>-quick/`` for ``quick``) unless
+``out_dir`` is given; it returns the summary. ``runner.py`` lists what a study module declares;
+adding one (the v2 calibration) is a module plus a line below.
 
 The registry below is plain data so that listing the studies imports neither the simulator nor
 Numba.

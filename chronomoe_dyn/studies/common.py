@@ -1,14 +1,18 @@
-"""What the studies share: config resolution, output folders, JSON, progress bars, statistics.
+"""What the studies share: config resolution, output folders, JSON, statistics.
 
 A study's config is a plain dict at the top of its module (JSON-serialisable). ``resolve_config``
-applies the ``quick`` variant and user overrides (dotted keys reach nested dicts; an unknown key
-raises ValueError naming it and the allowed keys), and ``finish`` writes ``config.json`` and
-``summary.json`` next to the figures.
+applies the ``quick`` variant and user overrides: dotted keys reach nested dicts and, through
+``sections``, every field of the dataclass behind an entry (``env.top_k``,
+``schedule.rule.rate``); an unknown key raises ValueError naming it and the allowed keys, a value
+of the wrong type names the key and the type. ``finish`` writes ``config.json`` and
+``summary.json`` next to the figures. The prologue and execution that all studies share is in
+``runner.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -17,50 +21,142 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..plot import HEALTHY_RANGES  # noqa: F401  (re-exported for the studies)
+from ..runlog import HEALTHY_RANGES  # noqa: F401  (re-exported for the studies)
 
 __all__ = ["HEALTHY_RANGES", "resolve_config", "out_dir_for", "to_jsonable", "write_json",
-           "progress_bar", "finish", "in_range_fraction", "first_sustained", "controller_config",
-           "env_config", "knob_schedule", "Timer"]
+           "finish", "in_range_fraction", "first_sustained"]
 
 DEFAULT_OUT_ROOT = Path("studies") / "out"
 """Default output root, relative to the working directory (git-ignored in the repository)."""
 
 
-def _set_dotted(cfg: dict, key: str, value: Any) -> None:
+def _expected(v: Any) -> tuple[type | tuple[type, ...], str] | None:
+    """(types, description) a value must have to replace the default ``v`` (None: anything)."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return bool, "true or false"
+    if isinstance(v, int):
+        return int, "an integer"
+    if isinstance(v, float):
+        return (int, float), "a number"
+    if isinstance(v, str):
+        return str, "a string"
+    if isinstance(v, (list, tuple)):
+        return list, "a JSON list such as [1, 2]"
+    if isinstance(v, dict):
+        return dict, "a JSON object"
+    return None
+
+
+def _checked(key: str, value: Any, default: Any) -> Any:
+    """``value`` if it has the type of ``default`` (ints widen to floats, list items are checked
+    against the default's first item); ValueError naming the key and the type otherwise."""
+    exp = _expected(default)
+    if exp is None:
+        return value
+    types, what = exp
+    if isinstance(value, bool) and types is not bool or not isinstance(value, types):
+        raise ValueError(f"config key {key!r}: expected {what} (the study has {default!r}), "
+                         f"got {value!r}")
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, (list, tuple)) and default:
+        return [_checked(f"{key}[{i}]", x, default[0]) for i, x in enumerate(value)]
+    return value
+
+
+def _unknown(key: str, where: str, part: str, allowed) -> ValueError:
+    return ValueError(f"unknown config key {key!r}: {where} has no entry {part!r} "
+                      f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
+
+
+def _dataclass_defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+        else:
+            out[f.name] = None
+    return out
+
+
+def _set_section(cfg: dict, key: str, parts: list[str], cls: type, value: Any) -> None:
+    """Set ``parts[1:]`` in ``cfg[parts[0]]``: a dict of changes to the dataclass ``cls``."""
+    node, node_cls, where = cfg[parts[0]], cls, f"{parts[0]} ({cls.__name__})"
+    for i, part in enumerate(parts[1:], start=1):
+        defaults = _dataclass_defaults(node_cls)
+        if part not in defaults:
+            raise _unknown(key, where, part, defaults)
+        default = defaults[part]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(default):
+                raise ValueError(f"config key {key!r}: {'.'.join(parts[:i + 1])} is a value, "
+                                 f"not a section")
+            node = node.setdefault(part, {})
+            node_cls, where = type(default), f"{'.'.join(parts[:i + 1])} ({type(default).__name__})"
+        elif dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {key!r} is a section; set one of its entries "
+                                 f"({', '.join(sorted(_dataclass_defaults(type(default))))})")
+            for k, v in value.items():
+                _set_section(cfg, f"{key}.{k}", parts + [k], cls, v)
+        else:
+            node[part] = _checked(key, value, default)
+
+
+def _set_dotted(cfg: dict, key: str, value: Any, sections: dict[str, type]) -> None:
     parts = key.split(".")
+    if parts[0] in sections and isinstance(cfg.get(parts[0]), dict):
+        if len(parts) == 1:
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {key!r} is a section of {sections[key].__name__} "
+                                 f"changes; set one of its entries ({key}.NAME=VALUE)")
+            for k, v in value.items():
+                _set_section(cfg, f"{key}.{k}", [key, k], sections[key], v)
+            return
+        _set_section(cfg, key, parts, sections[parts[0]], value)
+        return
     node = cfg
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             where = ".".join(parts[:i]) or "config"
-            allowed = sorted(node) if isinstance(node, dict) else []
-            raise ValueError(f"unknown config key {key!r}: {where} has no entry {part!r} "
-                             f"(allowed: {', '.join(allowed)})")
+            raise _unknown(key, where, part, node if isinstance(node, dict) else [])
         if i == len(parts) - 1:
             old = node[part]
             if isinstance(old, dict) and not isinstance(value, dict):
                 raise ValueError(f"config key {key!r} is a section; set one of its entries "
                                  f"({', '.join(sorted(old))})")
-            node[part] = value
+            node[part] = _checked(key, value, old)
         else:
             node = node[part]
 
 
 def resolve_config(base: dict, quick_changes: dict | None = None, quick: bool = False,
-                   overrides: dict | None = None) -> dict:
-    """Deep copy of ``base`` with the quick changes (when ``quick``) and then ``overrides``."""
+                   overrides: dict | None = None, sections: dict[str, type] | None = None) -> dict:
+    """Deep copy of ``base`` with the quick changes (when ``quick``) and then ``overrides``.
+
+    sections: config entries that hold changes to a dataclass (``{"env": EnvConfig}``): their
+    dotted keys must be fields of it (nested dataclasses too: ``schedule.rule.rate``). Every
+    value must have the type of the entry it replaces; errors name the key and what is
+    allowed."""
     cfg = copy.deepcopy(base)
+    sections = sections or {}
     if quick and quick_changes:
         for k, v in quick_changes.items():
-            _set_dotted(cfg, k, copy.deepcopy(v))
+            _set_dotted(cfg, k, copy.deepcopy(v), sections)
     for k, v in (overrides or {}).items():
-        _set_dotted(cfg, k, copy.deepcopy(v))
+        _set_dotted(cfg, k, copy.deepcopy(v), sections)
     return cfg
 
 
-def out_dir_for(name: str, out_dir: str | Path | None) -> Path:
-    """The study's output folder (created): ``out_dir`` or ``studies/out/<name>``."""
-    p = Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / name
+def out_dir_for(name: str, out_dir: str | Path | None, quick: bool = False) -> Path:
+    """The study's output folder (created): ``out_dir``, else ``studies/out/<name>`` (or
+    ``studies/out/<name>-quick`` for a quick run, so it never replaces the full results)."""
+    default = DEFAULT_OUT_ROOT / (f"{name}-quick" if quick else name)
+    p = Path(out_dir) if out_dir is not None else default
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -91,11 +187,6 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return p
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "it"):
-    """A tqdm bar (disabled when ``enabled`` is False or the total is tiny)."""
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total <= 1,
-                leave=False, dynamic_ncols=True)
 
 
 def finish(out: Path, name: str, config: dict, summary: dict, figures: Iterable[Path],
@@ -130,33 +221,3 @@ def first_sustained(mask: np.ndarray, min_run: int = 1) -> int | None:
         if run >= min_run:
             return i - min_run + 1
     return None
-
-
-def controller_config(changes: dict | None = None):
-    """``ControllerConfig()`` with ``changes`` (validated by the config itself)."""
-    from ..config import ControllerConfig
-    return ControllerConfig(**(changes or {}))
-
-
-def env_config(changes: dict | None = None):
-    """``EnvConfig()`` of the simulator with ``changes``."""
-    from ..env import EnvConfig
-    return EnvConfig(**(changes or {}))
-
-
-def knob_schedule(spec: dict):
-    """``KnobSchedule(**spec)``; ``spec`` may omit fields to keep their defaults."""
-    from ..schedule import KnobSchedule
-    return KnobSchedule(**spec)
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds``."""
-
-    def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.seconds = time.perf_counter() - self.t0

@@ -11,22 +11,23 @@ self-consistency R = K·R·∫cos²θ g(K R sin θ) dθ?
 Method. ω are deterministic quantiles of the distribution (no sampling noise in ω; the
 ``seeds`` systems of a cell differ in their initial phases only). Euler steps of ``dt`` over
 ``time`` time units; R is averaged over the second half (``discard``). One batched
-``simulate_kuramoto`` call per (N, K).
+``simulate_kuramoto`` call per (N, K): a cell; the store has one grid per frequency
+distribution (``lorentzian``, ``gaussian``) with axes N × K and R(t) of every system.
 
 Run:  chronomoe-dyn study kuramoto [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/kuramoto.py
-Outputs (studies/out/kuramoto/): R_vs_K.png, R_time.png, summary.json, config.json.
+Outputs (studies/out/kuramoto/): kuramoto.zarr, R_vs_K.png, R_time.png, summary.json, config.json.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
+from ..gridstore import GridSpec
 from ..plot import new_figure, save_figure
-from .common import finish, out_dir_for, progress_bar, resolve_config
+from .runner import make_plan, run_study
 
 NAME = "kuramoto"
 
@@ -48,6 +49,7 @@ CONFIG = {
         "time": 2000.0,
     },
     "discard": 0.5,                     # fraction of each run dropped before averaging R
+                                        # (the analysis applies it to the stored R(t))
     "far_from_critical": 1.5,           # K/K_c above which the analytic curve is the target
 }
 
@@ -99,53 +101,89 @@ def gaussian_quantiles(n: int, sigma: float) -> np.ndarray:
     return sigma * ndtri((np.arange(n) + 0.5) / n)
 
 
-def _scan(name: str, omega_N: np.ndarray, Ks: list[float], seeds: int, dt: float, tspan: float,
-          discard: float, seed: int, bar) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Stationary R (mean, std over systems) for each K, and R(t) of system 0 per K."""
-    from ..kuramoto import simulate_kuramoto
-    steps = max(1, int(round(tspan / dt)))
-    every = max(1, steps // 400)
-    om_BN = np.tile(omega_N, (seeds, 1))
-    mean, std, traces = [], [], {}
-    for K in Ks:
-        res = simulate_kuramoto(om_BN, coupling=float(K), dt=dt, steps=steps, seed=seed,
-                                record_every=every)
-        r_B = np.asarray(res.stationary_R(discard), dtype=np.float64)
-        mean.append(float(r_B.mean()))
-        std.append(float(r_B.std()))
-        traces[float(K)] = (res.ticks * dt, res.R[0])
-        bar.update(1)
-        bar.set_postfix_str(f"{name} N={omega_N.size} K={K:g}")
-    return np.array(mean), np.array(std), traces
+ANALYSIS_KEYS = ("discard", "far_from_critical")
+KERNELS = ("kuramoto_batch",)
+FAMILIES = ("lorentzian", "gaussian")
 
 
 def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True,
-         overrides: dict | None = None) -> dict:
-    """Run the study; write figures, summary.json and config.json; return the summary."""
-    t0 = time.perf_counter()
-    cfg = resolve_config(CONFIG, QUICK, quick, overrides)
-    cfg["seed"], cfg["quick"] = seed, quick
-    out = out_dir_for(NAME, out_dir)
+         overrides: dict | None = None, execution=None) -> dict:
+    """Run the study (``runner.run_study``); return the summary."""
+    import sys
+    return run_study(sys.modules[__name__], out_dir, quick, seed, progress, overrides, execution)
+
+
+def _steps(fam: dict) -> tuple[int, int]:
+    steps = max(1, int(round(fam["time"] / fam["dt"])))
+    return steps, max(1, steps // 400)
+
+
+def plan(cfg: dict):
+    """Grids ``lorentzian`` and ``gaussian``, each N × K (one simulate_kuramoto call a cell)."""
+    if not 0.0 <= cfg["discard"] < 1.0:
+        raise ValueError(f"config key 'discard': allowed range is [0, 1), got {cfg['discard']!r}")
+    for name in FAMILIES:
+        fam = cfg[name]
+        for key in ("seeds", "dt", "time"):
+            if not fam[key] > 0:
+                raise ValueError(f"config key '{name}.{key}': expected a value > 0, got "
+                                 f"{fam[key]!r}")
+        for n in fam["N"]:
+            if n < 1:
+                raise ValueError(f"config key '{name}.N': sizes must be >= 1, got {n!r}")
+    grids = [GridSpec(name, {"N": cfg[name]["N"], "K": cfg[name]["K"]}) for name in FAMILIES]
+    width = {"lorentzian": cfg["lorentzian"]["gamma"], "gaussian": cfg["gaussian"]["sigma"]}
+
+    def arg(g, cell):
+        fam = cfg[g.name]
+        steps, every = _steps(fam)
+        return {"family": g.name, "width": width[g.name], "N": g.value(cell, "N"),
+                "K": g.value(cell, "K"), "seeds": fam["seeds"], "dt": fam["dt"],
+                "steps": steps, "every": every, "seed": cfg["seed"]}
+
+    return make_plan(grids, arg)
+
+
+def run_cell(arg: dict):
+    """R(t) of ``seeds`` systems of N oscillators with quantile frequencies, coupling K."""
+    import xarray as xr
+
+    from ..kuramoto import lorentzian_quantiles, simulate_kuramoto
+    N, w = arg["N"], arg["width"]
+    omega_N = lorentzian_quantiles(N, w) if arg["family"] == "lorentzian" \
+        else gaussian_quantiles(N, w)
+    res = simulate_kuramoto(np.tile(omega_N, (arg["seeds"], 1)), coupling=float(arg["K"]),
+                            dt=arg["dt"], steps=arg["steps"], seed=arg["seed"],
+                            record_every=arg["every"])
+    return xr.Dataset({"R": (("system", "step"), np.asarray(res.R, dtype=np.float64))},
+                      coords={"step": np.asarray(res.ticks)})
+
+
+def _scan(ds, discard: float) -> tuple[dict, dict]:
+    """N -> (stationary R mean over systems [K], std [K]); N -> {K: (time, R(t) of system 0)}."""
+    from ..kuramoto import KuramotoResult
+    out, traces = {}, {}
+    R = ds["R"].values                                   # [N, K, system, step]
+    for i, N in enumerate(ds["N"].values):
+        r_KB = np.stack([np.asarray(KuramotoResult(R[i, j], None, None, None)
+                                    .stationary_R(discard)) for j in range(R.shape[1])])
+        out[int(N)] = (r_KB.mean(axis=1), r_KB.std(axis=1))
+        traces[int(N)] = {float(K): (ds["step"].values, R[i, j, 0])
+                          for j, K in enumerate(ds["K"].values)}
+    return out, traces
+
+
+def analyse(cfg: dict, store, out) -> tuple[dict, list]:
+    """R(K) against the analytic curves, and the figures, from the store."""
     lz, ga = cfg["lorentzian"], cfg["gaussian"]
     gamma, sigma = float(lz["gamma"]), float(ga["sigma"])
     Kc_l = 2.0 * gamma
     Kc_g = sigma * math.sqrt(8.0 / math.pi)
-    n_runs = len(lz["N"]) * len(lz["K"]) + len(ga["N"]) * len(ga["K"])
-    results: dict = {"lorentzian": {}, "gaussian": {}}
-    traces_l: dict = {}
-    with progress_bar(n_runs, NAME, progress, unit="run") as bar:
-        for N in lz["N"]:
-            from ..kuramoto import lorentzian_quantiles
-            m, s, tr = _scan("lorentzian", lorentzian_quantiles(int(N), gamma), lz["K"],
-                             int(lz["seeds"]), float(lz["dt"]), float(lz["time"]),
-                             cfg["discard"], seed, bar)
-            results["lorentzian"][int(N)] = (m, s)
-            traces_l[int(N)] = tr
-        for N in ga["N"]:
-            m, s, _ = _scan("gaussian", gaussian_quantiles(int(N), sigma), ga["K"],
-                            int(ga["seeds"]), float(ga["dt"]), float(ga["time"]),
-                            cfg["discard"], seed, bar)
-            results["gaussian"][int(N)] = (m, s)
+    results, traces_l = {}, {}
+    results["lorentzian"], traces_l = _scan(store.dataset("lorentzian"), cfg["discard"])
+    results["gaussian"], _ = _scan(store.dataset("gaussian"), cfg["discard"])
+    traces_l = {N: {K: (t * lz["dt"], R) for K, (t, R) in tr.items()}
+                for N, tr in traces_l.items()}
 
     # ---- numbers ------------------------------------------------------------------------
     K_l = np.asarray(lz["K"], dtype=np.float64)
@@ -232,4 +270,4 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
                  fontsize=10)
     ax.legend(fontsize=6, ncol=3)
     figs.append(save_figure(fig, out / "R_time.png"))
-    return finish(out, NAME, cfg, summary, figs, t0)
+    return summary, figs

@@ -21,31 +21,36 @@ the landscape is formed, so we also report counts restricted to formed records.
 
 Run:  chronomoe-dyn study phases [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/phases.py
-Outputs (studies/out/phases/): phases.png (the six metrics over time with the phase windows and
-healthy bands, median and 10–90 % band over systems), healthy_fractions.png, run/*.png (system 0
-through ``chronomoe_dyn.plot``: T̄ layer × expert heatmaps over time, load, curves),
-summary.json, config.json.
+Outputs (studies/out/phases/): phases.zarr (every cell's trajectory), phases.png (the six metrics
+over time with the phase windows and healthy bands, median and 10–90 % band over systems),
+healthy_fractions.png, run/*.png (system 0 through ``chronomoe_dyn.plot``: T̄ layer × expert
+heatmaps over time, load, curves), summary.json, config.json.
+
+Length: a straight script (question, config, plan, analysis and figures in one file, as
+STYLE.md §11 asks of studies), hence over 400 lines.
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
+from ..gridstore import GridSpec
 from ..plot import new_figure, plot_run, save_figure, shade_band
-from .common import (HEALTHY_RANGES, controller_config, env_config, finish, first_sustained,
-                     in_range_fraction, knob_schedule, out_dir_for, resolve_config)
+from .common import HEALTHY_RANGES, first_sustained, in_range_fraction
+from .runner import (make_plan, run_study, sim_sections, simulate_cell, system_blocks,
+                     validate_simulate)
 
 NAME = "phases"
 
 CONFIG = {
     "num_systems": 16,
+    "systems_per_cell": None,      # systems per cell (one simulate call); None = num_systems
     "ticks": 4000,                 # simulate.DEFAULT_TICKS
     "record_every": 10,
     "controller": {},              # ControllerConfig changes (none: the defaults)
     "env": {},                     # EnvConfig changes (none: the default environment)
-    "schedule": None,              # KnobSchedule fields; None = simulate.default_schedule(ticks)
+    "schedule": {},                # changes to simulate.default_schedule(ticks) (KnobSchedule
+                                   # fields: kind, initial_kappa, ..., rule.rate)
     "exploitation_from": 0.7,      # the seed's "70 % – end"
     "formed_min_records": 10,      # consecutive records above the variance threshold
     "unhealthy_reliability": 0.3,  # valley health threshold (ControllerConfig default)
@@ -54,6 +59,11 @@ CONFIG = {
 }
 
 QUICK = {"num_systems": 2, "ticks": 800, "record_every": 10, "formed_min_records": 3}
+
+SECTIONS = sim_sections()
+ANALYSIS_KEYS = ("exploitation_from", "formed_min_records", "unhealthy_reliability",
+                 "kappa_effect_tolerance")
+KERNELS = ("simulate_batch", "simulate_serial")
 
 PHASES = ("exploration", "formation", "exploitation")
 
@@ -87,36 +97,79 @@ def _median_tick(ticks: list) -> float | None:
 
 
 def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True,
-         overrides: dict | None = None) -> dict:
-    """Run the study; write figures, summary.json and config.json; return the summary."""
-    from ..simulate import default_schedule, simulate
-    t0 = time.perf_counter()
-    cfg = resolve_config(CONFIG, QUICK, quick, overrides)
-    cfg["seed"], cfg["quick"] = seed, quick
-    out = out_dir_for(NAME, out_dir)
-    ticks = int(cfg["ticks"])
-    cc = controller_config(cfg["controller"])
-    ec = env_config(cfg["env"])
-    sched = default_schedule(ticks) if cfg["schedule"] is None else knob_schedule(cfg["schedule"])
+         overrides: dict | None = None, execution=None) -> dict:
+    """Run the study (``runner.run_study``); return the summary."""
+    import sys
+    return run_study(sys.modules[__name__], out_dir, quick, seed, progress, overrides, execution)
+
+
+def _schedule(cfg: dict):
+    from dataclasses import asdict
+
+    from ..schedule import KnobSchedule
+    from ..simulate import default_schedule
+    from ..store import from_plain
+    base = asdict(default_schedule(cfg["ticks"]))
+    changes = cfg["schedule"]
+    base.update({k: v for k, v in changes.items() if k != "rule"})
+    base["rule"].update(changes.get("rule", {}))
+    return from_plain(KnobSchedule, base)
+
+
+def plan(cfg: dict):
+    """Grid ``scheduled`` (the run under the schedule) and grid ``controls`` (kappa_const: the
+    same systems with κ held constant, without the [B, T, L, E] fields)."""
+    from ..config import ControllerConfig
+    from ..env import EnvConfig
+    from ..schedule import KnobSchedule
+    ticks = cfg["ticks"]
+    cc, ec, sched = ControllerConfig(**cfg["controller"]), EnvConfig(**cfg["env"]), _schedule(cfg)
     cfg["resolved"] = {"controller": cc.to_dict(), "env": ec.to_dict(),
                        "schedule": {"kind": sched.kind, "initial_kappa": sched.initial_kappa,
                                     "final_kappa": sched.final_kappa,
                                     "warmup_steps": sched.warmup_steps,
                                     "total_steps": sched.total_steps}}
+    blocks = {"system": system_blocks(cfg["num_systems"], cfg["systems_per_cell"])}
+    grids = [GridSpec("scheduled", {}, blocks)]
+    consts = {}
+    if cfg["control_kappas"]:
+        grids.append(GridSpec("controls", {"kappa_const": cfg["control_kappas"]}, blocks))
+        consts = {k: KnobSchedule(kind="constant", initial_kappa=k, final_kappa=k,
+                                  warmup_steps=0, total_steps=ticks)
+                  for k in cfg["control_kappas"]}
 
-    traj = simulate(config=cc, env=ec, schedule=sched, num_systems=int(cfg["num_systems"]),
-                    ticks=ticks, seed=seed, record_every=int(cfg["record_every"]),
-                    progress=progress)
+    def arg(g, cell):
+        r = g.region(cell)["system"]
+        control = g.name == "controls"
+        kw = dict(config=cc, env=ec,
+                  schedule=consts[g.value(cell, "kappa_const")] if control else sched,
+                  num_systems=r.stop - r.start, ticks=ticks, seed=cfg["seed"] + r.start,
+                  record_every=cfg["record_every"], record_layers=not control)
+        validate_simulate(kw)
+        return {"simulate": kw}
+
+    return make_plan(grids, arg)
+
+
+run_cell = simulate_cell
+
+
+def analyse(cfg: dict, store, out) -> tuple[dict, list]:
+    """Per-phase numbers, formation ticks, the seed's claims and the figures, from the store."""
+    from types import SimpleNamespace
+
+    from ..config import ControllerConfig
+    from ..store import trajectory_arrays
+    cc, sched = ControllerConfig(**cfg["controller"]), _schedule(cfg)
+    traj = SimpleNamespace(**trajectory_arrays(store.dataset("scheduled").load()))
     # Controls: is it κ that makes the phases? Same seeds, κ held at one value all along.
     controls = {}
-    for k in cfg["control_kappas"] or []:
-        const = knob_schedule({"kind": "constant", "initial_kappa": float(k),
-                               "final_kappa": float(k), "warmup_steps": 0, "total_steps": ticks})
-        ct = simulate(config=cc, env=ec, schedule=const, num_systems=int(cfg["num_systems"]),
-                      ticks=ticks, seed=seed, record_every=int(cfg["record_every"]),
-                      progress=progress, record_layers=False)
-        controls[float(k)] = {"R": ct.R_BT, "var_local": ct.variance_local_BTL.mean(-1),
-                              "exploration": ct.exploration_BT, "loss": ct.loss_BT}
+    if cfg["control_kappas"]:
+        cds = store.dataset("controls")
+        for i, k in enumerate(cfg["control_kappas"]):
+            ct = SimpleNamespace(**trajectory_arrays(cds.isel(kappa_const=i).load()))
+            controls[float(k)] = {"R": ct.R_BT, "var_local": ct.variance_local_BTL.mean(-1),
+                                  "exploration": ct.exploration_BT, "loss": ct.loss_BT}
 
     # ---- per-record metrics, [B, T] ---------------------------------------------------------
     tick_T = traj.tick_T
@@ -128,7 +181,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
         "valleys_local": traj.valley_local_BTLE.sum(-1).mean(-1),
         "ridges_local": traj.ridge_local_BTLE.sum(-1).mean(-1),
         "health_local": _valley_health(traj.valley_local_BTLE, traj.reliability_BTLE, thr_rel),
-        "exploration": traj.exploration_BT, "maxvio": traj.maxvio_BT,
+        "exploration": traj.exploration_BT, "maxvio": traj.maxvio_BTL.mean(-1),
         "tbar_global": traj.Tbar_global_BT,
     }
     formed_l = traj.variance_local_BTL > formed_var               # [B, T, L]
@@ -313,7 +366,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
     figs = [_fig_phases(out, tick_T, m, bounds, formation, sched, controls),
             _fig_healthy(out, per_phase)]
     figs += plot_run(traj, out_dir=out / "run", system=0)
-    return finish(out, NAME, cfg, summary, figs, t0)
+    return summary, figs
 
 
 _PHASE_COLORS = {"exploration": "tab:orange", "formation": "tab:purple",

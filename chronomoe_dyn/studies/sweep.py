@@ -3,18 +3,20 @@
 Question. How do the meta-knob κ (held constant) and the Kuramoto coupling K shape the
 controller's late-time state in the default environment: coherence R, the T̄ landscape (mean
 variance of T̄_local over layers, valleys per layer), the explored share of routed slots, MaxVio
-and the environment's loss? Where in the (κ, K) plane are the seed's healthy ranges (R 0.3–0.8,
-T̄ variance 0.01–0.1, 1–3 valleys)?
+and the environment's loss? Where in
+the (κ, K) plane are the seed's healthy ranges (R 0.3–0.8, T̄ variance 0.01–0.1, 1–3 valleys)?
 
-Method. For every cell, ``num_systems`` systems (seeds seed … seed+B−1, batched in one
-``simulate`` call) run ``ticks`` ticks under a constant κ schedule with ``coupling = K``; every
-metric is averaged over the last ``late_fraction`` of the records and then over the systems.
-The same seeds are used in every cell (common random numbers), so differences between cells
-are not seed noise.
+Method. For every (K, κ), ``num_systems`` systems (seeds seed … seed+B−1) run ``ticks`` ticks
+under a constant κ schedule with ``coupling = K``; every metric is averaged over the last
+``late_fraction`` of the records and then over the systems. The same seeds are used at every
+(K, κ) (common random numbers), so differences between them are not seed noise. A cell is one
+``simulate`` call of ``systems_per_cell`` of those systems (None = all); system b uses seed + b
+whichever cell runs it, so the split does not change a bit of the result.
 
 Run:  chronomoe-dyn study sweep [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/sweep.py
-Outputs (studies/out/sweep/): sweep_heatmaps.png (late R, var T̄_local, valleys per layer,
+Outputs (studies/out/sweep/): sweep.zarr (every cell's trajectory: dims coupling, kappa_const,
+system, tick, layer, expert), sweep_heatmaps.png (late R, var T̄_local, valleys per layer,
 explored share, MaxVio, loss), sweep_healthy.png (fraction of late records with R, var T̄_local,
 local valleys, and all three, inside the healthy ranges), summary.json (every cell's numbers),
 config.json.
@@ -22,29 +24,37 @@ config.json.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
+from ..gridstore import GridSpec
 from ..plot import new_figure, save_figure
-from .common import (HEALTHY_RANGES, controller_config, env_config, finish, out_dir_for,
-                     progress_bar, resolve_config)
+from .common import HEALTHY_RANGES
+from .runner import (make_plan, run_study, sim_sections, simulate_cell, system_blocks,
+                     validate_simulate)
 
 NAME = "sweep"
 
 CONFIG = {
     "kappa": [-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0],
     "coupling": [0.0, 0.1, 0.25, 0.5, 1.0, 2.0],
-    "num_systems": 8,               # seeds per cell
+    "num_systems": 8,               # seeds per (K, κ)
+    "systems_per_cell": None,       # systems per cell (one simulate call); None = num_systems
     "ticks": 4000,                  # the default run length: the router settles by ~3000 ticks
                                     # and T̄_local (500 ticks per e-fold) has formed
     "record_every": 20,
     "late_fraction": 0.25,
-    "controller": {},               # other ControllerConfig changes
-    "env": {},
+    "store_dtype": "float64",       # float32 halves the store (the summary then differs in the
+                                    # last digits)
+    "controller": {},               # other ControllerConfig changes (not coupling: an axis)
+    "env": {},                      # EnvConfig changes
 }
 
 QUICK = {"kappa": [-0.6, 0.0, 0.6], "coupling": [0.0, 2.0], "num_systems": 2, "ticks": 400}
+SECTIONS = sim_sections()
+ANALYSIS_KEYS = ("late_fraction",)
+KERNELS = ("simulate_batch", "simulate_serial")
+AXES = ("coupling", "kappa_const")
+"""The grid's axes in the store (``kappa_const``: the trajectories have a ``kappa`` variable)."""
 
 HEALTHY = {
     "healthy_R": "R in 0.3–0.8",
@@ -64,16 +74,65 @@ METRICS = {
 }
 
 
-def _late_metrics(traj, late_fraction: float) -> dict:
-    T = traj.R_BT.shape[1]
-    s = slice(max(0, T - max(1, int(round(late_fraction * T)))), T)
+def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True,
+         overrides: dict | None = None, execution=None) -> dict:
+    """Run the study (``runner.run_study``); return the summary."""
+    import sys
+    return run_study(sys.modules[__name__], out_dir, quick, seed, progress, overrides, execution)
+
+
+def plan(cfg: dict):
+    """One grid (coupling × kappa_const, systems in blocks); every cell's arguments checked."""
+    from ..config import ControllerConfig
+    from ..env import EnvConfig
+    from ..schedule import KnobSchedule
+    if "coupling" in cfg["controller"]:
+        raise ValueError("config key 'controller.coupling': the sweep sets the coupling from its "
+                         "axis; use --set coupling=[...]")
+    if cfg["store_dtype"] not in ("float64", "float32"):
+        raise ValueError(f"config key 'store_dtype': allowed values are 'float64', 'float32', "
+                         f"got {cfg['store_dtype']!r}")
+    if not 0.0 < cfg["late_fraction"] <= 1.0:
+        raise ValueError(f"config key 'late_fraction': expected a number in (0, 1], got "
+                         f"{cfg['late_fraction']!r}")
+    ticks, B = cfg["ticks"], cfg["num_systems"]
+    env = EnvConfig(**cfg["env"])
+    configs = {K: ControllerConfig(**{**cfg["controller"], "coupling": K})
+               for K in cfg["coupling"]}
+    scheds = {k: KnobSchedule(kind="constant", initial_kappa=k, final_kappa=k, warmup_steps=0,
+                              total_steps=ticks) for k in cfg["kappa"]}
+    grid = GridSpec("", {"coupling": cfg["coupling"], "kappa_const": cfg["kappa"]},
+                    {"system": system_blocks(B, cfg["systems_per_cell"])})
+
+    def arg(g, cell):
+        r = g.region(cell)["system"]
+        kw = dict(config=configs[g.value(cell, "coupling")], env=env,
+                  schedule=scheds[g.value(cell, "kappa_const")], num_systems=r.stop - r.start,
+                  ticks=ticks, seed=cfg["seed"] + r.start, record_every=cfg["record_every"])
+        validate_simulate(kw)
+        return {"simulate": kw, "dtype": cfg["store_dtype"]}
+
+    return make_plan([grid], arg)
+
+
+run_cell = simulate_cell
+
+
+_FIELDS = ("R_BT", "variance_local_BTL", "valley_local_BTLE", "ridge_local_BTLE",
+           "exploration_BT", "maxvio_BTL", "loss_BT")
+"""The trajectory fields the analysis reads."""
+
+
+def _late_per_system(traj, late: slice) -> dict:
+    """[b] late-window metrics of each system of ``traj`` (arrays of one block of systems)."""
+    s = late
     per_sys = {
         "R": traj.R_BT[:, s].mean(1),
         "R_std_time": traj.R_BT[:, s].std(1),
         "var_local": traj.variance_local_BTL[:, s].mean((1, 2)),
         "valleys_local": traj.valley_local_BTLE[:, s].sum(-1).mean((1, 2)),
         "exploration": traj.exploration_BT[:, s].mean(1),
-        "maxvio": traj.maxvio_BT[:, s].mean(1),
+        "maxvio": traj.maxvio_BTL[:, s].mean((1, 2)),
         "ridges_local": traj.ridge_local_BTLE[:, s].sum(-1).mean((1, 2)),
         "loss": traj.loss_BT[:, s].mean(1),
     }
@@ -87,42 +146,46 @@ def _late_metrics(traj, late_fraction: float) -> dict:
     per_sys["healthy_var_local"] = ok_v.mean(1)
     per_sys["healthy_valleys_local"] = ok_n.mean(1)
     per_sys["healthy"] = (ok_R & ok_v & ok_n).mean(1)
+    return per_sys
+
+
+def _late_metrics(ds, late_fraction: float, block: int) -> dict:
+    """Late-window means (and spreads over systems) of one (K, κ) of the store, read one block
+    of systems at a time (the parent's memory stays at one block)."""
+    from types import SimpleNamespace
+
+    from ..store import trajectory_arrays
+    T = ds.sizes["tick"]
+    late = slice(max(0, T - max(1, int(round(late_fraction * T)))), T)
+    parts: dict[str, list] = {}
+    for b0 in range(0, ds.sizes["system"], block):
+        sel = ds.isel(system=slice(b0, b0 + block), tick=late)
+        traj = SimpleNamespace(**trajectory_arrays(sel, _FIELDS))
+        for k, v in _late_per_system(traj, slice(None)).items():
+            parts.setdefault(k, []).append(v)
+    per_sys = {k: np.concatenate(v) for k, v in parts.items()}
     out = {k: float(v.mean()) for k, v in per_sys.items()}
     out.update({f"{k}_sd": float(v.std()) for k, v in per_sys.items() if k in METRICS})
     return out
 
 
-def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True,
-         overrides: dict | None = None) -> dict:
-    """Run the study; write figures, summary.json and config.json; return the summary."""
-    from ..schedule import KnobSchedule
-    from ..simulate import simulate
-    t0 = time.perf_counter()
-    cfg = resolve_config(CONFIG, QUICK, quick, overrides)
-    cfg["seed"], cfg["quick"] = seed, quick
-    out = out_dir_for(NAME, out_dir)
-    kappas = [float(k) for k in cfg["kappa"]]
-    Ks = [float(k) for k in cfg["coupling"]]
-    ticks, B = int(cfg["ticks"]), int(cfg["num_systems"])
-    ec = env_config(cfg["env"])
-    grid = {}
-    with progress_bar(len(kappas) * len(Ks), NAME, progress, unit="cell") as bar:
-        for K in Ks:
-            cc = controller_config({**cfg["controller"], "coupling": K})
-            for kap in kappas:
-                sched = KnobSchedule(kind="constant", initial_kappa=kap, final_kappa=kap,
-                                     warmup_steps=0, total_steps=ticks)
-                traj = simulate(config=cc, env=ec, schedule=sched, num_systems=B, ticks=ticks,
-                                seed=seed, record_every=int(cfg["record_every"]))
-                grid[(K, kap)] = _late_metrics(traj, float(cfg["late_fraction"]))
-                bar.update(1)
-                bar.set_postfix_str(f"K={K:g} κ={kap:+g}")
+def analyse(cfg: dict, store, out) -> tuple[dict, list]:
+    """The phase diagram's numbers and figures, from the store."""
+    from ..config import ControllerConfig
+    from ..env import EnvConfig
+    ds = store.dataset("")
+    kappas, Ks = list(cfg["kappa"]), list(cfg["coupling"])
+    ticks, B = cfg["ticks"], cfg["num_systems"]
+    block = store.grids[""].blocks["system"][1]
+    grid = {(K, kap): _late_metrics(ds.isel(coupling=i, kappa_const=j), cfg["late_fraction"],
+                                    block)
+            for i, K in enumerate(Ks) for j, kap in enumerate(kappas)}
 
     # ---- numbers ------------------------------------------------------------------------------
     arrays = {k: np.array([[grid[(K, kap)][k] for kap in kappas] for K in Ks])
               for k in list(METRICS) + list(HEALTHY) + ["ridges_local", "R_std_time"]}
     cells = [{"coupling": K, "kappa": kap, **grid[(K, kap)]} for K in Ks for kap in kappas]
-    dflt = controller_config({})
+    dflt = ControllerConfig()
 
     def at(metric, K, kap):
         return grid.get((K, kap), {}).get(metric)
@@ -170,21 +233,21 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
                if dflt.coupling in Ks else None}
 
     # ---- figures ------------------------------------------------------------------------------
-    figs = [_fig_heatmaps(out, arrays, kappas, Ks, B, ticks, cfg["late_fraction"]),
+    env = EnvConfig(**cfg["env"])
+    figs = [_fig_heatmaps(out, arrays, kappas, Ks, B, ticks, cfg["late_fraction"], env),
             _fig_healthy(out, arrays, kappas, Ks)]
-    return finish(out, NAME, cfg, summary, figs, t0)
+    return summary, figs
 
 
 def _heat(ax, fig, a, kappas, Ks, title, fmt="{:.2f}", log=False, cmap="viridis",
-          limits=None):
+          limits=(0.0, 1.0), band=None):
+    """One heat map on a fixed colour range ``limits`` (log: LogNorm), so that small
+    differences look small; the colour bar names the data's own span and marks ``band`` (a
+    healthy range)."""
     from matplotlib.colors import LogNorm, Normalize
-    norm = None if limits is None else Normalize(*limits)
-    if log:
-        pos = a[a > 0]
-        if pos.size:
-            norm = LogNorm(vmin=float(pos.min()), vmax=float(max(pos.max(), pos.min() * 1.001)))
-    im = ax.imshow(np.where(a > 0, a, np.nan) if log else a, origin="lower", aspect="auto",
-                   cmap=cmap, norm=norm)
+    norm = LogNorm(*limits) if log else Normalize(*limits)
+    shown = np.where(a > 0, a, np.nan) if log else a
+    im = ax.imshow(shown, origin="lower", aspect="auto", cmap=cmap, norm=norm)
     ax.set_xticks(range(len(kappas)), [f"{k:+g}" for k in kappas], fontsize=7)
     ax.set_yticks(range(len(Ks)), [f"{k:g}" for k in Ks], fontsize=7)
     ax.set_xlabel("κ (constant)", fontsize=8)
@@ -200,25 +263,45 @@ def _heat(ax, fig, a, kappas, Ks, title, fmt="{:.2f}", log=False, cmap="viridis"
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5   # text readable on the cell
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6,
                         color="w" if dark else "k")
-    fig.colorbar(im, ax=ax, shrink=0.85)
+    fin = a[np.isfinite(a)]
+    lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (np.nan, np.nan)
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+              (True, True): "both"}[(bool(lo < limits[0]), bool(hi > limits[1]))]
+    cb = fig.colorbar(im, ax=ax, shrink=0.85, extend=extend)
+    cb.set_label(f"data {fmt.format(lo)}–{fmt.format(hi)}", fontsize=7)
+    if band is not None:
+        for y in band:
+            if limits[0] <= y <= limits[1]:
+                cb.ax.axhline(y, color="tab:green", lw=1.2)
+    return im
 
 
-def _fig_heatmaps(out, arrays, kappas, Ks, B, ticks, late):
+def _fig_heatmaps(out, arrays, kappas, Ks, B, ticks, late, env):
+    """Fixed colour ranges: R, explored share [0, 1]; T̄ variance 1e-4–1 (log); valley counts
+    0–E; MaxVio 0–2; loss over
+    the environment's range [loss_floor, loss_floor + loss_range]. Green ticks on the colour
+    bars: the healthy ranges."""
+    E = env.num_experts
     fig, axes = new_figure(2, 3, width=4.0, height=3.4)
-    specs = [("R", "{:.2f}", False), ("var_local", "{:.3f}", True),
-             ("valleys_local", "{:.2f}", False), ("exploration", "{:.3f}", False),
-             ("maxvio", "{:.2f}", False), ("loss", "{:.3f}", False)]
-    for ax, (k, fmt, log) in zip(axes.ravel(), specs):
+    var_band = HEALTHY_RANGES["tbar_variance"]
+    specs = [("R", "{:.2f}", False, (0.0, 1.0), HEALTHY_RANGES["R"]),
+             ("var_local", "{:.3f}", True, (1e-4, 1.0), var_band),
+             ("exploration", "{:.3f}", False, (0.0, 1.0), None),
+             ("valleys_local", "{:.2f}", False, (0.0, float(E)), HEALTHY_RANGES["valleys"]),
+             ("maxvio", "{:.2f}", False, (0.0, 2.0), None),
+             ("loss", "{:.3f}", False, (env.loss_floor, env.loss_floor + env.loss_range), None)]
+    for ax, (k, fmt, log, limits, band) in zip(axes.ravel(), specs):
         _heat(ax, fig, arrays[k], kappas, Ks, METRICS[k], fmt, log,
-              cmap="magma" if k == "loss" else "viridis")
+              "magma" if k == "loss" else "viridis", limits, band)
     fig.suptitle(f"κ × K phase diagram: means over the last {late:.0%} of {ticks} ticks and "
-                 f"{B} systems per cell", fontsize=10)
+                 f"{B} systems per cell (fixed colour ranges; green: healthy range)",
+                 fontsize=10)
     return save_figure(fig, out / "sweep_heatmaps.png")
 
 
 def _fig_healthy(out, arrays, kappas, Ks):
     fig, axes = new_figure(1, len(HEALTHY), width=3.6, height=3.6)
     for ax, (k, label) in zip(axes[0], HEALTHY.items()):
-        _heat(ax, fig, arrays[k], kappas, Ks, label, "{:.2f}", False, "Greens", (0.0, 1.0))
+        _heat(ax, fig, arrays[k], kappas, Ks, label, "{:.2f}", False, "Greens")
     fig.suptitle("fraction of late records inside the seed's healthy ranges", fontsize=10)
     return save_figure(fig, out / "sweep_healthy.png")

@@ -23,28 +23,33 @@ with β_reliability only through the size of the T_fast jump.
 
 Run:  chronomoe-dyn study valley-repair [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/valley_repair.py
-Outputs (studies/out/valley-repair/): repair_vs_beta.png, repair_vs_eta.png,
-estimate_vs_measured.png, repair_example.png, summary.json, config.json.
+Outputs (studies/out/valley-repair/): valley-repair.zarr (every cell's trajectory),
+repair_vs_beta.png, repair_vs_eta.png, estimate_vs_measured.png, repair_example.png,
+summary.json, config.json.
+
+Length: a straight script (question, config, plan, analysis and figures in one file, as
+STYLE.md §11 asks of studies), hence over 400 lines.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
+from ..gridstore import GridSpec
 from ..landscape import landscape_masks
 from ..plot import new_figure, save_figure
-from .common import (controller_config, env_config, finish, out_dir_for, progress_bar,
-                     resolve_config)
+from .runner import (make_plan, run_study, sim_sections, simulate_cell, system_blocks,
+                     validate_simulate)
 
 NAME = "valley-repair"
 
 CONFIG = {
     "beta_reliability": [0.1, 0.2, 0.4, 0.8],        # seed default 0.2
     "eta_structural_T_local": [0.005, 0.01, 0.02, 0.04],  # seed default 0.01
-    "num_systems": 8,               # seeds per cell
+    "num_systems": 8,               # seeds per (β, η)
+    "systems_per_cell": None,       # systems per cell (one simulate call); None = num_systems
     "collapse_expert": 0,
     "collapse_quality": 0.0,
     "collapse_tick": 2001,          # the landscape has formed by then (T̄_local: 500 ticks/e-fold)
@@ -52,13 +57,18 @@ CONFIG = {
     "record_every": 5,              # = micro_period: T̄ moves only on micro ticks (exact timing);
                                     # collapse_tick − 1 must be a multiple (the pre-collapse record)
     "kappa": -0.3,                  # constant κ (the seed's exploitation value)
-    "controller": {},               # other ControllerConfig changes
+    "controller": {},               # other ControllerConfig changes (not the two axes)
     "env": {},
     "default_cell": [0.2, 0.01],    # (β_reliability, η_local) of the example figure
 }
 
 QUICK = {"beta_reliability": [0.2, 0.8], "eta_structural_T_local": [0.01, 0.04],
          "num_systems": 2, "collapse_tick": 401, "ticks": 1200, "default_cell": [0.2, 0.01]}
+SECTIONS = sim_sections()
+ANALYSIS_KEYS = ("default_cell",)
+KERNELS = ("simulate_batch", "simulate_serial")
+AXES = {"beta_reliability": "beta_reliability", "eta_structural_T_local": "eta_local"}
+"""ControllerConfig field -> the store's axis name."""
 
 
 def ema_estimate(T_hot: float, tbar0: float, threshold: float, eta: float,
@@ -138,43 +148,80 @@ def _stats(x: list[float]) -> dict:
 
 
 def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True,
-         overrides: dict | None = None) -> dict:
-    """Run the study; write figures, summary.json and config.json; return the summary."""
-    from ..env import Event
+         overrides: dict | None = None, execution=None) -> dict:
+    """Run the study (``runner.run_study``); return the summary."""
+    import sys
+    return run_study(sys.modules[__name__], out_dir, quick, seed, progress, overrides, execution)
+
+
+def _setup(cfg: dict):
+    """(event, constant schedule, env) of the study."""
+    from ..env import EnvConfig, Event
     from ..schedule import KnobSchedule
-    from ..simulate import simulate
-    t0 = time.perf_counter()
-    cfg = resolve_config(CONFIG, QUICK, quick, overrides)
-    cfg["seed"], cfg["quick"] = seed, quick
-    out = out_dir_for(NAME, out_dir)
-    ticks, t_col, every = int(cfg["ticks"]), int(cfg["collapse_tick"]), int(cfg["record_every"])
+    ticks, t_col, every = cfg["ticks"], cfg["collapse_tick"], cfg["record_every"]
     if not 1 < t_col <= ticks - every or (t_col - 1) % every:
         raise ValueError(f"collapse_tick={t_col}: need collapse_tick − 1 to be a multiple of "
                          f"record_every={every} and collapse_tick <= ticks − record_every")
-    e = int(cfg["collapse_expert"])
-    ec = env_config(cfg["env"])
-    event = Event("collapse", t_col, expert=e, layer=None, quality=float(cfg["collapse_quality"]))
-    sched = KnobSchedule(kind="constant", initial_kappa=float(cfg["kappa"]),
-                         final_kappa=float(cfg["kappa"]), warmup_steps=0, total_steps=ticks)
-    betas = [float(x) for x in cfg["beta_reliability"]]
-    etas = [float(x) for x in cfg["eta_structural_T_local"]]
+    event = Event("collapse", t_col, expert=cfg["collapse_expert"], layer=None,
+                  quality=cfg["collapse_quality"])
+    sched = KnobSchedule(kind="constant", initial_kappa=cfg["kappa"], final_kappa=cfg["kappa"],
+                         warmup_steps=0, total_steps=ticks)
+    return event, sched, EnvConfig(**cfg["env"])
+
+
+def _controller(cfg: dict, beta: float, eta: float):
+    from ..config import ControllerConfig
+    return ControllerConfig(**{**cfg["controller"], "beta_reliability": beta,
+                               "eta_structural_T_local": eta})
+
+
+def plan(cfg: dict):
+    """One grid beta_reliability × eta_local, systems in blocks."""
+    for field, axis in AXES.items():
+        if field in cfg["controller"]:
+            raise ValueError(f"config key 'controller.{field}': the study sets it from its axis; "
+                             f"use --set {field}=[...]")
+    event, sched, ec = _setup(cfg)
+    grid = GridSpec("", {"beta_reliability": cfg["beta_reliability"],
+                         "eta_local": cfg["eta_structural_T_local"]},
+                    {"system": system_blocks(cfg["num_systems"], cfg["systems_per_cell"])})
+
+    def arg(g, cell):
+        r = g.region(cell)["system"]
+        cc = _controller(cfg, g.value(cell, "beta_reliability"), g.value(cell, "eta_local"))
+        kw = dict(config=cc, env=ec, schedule=sched, num_systems=r.stop - r.start,
+                  ticks=cfg["ticks"], seed=cfg["seed"] + r.start,
+                  record_every=cfg["record_every"], events=(event,))
+        validate_simulate(kw)
+        return {"simulate": kw}
+
+    return make_plan([grid], arg)
+
+
+run_cell = simulate_cell
+
+
+def analyse(cfg: dict, store, out) -> tuple[dict, list]:
+    """Repair times per (β, η), the EMA estimate and the figures, from the store."""
+    from types import SimpleNamespace
+
+    from ..store import trajectory_arrays
+    _, _, ec = _setup(cfg)
+    ticks, t_col = cfg["ticks"], cfg["collapse_tick"]
+    e = cfg["collapse_expert"]
+    betas, etas = list(cfg["beta_reliability"]), list(cfg["eta_structural_T_local"])
+    ds = store.dataset("")
     cells: dict = {}
     example = None
-    with progress_bar(len(betas) * len(etas), NAME, progress, unit="cell") as bar:
-        for beta in betas:
-            for eta in etas:
-                cc = controller_config({**cfg["controller"], "beta_reliability": beta,
-                                        "eta_structural_T_local": eta})
-                traj = simulate(config=cc, env=ec, schedule=sched,
-                                num_systems=int(cfg["num_systems"]), ticks=ticks, seed=seed,
-                                record_every=every, events=(event,))
-                res = _cell(traj, e, t_col, eta, beta, cc.micro_period,
-                            cc.landscape_threshold_std)
-                cells[(beta, eta)] = res
-                if [beta, eta] == [float(x) for x in cfg["default_cell"]] and res["samples"]:
-                    example = (traj, res["samples"][0], beta, eta)
-                bar.update(1)
-                bar.set_postfix_str(f"β={beta:g} η={eta:g}")
+    for i, beta in enumerate(betas):
+        for j, eta in enumerate(etas):
+            cc = _controller(cfg, beta, eta)
+            traj = SimpleNamespace(**trajectory_arrays(ds.isel(beta_reliability=i, eta_local=j)),
+                                   config=cc, env=ec)
+            res = _cell(traj, e, t_col, eta, beta, cc.micro_period, cc.landscape_threshold_std)
+            cells[(beta, eta)] = res
+            if [beta, eta] == [float(x) for x in cfg["default_cell"]] and res["samples"]:
+                example = (traj, res["samples"][0], beta, eta)
 
     # ---- numbers ------------------------------------------------------------------------------
     table = []
@@ -290,7 +337,7 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
             _fig_scatter(out, cells)]
     if example is not None:
         figs.append(_fig_example(out, example, e, t_col))
-    return finish(out, NAME, cfg, summary, figs, t0)
+    return summary, figs
 
 
 def _fig_vs(out, table, xs, groups, xkey, gkey, xlabel, glabel, fname):

@@ -42,7 +42,7 @@ def test_no_command_prints_help(capsys):
 
 
 def test_plot_missing_run_dir(tmp_path, capsys):
-    assert cli.main(["plot", str(tmp_path / "missing")]) == 1
+    assert cli.main(["plot", str(tmp_path / "missing")]) == 2   # a user mistake: exit 2
     err = capsys.readouterr().err
     assert "run not found" in err and "missing" in err
 
@@ -50,7 +50,7 @@ def test_plot_missing_run_dir(tmp_path, capsys):
 def test_plot_malformed_file_names_line(tmp_path, capsys):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 0, "R": 0.5}\n{"step": 1, "R": 0.5\n')
-    assert cli.main(["plot", str(tmp_path)]) == 1
+    assert cli.main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"{f} line 2" in err and "not valid JSON" in err
 
@@ -70,7 +70,7 @@ def test_plot_writes_pngs(tmp_path, capsys):
 def test_bad_set_override_is_an_error(tmp_path, capsys):
     rc = cli.main(["study", "kuramoto", "--quick", "--no-progress", "--out", str(tmp_path),
                    "--set", "no_such_key=3"])
-    assert rc == 1
+    assert rc == 2
     assert "unknown config key 'no_such_key'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="KEY=VALUE"):
         cli._parse_overrides(["novalue"])
@@ -110,7 +110,7 @@ def test_console_script_entry_point():
     assert "kuramoto" in r.stdout
     r = subprocess.run([sys.executable, "-m", "chronomoe_dyn.cli", "plot", "/nonexistent/run"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "run not found" in r.stderr
 
 

@@ -202,3 +202,112 @@ def test_real_simulator_trajectory_plots(tmp_path):
     traj.to_npz(tmp_path / "trajectory.npz")
     paths = plot_run(tmp_path)
     _assert_pngs(paths, ["curves.png", "landscape.png", "tbar_snapshots.png", "load.png"])
+
+
+def test_zarr_trajectory_plots(tmp_path, capsys):
+    """``chronomoe-dyn plot`` reads a Trajectory.to_zarr store: a run folder holding
+    trajectory.zarr, or the store itself."""
+    from chronomoe_dyn import cli
+    from chronomoe_dyn.simulate import simulate
+    traj = simulate(num_systems=2, ticks=200, record_every=10, seed=3)
+    traj.to_zarr(tmp_path / "run" / "trajectory.zarr")
+    paths = plot_run(tmp_path / "run")
+    assert all(p.parent == tmp_path / "run" / "plots" for p in paths)
+    _assert_pngs(paths, ["curves.png", "tbar_snapshots.png", "load.png"])
+    assert cli.main(["plot", str(tmp_path / "run" / "trajectory.zarr"), "--out",
+                     str(tmp_path / "figs"), "--system", "1"]) == 0
+    assert (tmp_path / "figs" / "curves.png").is_file()
+    np.testing.assert_array_equal(load_run(tmp_path / "run", system=1).scalars["R"],
+                                  traj.R_BT[1])
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chronomoe-dyn: error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path, capsys):
+    """README: ``plot`` on a truncated file printed a 20–30-line traceback."""
+    from chronomoe_dyn import cli
+    from chronomoe_dyn.simulate import simulate
+    traj = simulate(num_systems=1, ticks=100, record_every=10)
+    npz = traj.to_npz(tmp_path / "a" / "trajectory.npz")
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])          # truncated
+    assert cli.main(["plot", str(npz)]) == 2
+    _one_line_error(capsys, str(npz), "truncated")
+    store = traj.to_zarr(tmp_path / "b" / "trajectory.zarr")
+    (store / "zarr.json").write_text("{not json")                         # corrupt
+    assert cli.main(["plot", str(store)]) == 2
+    _one_line_error(capsys, str(store))
+    bad = tmp_path / "c" / "metrics.jsonl"
+    bad.parent.mkdir()
+    bad.write_bytes(b'{"step": 0}\n\xff\xfe\x00garbage\n')                  # binary
+    assert cli.main(["plot", str(bad)]) == 2
+    _one_line_error(capsys, str(bad), "line 2", "UTF-8")
+    # a study's store is not one trajectory
+    from chronomoe_dyn.gridstore import GridStore
+    GridStore.open(tmp_path / "d" / "sweep.zarr", "sweep", {}, [])
+    assert cli.main(["plot", str(tmp_path / "d" / "sweep.zarr")]) == 2
+    _one_line_error(capsys, "store of study 'sweep'")
+    # --debug shows the traceback instead
+    with pytest.raises(ValueError, match="truncated"):
+        cli.main(["plot", str(npz), "--debug"])
+
+
+def test_tbar_snapshots_colour_relative_to_the_layer_mean(tmp_path, monkeypatch):
+    """The legend says blue = valley, red = ridge: a cell's colour must be its T̄ minus its
+    layer's mean, on a scale centred at 0. (It coloured absolute T̄ on one shared scale, so
+    a whole cool layer was "valleys".)"""
+    import chronomoe_dyn.plot as plot
+    figs = {}
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path, dpi=110: figs.setdefault(
+        Path(path).name, fig) and Path(path))
+    traj = _tiny_trajectory(B=1, T=6)
+    traj["Tbar_local_BTLE"] = traj["Tbar_local_BTLE"] + np.arange(L)[None, None, :, None]
+    plot.plot_series(series_from_trajectory(traj), tmp_path)
+    fig = figs["tbar_snapshots.png"]
+    images = [im for ax in fig.axes for im in ax.images]
+    assert images
+    for im in images:
+        a = np.asarray(im.get_array())
+        np.testing.assert_allclose(a.mean(axis=-1), 0.0, atol=1e-12)     # each layer centred
+        assert im.norm.vmin == pytest.approx(-im.norm.vmax) and im.norm.vmax > 0
+    t0 = images[0].get_array()
+    tl = traj["Tbar_local_BTLE"][0, 0]
+    np.testing.assert_allclose(t0, tl - tl.mean(axis=-1, keepdims=True))
+
+
+def test_sweep_heatmaps_have_meaningful_colour_ranges(tmp_path, monkeypatch):
+    """A loss spread of 2.88–2.95 filled the whole colour bar; now the bars are fixed: R and the
+    explored share in [0, 1], loss over the environment's range, T̄ variance on 1e-4–1, counts on
+    0–E, MaxVio on 0–2."""
+    from chronomoe_dyn.env import EnvConfig
+    from chronomoe_dyn.studies import sweep
+    figs = {}
+    monkeypatch.setattr(sweep, "save_figure", lambda fig, path: figs.setdefault(
+        Path(path).name, fig) and Path(path))
+    kappas, Ks = [-0.5, 0.5], [0.0, 1.0]
+    arrays = {"R": np.array([[0.40, 0.41], [0.42, 0.43]]),
+              "var_local": np.array([[0.012, 0.013], [0.014, 0.015]]),
+              "exploration": np.array([[0.02, 0.03], [0.04, 0.05]]),
+              "valleys_local": np.array([[2.88, 2.9], [2.92, 2.95]]),
+              "maxvio": np.array([[0.30, 0.31], [0.28, 0.29]]),
+              "loss": np.array([[2.88, 2.90], [2.93, 2.95]])}
+    env = EnvConfig()
+    sweep._fig_heatmaps(tmp_path, arrays, kappas, Ks, 8, 4000, 0.25, env)
+    fig = figs["sweep_heatmaps.png"]
+    norms = {ax.get_title(): ax.images[0].norm for ax in fig.axes if ax.images}
+    assert (norms["late R"].vmin, norms["late R"].vmax) == (0.0, 1.0)
+    assert (norms["mean token loss"].vmin, norms["mean token loss"].vmax) == \
+        (env.loss_floor, env.loss_floor + env.loss_range)
+    assert (norms["valleys per layer"].vmin, norms["valleys per layer"].vmax) == \
+        (0.0, env.num_experts)
+    assert (norms["var T̄_local (layer mean)"].vmin, norms["var T̄_local (layer mean)"].vmax) \
+        == (1e-4, 1.0)
+    assert (norms["explored share of slots"].vmin, norms["explored share of slots"].vmax) == \
+        (0.0, 1.0)
+    assert (norms["MaxVio (layer mean)"].vmin, norms["MaxVio (layer mean)"].vmax) == (0.0, 2.0)
+    labels = [ax.get_ylabel() for ax in fig.axes if not ax.images]
+    assert "data 2.880–2.950" in labels            # the data's own span is named

@@ -1,5 +1,5 @@
-"""Checkpoint IO (chronomoe_torch.checkpoint): round trips, atomic replace, latest/list/prune,
-recovery of orphaned checkpoints, and ChronovisorCheckpoint."""
+"""Checkpoint IO (chronomoe_torch.checkpoint): round trips, write-once directories, pointer files
+(latest/best/final), listing, unique names, pruning, leftovers, and ChronovisorCheckpoint."""
 
 from __future__ import annotations
 
@@ -217,39 +217,34 @@ def test_missing_checkpoint(tmp_path):
         load_state(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
-def test_replace_existing_checkpoint(tmp_path, monkeypatch, exchange):
-    monkeypatch.setattr(_atomic, "_USE_RENAME_EXCHANGE", exchange)
+def test_an_existing_checkpoint_is_never_overwritten(tmp_path):
+    """Mutation caught: dropping the existence checks of ``save_state``/``write_dir`` (the
+    final ``rename`` then silently replaces an existing empty directory)."""
     save_state(tmp_path / "final", {"v": torch.zeros(3)})
-    save_state(tmp_path / "final", {"v": torch.ones(3), "new": 1})
-    back = load_state(tmp_path / "final")
-    assert torch.equal(back["v"], torch.ones(3)) and back["new"] == 1
-    assert sorted(os.listdir(tmp_path)) == ["final", "latest"]  # no leftovers
-
-
-def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(ck.CheckpointExistsError, match="never overwritten"):
+        save_state(tmp_path / "final", {"v": torch.ones(3)})
+    assert torch.equal(load_state(tmp_path / "final")["v"], torch.zeros(3))
     (tmp_path / "file").write_text("precious")
-    with pytest.raises(CheckpointError, match="is not a checkpoint directory"):
-        save_state(tmp_path / "file", {})
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "notes.txt").write_text("precious")
-    with pytest.raises(CheckpointError, match="non-empty directory that is not a checkpoint"):
-        save_state(tmp_path / "dir", {})
+    (tmp_path / "empty").mkdir()
+    for name in ("file", "dir", "empty"):
+        with pytest.raises(FileExistsError):   # CheckpointExistsError is one
+            save_state(tmp_path / name, {"ok": True})
     assert (tmp_path / "file").read_text() == "precious"
     assert (tmp_path / "dir" / "notes.txt").read_text() == "precious"
-    (tmp_path / "empty").mkdir()
-    save_state(tmp_path / "empty", {"ok": True})  # an empty directory is fine
-    assert load_state(tmp_path / "empty") == {"ok": True}
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert sorted(os.listdir(tmp_path)) == ["dir", "empty", "file", "final", "latest"]
 
 
 def test_verify_failure_commits_nothing(tmp_path, monkeypatch):
     save_state(tmp_path / "ck", {"v": 1})
     monkeypatch.setattr(ck, "trees_equal", lambda a, b: False)
     with pytest.raises(CheckpointError, match="do not read back"):
-        save_state(tmp_path / "ck", {"v": 2})
+        save_state(tmp_path / "ck2", {"v": 2})
     monkeypatch.undo()
-    assert load_state(tmp_path / "ck") == {"v": 1}
     assert sorted(os.listdir(tmp_path)) == ["ck", "latest"]
+    assert load_state(tmp_path / "latest") == {"v": 1}
     real_write = _atomic._write_file
 
     def flaky_write(path, data):  # the disk returns other bytes than were written
@@ -257,9 +252,32 @@ def test_verify_failure_commits_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_atomic, "_write_file", flaky_write)
     with pytest.raises(CheckpointError, match="tensors.safetensors reads back other bytes"):
-        save_state(tmp_path / "ck", {"v": torch.ones(4)})
+        save_state(tmp_path / "ck3", {"v": torch.ones(4)})
     monkeypatch.undo()
-    assert load_state(tmp_path / "ck") == {"v": 1}
+    assert sorted(os.listdir(tmp_path)) == ["ck", "latest"]
+
+
+def test_pointers_name_checkpoints_and_move_atomically(tmp_path):
+    """``final`` is a one-line file naming a checkpoint; moving it leaves every checkpoint as
+    it was. Mutation caught: ``write_pointer`` writing the pointer in place (the test sees the
+    hidden temporary it must leave nothing of, and the replaced content)."""
+    d = tmp_path
+    for i in (1, 2):
+        save_state(d / f"step_{i}", {"step": i})
+    ck.write_pointer(d, "final", "step_1")
+    assert (d / "final").read_text() == "step_1\n"
+    assert load_state(d / "final") == {"step": 1}
+    ck.write_pointer(d, "final", "step_2")
+    assert load_state(d / "final") == {"step": 2} and load_state(d / "step_1") == {"step": 1}
+    assert ck.pointers(d) == {"final": "step_2", "latest": "step_2"}
+    assert sorted(os.listdir(d)) == ["final", "latest", "step_1", "step_2"]   # no leftovers
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at .*step_9"):
+        ck.write_pointer(d, "final", "step_9")
+    with pytest.raises(ck.CheckpointExistsError, match="is a checkpoint directory"):
+        ck.write_pointer(d, "step_1", "step_2")
+    with pytest.raises(ValueError, match="names are letters"):
+        ck.write_pointer(d, "final", "../step_1")
+    assert load_state(d / "final") == {"step": 2}
 
 
 def test_latest_pointer_and_listing(tmp_path):
@@ -267,70 +285,65 @@ def test_latest_pointer_and_listing(tmp_path):
     assert ck.list_checkpoints(d) == [] and ck.latest_checkpoint(d) is None
     for i in (1, 2, 3):
         save_state(d / f"step_{i}", {"step": i})
-    save_state(d / "best", {"step": 2})
-    assert [p.name for p in ck.list_checkpoints(d)] == ["step_1", "step_2", "step_3", "best"]
-    assert (d / "latest").read_text() == "best\n"
-    assert ck.latest_checkpoint(d) == d / "best"
-    assert load_state(d / "latest") == {"step": 2}
-    save_state(d / "step_4", {"step": 4})
-    assert load_state(d / "latest") == {"step": 4}
+    ck.write_pointer(d, "best", "step_2")
+    assert [p.name for p in ck.list_checkpoints(d)] == ["step_1", "step_2", "step_3"]
+    assert (d / "latest").read_text() == "step_3\n"
+    assert ck.latest_checkpoint(d) == d / "step_3"
+    assert load_state(d / "best") == {"step": 2}
     save_state(d / "step_5", {"step": 5}, update_latest=False)
-    assert ck.latest_checkpoint(d) == d / "step_4"
-    # a pointer at something missing falls back to the newest complete checkpoint
+    assert ck.latest_checkpoint(d) == d / "step_3"
+    # a pointer at something missing: listing falls back to the newest, loading names both
     (d / "latest").write_text("step_99\n")
-    assert ck.latest_checkpoint(d) == d / "step_5"
-    with pytest.raises(CheckpointNotFoundError, match="step_99"):
+    assert ck.latest_checkpoint(d) == d / "step_5" and "latest" not in ck.pointers(d)
+    with pytest.raises(CheckpointNotFoundError, match="latest names 'step_99'"):
         load_state(d / "latest")
     (d / "latest").write_text("../../etc\n")
     with pytest.raises(CheckpointError, match="not a checkpoint name"):
         load_state(d / "latest")
     # hidden and incomplete directories are never listed
-    (d / ".step_6.tmp-0000abcd-1-ab").mkdir()
+    (d / f".step_6.tmp-{ck._host_tag()}-{os.getpid()}-ab").mkdir()
     (d / "step_7").mkdir()
     (d / "step_7" / "tensors.safetensors").write_bytes(b"half")
     assert [p.name for p in ck.list_checkpoints(d)][-1] == "step_5"
 
 
-def test_prune_keeps_last_n_and_protected(tmp_path):
+def test_unique_name(tmp_path):
+    assert ck.unique_name(tmp_path, "step_4") == "step_4"
+    save_state(tmp_path / "step_4", {"a": 1})
+    assert ck.unique_name(tmp_path, "step_4") == "step_4.1"
+    save_state(tmp_path / "step_4.1", {"a": 2})
+    (tmp_path / "step_4.2").write_text("a file takes the name too")
+    assert ck.unique_name(tmp_path, "step_4") == "step_4.3"
+
+
+def test_prune_keeps_the_newest_and_whatever_a_pointer_names(tmp_path):
+    """Mutations caught: pruning a checkpoint that ``best``/``final``/``latest`` name; keeping
+    other than the ``keep`` newest; ignoring ``match``."""
     d = tmp_path
-    save_state(d / "final", {"s": 0})
-    for i in range(1, 6):
+    for i in range(1, 7):
         save_state(d / f"step_{i}", {"s": i})
-        if i == 2:
-            save_state(d / "best", {"s": 2})
-    removed = ck.prune_checkpoints(d, keep=2)
-    assert sorted(p.name for p in removed) == ["step_1", "step_2", "step_3"]
-    assert sorted(p.name for p in ck.list_checkpoints(d)) == ["best", "final", "step_4", "step_5"]
+    save_state(d / "manual", {"s": 0}, update_latest=False)
+    ck.write_pointer(d, "best", "step_2")
+    ck.write_pointer(d, "final", "step_6")
+    removed = ck.prune_checkpoints(d, keep=2, match=r"^step_\d+(\.\d+)?$")
+    assert [p.name for p in removed] == ["step_1", "step_3", "step_4"]
+    assert sorted(p.name for p in ck.list_checkpoints(d)) == \
+        ["manual", "step_2", "step_5", "step_6"]
     assert not [n for n in os.listdir(d) if n.startswith(".")]  # trash removed
-    # the checkpoint that `latest` names is never pruned, even when older ones are newer by name
-    (d / "latest").write_text("step_4\n")
-    save_state(d / "step_6", {"s": 6}, update_latest=False)
-    ck.prune_checkpoints(d, keep=1)
-    assert sorted(p.name for p in ck.list_checkpoints(d)) == ["best", "final", "step_4"]
-    assert ck.prune_checkpoints(d, keep=0) == []
+    # without `match` every checkpoint counts (`manual` is the newest); `latest` is kept too
+    ck.write_pointer(d, "latest", "step_5")
+    ck.write_pointer(d, "final", "step_2")
+    assert [p.name for p in ck.prune_checkpoints(d, keep=1)] == ["step_6"]
+    assert sorted(p.name for p in ck.list_checkpoints(d)) == ["manual", "step_2", "step_5"]
     with pytest.raises(ValueError, match="keep=-1"):
         ck.prune_checkpoints(d, keep=-1)
 
 
-def test_orphaned_old_checkpoint_is_recovered(tmp_path, monkeypatch):
-    """The rename-aside protocol crashed between its two renames: only `.final.old-*` exists."""
-    save_state(tmp_path / "final", {"v": 7})
-    orphan = tmp_path / f".final.old-{ck._host_tag()}-{_dead_pid()}-0abc"
-    os.rename(tmp_path / "final", orphan)
-    assert load_state(tmp_path / "final") == {"v": 7}
-    assert (tmp_path / "final").is_dir() and not orphan.exists()
-    # an orphan of a writer that is still alive (this process) is left alone; a reader waits
-    # for that writer (here: in vain) and then reports the checkpoint missing
-    monkeypatch.setattr(_atomic, "_ORPHAN_WAIT_S", 0.05)
-    os.rename(tmp_path / "final", tmp_path / f".final.old-{ck._host_tag()}-{os.getpid()}-0abc")
-    with pytest.raises(CheckpointNotFoundError):
-        load_state(tmp_path / "final")
-
-
-def test_stale_leftovers_of_dead_writers_are_cleaned(tmp_path):
+def test_leftovers_of_dead_writers_are_removed(tmp_path):
     dead, host = _dead_pid(), ck._host_tag()
     (tmp_path / f".step_1.tmp-{host}-{dead}-00ff").mkdir()
     (tmp_path / f".step_1.tmp-{host}-{dead}-00ff" / "tensors.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / f".step_0.trash-{host}-{dead}-00ff").mkdir()
     (tmp_path / f".latest.tmp-{host}-{dead}-00ff").write_text("step_1")
     live = tmp_path / f".step_2.tmp-{host}-{os.getpid()}-00ff"
     live.mkdir()
@@ -346,7 +359,7 @@ def test_leftovers_of_other_hosts_are_kept_until_old(tmp_path):
     two_hours_ago = __import__("time").time() - 7200
     os.utime(stale, (two_hours_ago, two_hours_ago))
     assert ck._host_tag() != "0000abcd"
-    ck.recover_checkpoints(tmp_path)
+    assert ck.remove_leftovers(tmp_path) == [stale]
     assert fresh.exists() and not stale.exists()
 
 
@@ -588,3 +601,21 @@ def test_a_law_v1_checkpoint_is_refused_with_one_clear_line(tmp_path):
         assert "format version 1 (controller law v1)" in msg
         assert "reads format version 2 (controller law v2)" in msg
         assert "start a new run" in msg
+
+
+def test_hf_callback_state_follows_a_rewritten_trainer_checkpoint(tmp_path):
+    """transformers' Trainer may write ``checkpoint-<n>`` again (a new run into the same
+    output_dir); the callback's ``chronomoe/`` inside it is then replaced, not refused (the only
+    caller that replaces a checkpoint; it removes the old one first). Mutation caught: no
+    ``remove_dir`` in ``ChronoMoECallback.save`` (CheckpointExistsError)."""
+    pytest.importorskip("transformers")
+    import _attach_models as M
+    from chronomoe_torch.hf_callback import STATE_DIRNAME, ChronoMoECallback
+    cb = ChronoMoECallback()
+    cb.setup(M.make_hf("mixtral"))
+    cb.save(tmp_path / "checkpoint-2")
+    cb.handle.controller.set_knob(0.25)
+    cb.save(tmp_path / "checkpoint-2")
+    back = load_state(tmp_path / "checkpoint-2" / STATE_DIRNAME)
+    assert float(back["attach"]["controller"]["kappa_target"]) == 0.25
+    assert sorted(os.listdir(tmp_path / "checkpoint-2")) == [STATE_DIRNAME, "latest"]

@@ -4,13 +4,15 @@ corrupted / truncated / edited files, other format versions.
 The SIGKILL test forks saving processes from a "zygote" subprocess (torch imported once, so
 each trial costs no interpreter start-up) and kills them with SIGKILL, two ways:
   * sweep: the writer kills itself right before (and inside) its n-th filesystem operation
-    (mkdir, each file write, half of a file write, each fsync, rename, exchange, rmtree,
-    pointer replace), for every n, in both commit protocols: every step boundary is hit;
-  * random: the writer saves in a loop (step_<k>, prune to 2, replace `final`) and the test
+    (mkdir, each file write, half of a file write, each fsync, rename, pointer replace, rmtree
+    of a pruned checkpoint), for every n: every step boundary of a save, a pointer move and a
+    prune is hit;
+  * random: the writer saves in a loop (step_<k>, move `final` to it, prune to 2) and the test
     kills it after a random delay.
-After each kill: every visible checkpoint must load and equal the state it was written from;
-a hidden leftover that loads must equal its state too (nothing half-written loads); the newest
-checkpoint the writer reported committed must still be there (checkpoints lost: goal 0).
+After each kill: every visible checkpoint must load and equal the state it was written from,
+and every visible pointer must name one; a hidden leftover that loads must equal its state too
+(nothing half-written loads); the newest checkpoint the writer reported committed must still be
+there, and `latest` and `final` must name one at least that new (checkpoints lost: goal 0).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chronomoe_torch import _atomic  # the filesystem protocol: where its knobs are patched
 from chronomoe_torch import checkpoint as ck
 from chronomoe_torch.checkpoint import (
+    FORMAT_VERSION,
     CheckpointCorruptError, CheckpointError, CheckpointVersionError, load_state, save_state,
     trees_equal,
 )
@@ -64,7 +66,9 @@ def _rewrite(ckpt: Path, name: str, data: bytes, fix_manifest: bool) -> None:
 
 
 def _small(tmp_path: Path) -> Path:
-    return save_state(tmp_path / "ck", {"w": torch.arange(4.0), "step": 3, "opt": {0: {"m": torch.ones(2)}}})
+    """A new small checkpoint (``ck``, ``ck.1``, ...: checkpoints are never overwritten)."""
+    return save_state(tmp_path / ck.unique_name(tmp_path, "ck"),
+                      {"w": torch.arange(4.0), "step": 3, "opt": {0: {"m": torch.ones(2)}}})
 
 
 # --------------------------------------------------------------------------------------
@@ -94,7 +98,6 @@ def test_flipped_byte_in_tensors_file(tmp_path):
 
 def test_edited_meta_json(tmp_path):
     p = _small(tmp_path)
-    meta = json.loads((p / "meta.json").read_text())
     good = (p / "meta.json").read_bytes()
     edited = good.replace(b'["step",3]', b'["step",4]')  # same size, one digit changed
     assert edited != good and len(edited) == len(good)
@@ -158,9 +161,13 @@ def test_missing_and_broken_manifest(tmp_path):
 
 
 def test_other_format_version(tmp_path):
-    p = save_state(tmp_path / "v2", {"a": 1}, format_version=2)
+    """A checkpoint of a later format is refused naming both versions (relative to
+    FORMAT_VERSION, so a version bump keeps the test meaningful)."""
+    newer = FORMAT_VERSION + 1
+    p = save_state(tmp_path / "newer", {"a": 1}, format_version=newer)
     with pytest.raises(CheckpointVersionError,
-                       match=r"has format version 2 .*reads format version 1"):
+                       match=rf"has format version {newer} .*reads format version "
+                             rf"{FORMAT_VERSION}"):
         load_state(p)
     m = json.loads((p / "manifest.json").read_text())
     m["format"] = "someone-else"
@@ -170,9 +177,10 @@ def test_other_format_version(tmp_path):
     # meta.json must agree with the manifest on the version
     p1 = _small(tmp_path)
     meta = json.loads((p1 / "meta.json").read_text())
-    meta["format_version"] = 2
+    meta["format_version"] = newer
     _rewrite(p1, "meta.json", json.dumps(meta).encode(), fix_manifest=True)
-    with pytest.raises(CheckpointCorruptError, match="format_version=2 but manifest.json says 1"):
+    with pytest.raises(CheckpointCorruptError,
+                       match=f"format_version={newer} but manifest.json says {FORMAT_VERSION}"):
         load_state(p1)
 
 
@@ -224,11 +232,12 @@ def test_malicious_pickle_is_refused_and_creates_nothing(tmp_path):
                     load_state(p)
                 attempts.append(name)
         # 3. a pickle as the `latest` pointer
+        newest = ck.latest_checkpoint(tmp_path)
         (tmp_path / "latest").write_bytes(payload)
         with pytest.raises(CheckpointError, match="not a checkpoint name"):
             load_state(tmp_path / "latest")
         attempts.append("latest")
-        assert ck.latest_checkpoint(tmp_path) == tmp_path / "ck"
+        assert ck.latest_checkpoint(tmp_path) == newest      # the newest checkpoint instead
     finally:
         _WATCH[0] = False
     assert len(attempts) == 9
@@ -273,7 +282,8 @@ from chronomoe_torch import _atomic as fs  # every mutating filesystem operation
 from chronomoe_torch import checkpoint as ck
 
 BASE = {"sweep": base_tensors(32), "loop": base_tensors(128)}
-REAL_OS, REAL_SHUTIL, REAL_WRITE, REAL_RX = fs.os, fs.shutil, fs._write_file, fs._rename_exchange
+REAL_OS, REAL_SHUTIL, REAL_WRITE = fs.os, fs.shutil, fs._write_file
+STEP = r"^step_\\d+(\\.\\d+)?$"
 
 
 class Killer:
@@ -309,12 +319,7 @@ def install(n):
             k.hit()
             f.write(data[len(data) // 2:])
         return REAL_WRITE(path, data)
-    def rx(a, b):
-        k.hit()
-        r = REAL_RX(a, b)
-        k.hit()
-        return r
-    fs.os, fs.shutil, fs._write_file, fs._rename_exchange = OS(), SH(), write, rx
+    fs.os, fs.shutil, fs._write_file = OS(), SH(), write
 
 
 def log(logf, line):
@@ -322,27 +327,26 @@ def log(logf, line):
     logf.flush()
 
 
-def child(mode, exchange, directory, start, logpath, n):
-    fs._USE_RENAME_EXCHANGE = exchange == "1"
+def save_step(d, logf, tree, step, keep):
+    """What the trainer does: a new step_<n> directory, `final` moved to it, old ones pruned."""
+    name = ck.unique_name(d, f"step_{step}")
+    ck.save_state(d / name, tree)
+    log(logf, f"commit {name} {step}")
+    ck.write_pointer(d, "final", name)
+    log(logf, f"commit final {step}")
+    ck.prune_checkpoints(d, keep=keep, match=STEP)
+
+
+def child(mode, directory, start, logpath, n):
     d = ck.Path(directory)
     with open(logpath, "a") as logf:
         if mode == "sweep":  # a 16x smaller state: this covers every operation, not size
-            ck.prune_checkpoints(d, keep=1)
+            ck.prune_checkpoints(d, keep=1, match=STEP)
             install(n)
-            tree = make_tree(BASE[mode], start)
-            ck.save_state(d / "final", tree)
-            log(logf, f"commit final {start}")
-            ck.save_state(d / f"step_{start}", tree)
-            log(logf, f"commit step_{start} {start}")
-            ck.prune_checkpoints(d, keep=2)
+            save_step(d, logf, make_tree(BASE[mode], start), start, keep=1)
             os._exit(3)  # n was past the last operation: the sweep is complete
         for step in range(start, start + 10_000):
-            tree = make_tree(BASE[mode], step)
-            ck.save_state(d / f"step_{step}", tree)
-            log(logf, f"commit step_{step} {step}")
-            ck.prune_checkpoints(d, keep=2)
-            ck.save_state(d / "final", tree)
-            log(logf, f"commit final {step}")
+            save_step(d, logf, make_tree(BASE[mode], step), step, keep=2)
     os._exit(0)
 
 
@@ -353,7 +357,7 @@ for line in sys.stdin:
         pid = os.fork()
         if pid == 0:
             try:
-                child(cmd[1], cmd[2], cmd[3], int(cmd[4]), cmd[5], int(cmd[6]))
+                child(cmd[1], cmd[2], int(cmd[3]), cmd[4], int(cmd[5]))
             finally:
                 os._exit(1)
         print("pid", pid, flush=True)
@@ -373,8 +377,8 @@ class _Zygote:
                                   stdout=subprocess.PIPE, text=True, bufsize=1)
         assert self.p.stdout.readline().strip() == "ready"
 
-    def fork(self, mode, exchange, directory, start, logpath, n=0) -> int:
-        self.p.stdin.write(f"fork {mode} {int(exchange)} {directory} {start} {logpath} {n}\n")
+    def fork(self, mode, directory, start, logpath, n=0) -> int:
+        self.p.stdin.write(f"fork {mode} {directory} {start} {logpath} {n}\n")
         self.p.stdin.flush()
         word, pid = self.p.stdout.readline().split()
         assert word == "pid"
@@ -396,15 +400,17 @@ class _Zygote:
             self.p.kill()
 
 
-def _committed(logpath: Path) -> dict[str, int]:
-    """name -> newest step the writer reported committed (save_state had returned)."""
-    out: dict[str, int] = {}
+def _committed(logpath: Path) -> dict[str, tuple[int, str]]:
+    """"final" / "step" -> (newest step, checkpoint name) the writer reported committed (the
+    call had returned)."""
+    out: dict[str, tuple[int, str]] = {}
     if logpath.exists():
         for line in logpath.read_text().splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[0] == "commit":  # a torn last line is ignored
                 kind = "final" if parts[1] == "final" else "step"
-                out[kind] = max(out.get(kind, -1), int(parts[2]))
+                if int(parts[2]) >= out.get(kind, (-1, ""))[0]:
+                    out[kind] = (int(parts[2]), parts[1])
     return out
 
 
@@ -413,50 +419,47 @@ class _Audit:
         self.make_tree, self.base = make_tree, base
         self.kills = self.lost = self.bad_visible = self.bad_hidden = 0
         self.leftovers: dict[str, int] = {}
-        self.recovered = 0
+        self.removed = 0
+
+    def _step_of(self, path: Path) -> int | None:
+        """The step of the checkpoint at ``path`` (directory or pointer) when it loads and
+        equals the state of that step; None (and counted bad) otherwise."""
+        try:
+            tree = load_state(path)
+        except CheckpointError:
+            return None
+        step = tree["counters"]["global_step"]
+        return step if trees_equal(tree, self.make_tree(self.base, step)) else None
 
     def check(self, d: Path, logpath: Path) -> None:
         """After one kill: audit the directory."""
         self.kills += 1
-        for name in os.listdir(d):
+        steps = {}
+        for name in sorted(os.listdir(d)):
             m = ck._HIDDEN_RE.match(name)
             if m:
                 self.leftovers[m["what"]] = self.leftovers.get(m["what"], 0) + 1
-                if (d / name).is_dir():  # a hidden leftover must never load as something wrong
+                if (d / name).is_dir() and (d / name / "manifest.json").is_file():
+                    # a hidden leftover must never load as something wrong
                     try:
                         tree = load_state(d / name)
                     except CheckpointError:
-                        pass
-                    else:
-                        step = tree["counters"]["global_step"]
-                        self.bad_hidden += not trees_equal(tree, self.make_tree(self.base, step))
-            elif name != "latest" and not (d / name / "manifest.json").is_file():
-                self.bad_visible += 1  # a visible name holding an incomplete checkpoint
-        self.recovered += len(ck.recover_checkpoints(d))
-        steps = {}
-        for p in ck.list_checkpoints(d):
-            try:
-                tree = load_state(p)
-            except CheckpointError:
-                self.bad_visible += 1
+                        continue
+                    step = tree["counters"]["global_step"]
+                    self.bad_hidden += not trees_equal(tree, self.make_tree(self.base, step))
                 continue
-            step = tree["counters"]["global_step"]
-            steps[p.name] = step
-            self.bad_visible += not trees_equal(tree, self.make_tree(self.base, step))
+            step = self._step_of(d / name)       # a checkpoint, or a pointer naming one
+            self.bad_visible += step is None
+            steps[name] = step
+        self.removed += len(ck.remove_leftovers(d))
         done = _committed(logpath)
-        latest = ck.latest_checkpoint(d)
-        newest = max(done.values(), default=None)
-        if newest is not None:
-            if latest is None or steps.get(latest.name, -1) < newest:
-                self.lost += 1
-            if steps.get("final", -1) < done.get("final", -1):
-                self.lost += 1
-            if "step" in done and f"step_{done['step']}" not in steps:
-                self.lost += 1
-            try:
-                load_state(d / "latest")
-            except CheckpointError:
-                self.lost += 1
+        if "step" in done:
+            step, name = done["step"]
+            # the newest committed checkpoint is there, and `latest` names one at least as new
+            self.lost += steps.get(name) != step
+            self.lost += (steps.get("latest") or -1) < step
+        if "final" in done:
+            self.lost += (steps.get("final") or -1) < done["final"][0]
 
 
 @pytest.mark.slow
@@ -469,23 +472,21 @@ def test_sigkill_while_saving_loses_nothing(tmp_path):
     rng = random.Random(1234)
     try:
         start = 1
-        # 1. sweep: kill at every filesystem operation of a save, in both commit protocols
-        sweep_ops = {}
-        for exchange in (True, False):
-            d = tmp_path / f"sweep_{int(exchange)}"
-            d.mkdir()
-            for n in range(1, 200):
-                logpath = d.parent / f"log_sweep_{int(exchange)}"
-                pid = zyg.fork("sweep", exchange, d, start, logpath, n)
-                code = zyg.reap(pid)
-                start += 1
-                if code == 3:  # nothing left to kill: every operation was covered
-                    sweep_ops[exchange] = n - 1
-                    break
-                assert code == -signal.SIGKILL, f"writer exited with {code} at operation {n}"
-                audit.check(d, logpath)
-            else:
-                pytest.fail("the sweep never finished")
+        # 1. sweep: kill at every filesystem operation of a save, a pointer move and a prune
+        d = tmp_path / "sweep"
+        d.mkdir()
+        logpath = tmp_path / "log_sweep"
+        for n in range(1, 200):
+            pid = zyg.fork("sweep", d, start, logpath, n)
+            code = zyg.reap(pid)
+            start += 1
+            if code == 3:  # nothing left to kill: every operation was covered
+                swept = n - 1
+                break
+            assert code == -signal.SIGKILL, f"writer exited with {code} at operation {n}"
+            audit.check(d, logpath)
+        else:
+            pytest.fail("the sweep never finished")
         t_sweep = time.monotonic() - t0
         # 2. random delays while saving in a loop
         d = tmp_path / "random"
@@ -493,7 +494,7 @@ def test_sigkill_while_saving_loses_nothing(tmp_path):
         audit.base = ns["base_tensors"](128)
         for trial in range(20):
             logpath = tmp_path / f"log_random_{trial}"
-            pid = zyg.fork("loop", trial % 2 == 0, d, 1000 * (trial + 1), logpath)
+            pid = zyg.fork("loop", d, 1000 * (trial + 1), logpath)
             time.sleep(rng.uniform(0.02, 1.0))
             os.kill(pid, signal.SIGKILL)
             assert zyg.reap(pid) == -signal.SIGKILL
@@ -501,34 +502,39 @@ def test_sigkill_while_saving_loses_nothing(tmp_path):
     finally:
         zyg.close()
     elapsed = time.monotonic() - t0
-    print(f"\nSIGKILL: {audit.kills} kill points ({sweep_ops} operations swept per protocol, "
-          f"20 random), checkpoints lost {audit.lost}, visible-but-bad {audit.bad_visible}, "
+    print(f"\nSIGKILL: {audit.kills} kill points ({swept} operations swept, 20 random), "
+          f"checkpoints lost {audit.lost}, visible-but-bad {audit.bad_visible}, "
           f"hidden-that-loads-wrong {audit.bad_hidden}, leftovers seen {audit.leftovers}, "
-          f"orphans recovered {audit.recovered}; {elapsed:.1f} s (sweep {t_sweep:.1f} s)")
+          f"leftovers removed {audit.removed}; {elapsed:.1f} s (sweep {t_sweep:.1f} s)")
     assert audit.lost == 0
     assert audit.bad_visible == 0
     assert audit.bad_hidden == 0
-    # the sweep really reached the dangerous states
-    assert audit.leftovers.get("tmp", 0) > 0 and audit.recovered > 0
+    # the sweep really reached the dangerous states, and later saves cleaned them up
+    assert audit.leftovers.get("tmp", 0) > 0 and audit.leftovers.get("trash", 0) > 0
+    assert audit.removed > 0
     assert elapsed < 240, "far beyond the ~25 s this takes on an idle 2-core machine"
 
 
 # --------------------------------------------------------------------------------------
-# a reader while a writer replaces the same checkpoint
+# a reader while a writer moves the pointer and prunes what it named
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
-def test_concurrent_reader_never_sees_a_broken_checkpoint(tmp_path, monkeypatch, exchange):
+def test_concurrent_reader_never_sees_a_broken_checkpoint(tmp_path):
+    """A reader loads ``final`` while a writer saves new checkpoints, moves ``final`` to each
+    and prunes the old ones. Mutation caught: no retry in ``_read`` (a reader whose target was
+    pruned under it reports a missing file)."""
     import threading
-    monkeypatch.setattr(_atomic, "_USE_RENAME_EXCHANGE", exchange)
     states = [{"k": k, "w": torch.full((64, 256), float(k))} for k in range(2)]
-    save_state(tmp_path / "final", states[0])
+    save_state(tmp_path / "step_0", states[0])
+    ck.write_pointer(tmp_path, "final", "step_0")
     stop = threading.Event()
     errors: list = []
 
     def writer():
         try:
-            for i in range(40):
-                save_state(tmp_path / "final", states[i % 2], verify=False)
+            for i in range(1, 41):
+                save_state(tmp_path / f"step_{i}", states[i % 2], verify=False)
+                ck.write_pointer(tmp_path, "final", f"step_{i}")
+                ck.prune_checkpoints(tmp_path, keep=0)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
         finally:
@@ -543,3 +549,4 @@ def test_concurrent_reader_never_sees_a_broken_checkpoint(tmp_path, monkeypatch,
         loads += 1
     t.join()
     assert not errors and loads > 0
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_40"]

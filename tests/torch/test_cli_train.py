@@ -10,6 +10,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import logging
+
 import pytest
 
 from chronomoe_dyn.plot import read_metrics_jsonl
@@ -27,13 +29,18 @@ def test_console_script_is_declared():
 
 def test_trains_on_the_default_corpus_and_writes_everything(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "chronomoe_torch.cli", "--steps", "6", "--log-every", "2",
          "--eval-every", "3", "--save-every", "3", "--run-dir", str(run), *TINY],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    # the first line says what it chose for the CPU (issue 11): --threads wins; the wait
+    # policy was set before torch loaded OpenMP
+    assert out.splitlines()[0] == ("chronomoe-train: 1 CPU thread (given), OpenMP wait policy "
+                                   "PASSIVE (set by chronomoe_torch before torch loaded OpenMP)")
     m = re.search(r"unigram baseline \(entropy of the eval bytes\): (\d+\.\d{4}) nats/byte", out)
     assert m and 2.0 < float(m.group(1)) < 6.0              # bytes of Python source
     steps = re.findall(r"^Step (\d+) \| Loss: \d+\.\d{4} \| κ: -?\d\.\d{2} \([a-z_]+\) \| "
@@ -50,7 +57,8 @@ def test_trains_on_the_default_corpus_and_writes_everything(tmp_path):
     pngs = {p.name for p in (run / "plots").glob("*.png")}
     assert {"curves.png", "landscape.png", "loss.png", "load.png"} <= pngs
     names = {p.name for p in ckpt.list_checkpoints(run / "checkpoints")}
-    assert names == {"step_3", "step_6", "final"}
+    assert names == {"step_3", "step_6"}                     # `final` names step_6
+    assert ckpt.pointers(run / "checkpoints") == {"final": "step_6", "latest": "step_6"}
 
 
 @pytest.fixture
@@ -93,3 +101,103 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["--steps", "0"])
     assert ei.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------
+# issue 11: a run directory belongs to one run; one-line errors; threads
+# ----------------------------------------------------------------------------------------
+def _own_text(text_files, run, *extra):
+    return ["--data", *text_files, "--eval-fraction", "0.5", "--run-dir", str(run), "--no-plots",
+            "--log-every", "1", "--kappa-warmup", "1", *TINY, *extra]
+
+
+def test_a_second_run_into_a_run_dir_is_refused_then_overwritten(tmp_path, text_files, capsys,
+                                                                 caplog):
+    """Today's bug: a second `--steps 5 --run-dir D --experts 8` appended its records to the
+    first run's metrics.jsonl and replaced its checkpoints/final with the other model. Now it is
+    refused with one line saying how to proceed, nothing of the first run changes, and
+    --overwrite starts over explicitly. Mutation caught: `claim` not called (the second run
+    appends), or `clear` leaving metrics.jsonl (10 records instead of 5)."""
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    run = tmp_path / "run"
+    assert main(["--steps", "5", *_own_text(text_files, run)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["--steps", "5", *_own_text(text_files, run), "--experts", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"chronomoe-train: error: run directory {run} "
+                                               f"is not empty")
+    assert "--resume NAME" in err[0] and "--overwrite" in err[0] and "--run-dir" in err[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main(["--steps", "5", *_own_text(text_files, run), "--experts", "8",
+                 "--overwrite"]) == 0
+    assert any(r.getMessage().startswith("overwrite: deleted the earlier run's outputs")
+               for r in caplog.records)
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3, 4, 5]
+    assert all(len(r["load_LE"][0]) == 8 for r in recs if r["split"] == "train")
+    final = ckpt.load_state(run / "checkpoints" / "final")
+    assert final["configs"]["model"]["num_experts"] == 8
+
+
+def test_resume_continues_its_own_run_dir(tmp_path, text_files, caplog):
+    """--resume continues the run: the records after the resume point (2 train, 2 eval) are
+    written once more, not appended twice. Mutation caught: no ``truncate_metrics``."""
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    run = tmp_path / "run"
+    assert main(["--steps", "4", "--save-every", "2", *_own_text(text_files, run)]) == 0
+    assert main(["--steps", "4", "--resume", "step_2", *_own_text(text_files, run)]) == 0
+    assert any("dropped 4 record(s) after step 2" in r.getMessage() for r in caplog.records)
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "mismatched", "cuda", "data_dir",
+                                  "data_missing"])
+def test_user_mistakes_are_one_line_errors(tmp_path, text_files, capsys, case):
+    """Exit 2 and one `error:` line naming what was wrong (today: 20-30-line tracebacks for
+    these); --debug shows the traceback."""
+    run = tmp_path / "run"
+    args = ["--steps", "2", "--save-every", "2", *_own_text(text_files, run)]
+    if case in ("missing", "corrupt", "mismatched"):
+        assert main(args) == 0
+        capsys.readouterr()
+    if case == "corrupt":
+        f = run / "checkpoints" / "step_2" / "tensors.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0xFF
+        f.write_bytes(bytes(data))
+    extra, want = {
+        "missing": (["--resume", "step_9"], "no checkpoint at"),
+        "corrupt": (["--resume", "step_2"], "fails its checksum"),
+        "mismatched": (["--resume", "step_2", "--experts", "8"],
+                       "checkpoint is from a model with"),
+        "cuda": (["--device", "cuda"], "CUDA is not available"),
+        "data_dir": (["--data", str(tmp_path)], "is not a file"),
+        "data_missing": (["--data", str(tmp_path / "nope.txt")], "no such file"),
+    }[case]
+    if torch_cuda_available() and case == "cuda":
+        pytest.skip("CUDA is available here")
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chronomoe-train: error: ") and want in err[0], err
+    with pytest.raises(Exception, match=want):
+        main(args + extra + ["--debug"])
+
+
+def torch_cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def test_threads_option_overrides_and_is_said_first(tmp_path, text_files, capsys):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        assert main(["--steps", "2", *_own_text(text_files, tmp_path / "r"), "--threads", "2"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith("chronomoe-train: 2 CPU threads (given), OpenMP wait policy ")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -190,6 +190,8 @@ def _load(out: Path, name: str):
         for k in keys:
             assert k in tree["configs"][part], k
             del tree["configs"][part][k]
+    # each run has its own id (a resumed run keeps the checkpoint's): A and B are two runs
+    assert isinstance(tree["configs"].pop("run_id"), str)
     return tree
 
 

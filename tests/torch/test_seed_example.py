@@ -140,8 +140,12 @@ def test_seed_usage_example_runs_as_written(loaders, tmp_path, monkeypatch):
     trainer, results = ns["trainer"], ns["results"]
     assert results["global_step"] == 20 and results["stop_reason"] == "max_epochs"
     assert results["best_eval_loss"] is not None and results["landscape"] is not None
+    # Checkpoint directories are write-once; `final`/`best`/`latest` are pointers to them. The
+    # resumed run saves step 20 again (as step_20.<k>), and keep_last_n_checkpoints=3 then
+    # deletes step_10 (logged).
     names = {p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")}
-    assert {"step_10", "step_20", "final"} <= names
+    assert "step_20" in names and "step_10" not in names
+    assert set(ckpt.pointers(tmp_path / "checkpoints")) == {"best", "final", "latest"}
     assert (tmp_path / "runs" / "metrics.jsonl").is_file()
     # The second train() resumed at step 10 and ran to the end of the 10th epoch, bit for bit
     # as the first run did ("continues with preserved geology").

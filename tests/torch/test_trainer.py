@@ -10,39 +10,24 @@ import re
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from chronomoe_dyn.plot import read_metrics_jsonl
 from chronomoe_torch import checkpoint as ckpt
 from chronomoe_torch.config import TrainingConfig
 from chronomoe_torch.loss import causal_lm_token_loss
 from chronomoe_torch.model import ChronovisorMixtralForCausalLM, MixtralConfig
-from chronomoe_torch.trainer import BadBatchError, ChronoMoETrainer, NonFiniteTrainingError
+from chronomoe_torch.trainer import (BadBatchError, ChronoMoETrainer, NonFiniteTrainingError,
+                                     RunDirError)
+from _progressions import S, V, Progressions  # V vocabulary, S sequence length
 from _sync import SyncCounter
 
-V, S = 64, 17
 STEP_RE = re.compile(r"^Step (\d+) \| Loss: (-?\d+\.\d{4}|nan) \| κ: (-?\d\.\d{2}) \(([a-z_]+)\) "
                      r"\| R: (\d\.\d{2}|n/a) \| Gate: (\d\.\d{2})$")
 LANDSCAPE_RE = re.compile(r"^  Landscape(\[layer \d+\])?: var=\d+\.\d{4}, valleys=\[(\d+(, \d+)*)?\], "
                           r"ridges=\[(\d+(, \d+)*)?\]$")
 
 
-
-
-class Progressions(Dataset):
-    """Arithmetic progressions mod V (random start, stride 1–3): learnable in a few steps."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        start = torch.randint(0, V, (n, 1), generator=g)
-        stride = torch.randint(1, 4, (n, 1), generator=g)
-        self.ids = (start + stride * torch.arange(S)) % V
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
 
 
 def tiny_model(chronovisor: bool = True, **kw) -> ChronovisorMixtralForCausalLM:
@@ -550,13 +535,52 @@ def test_resume_in_process_is_exact(tmp_path):
     assert ra["loss_history"] == rc["loss_history"] and len(rc["loss_history"]) == 10
 
 
-def test_keep_last_n_checkpoints(tmp_path):
+@pytest.mark.parametrize("new_max", [20, 8])
+def test_resume_with_another_max_steps_continues_the_schedules(tmp_path, caplog, new_max):
+    """Issue 11: resuming with a larger --steps restarted part of the κ and LR schedules
+    (κ −0.30 → −0.185, LR 3.0e-4 → 6.5e-4 at the resume point). The rule now: the schedules
+    keep the checkpoint's length, so κ and the LR of a run resumed at step 6 with another
+    max_steps are those of the straight 10-step run, and past step 10 they hold their final
+    values. Mutation caught: ``_continue_schedules`` returning at once (the schedules then span
+    ``new_max`` and jump at step 7)."""
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    cfg = tiny_config(tmp_path, max_steps=10, save_every_n_steps=6, lr_schedule="cosine",
+                      lr_warmup_steps=2, min_lr_ratio=0.1)
+    ra = ChronoMoETrainer(tiny_model(), cfg, loader()).train()
+    c = ChronoMoETrainer(tiny_model(), cfg.replace(max_steps=new_max), loader())
+    c.load_checkpoint("step_6")
+    rc = c.train()
+    assert rc["global_step"] == new_max and len(rc["kappa_history"]) == new_max
+    n = min(new_max, 10)
+    assert rc["kappa_history"][:n] == ra["kappa_history"][:n]
+    assert rc["lr_history"][:n] == ra["lr_history"][:n]
+    if new_max > 10:       # past the schedules' end: their final values
+        assert rc["kappa_history"][10:] == [pytest.approx(-0.3)] * (new_max - 10)
+        assert rc["lr_history"][10:] == [pytest.approx(3e-4)] * (new_max - 10)
+    assert any("the κ and LR schedules keep the checkpoint's length of 10 steps" in
+               r.getMessage() for r in caplog.records)
+
+
+def test_keep_last_n_checkpoints(tmp_path, caplog):
+    """The 2 newest step_<n> checkpoints and whatever a pointer names survive, the rule and each
+    deletion are logged, and one state is written once whatever names it gets (step_5 is
+    `best` when saved; step_10 is periodic, best and final)."""
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
     cfg = tiny_config(tmp_path, max_steps=10, save_every_n_steps=2, keep_last_n_checkpoints=2,
                       save_final=True, save_best=True, eval_every_n_steps=5)
     tr = ChronoMoETrainer(tiny_model(), cfg, loader(), loader(8, shuffle=False))
     tr.train()
     names = sorted(p.name for p in ckpt.list_checkpoints(tmp_path / "ckpt"))
-    assert names == ["best", "final", "step_10", "step_8"]
+    assert names == ["step_10", "step_8"]
+    assert ckpt.pointers(tmp_path / "ckpt") == {"best": "step_10", "final": "step_10",
+                                                "latest": "step_10"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(ln.startswith("checkpoints: step_<n> every 2 steps") and "the 2 newest" in ln
+               for ln in lines)
+    deleted = [ln for ln in lines if "deleted checkpoint(s)" in ln]
+    assert [ln.split("deleted checkpoint(s) ")[1].split(" (")[0] for ln in deleted] == \
+        ["step_2, step_4", "step_5, step_6"]
+    assert sum("saved checkpoint" in ln for ln in lines) == 6     # 2, 4, 5, 6, 8, 10
 
 
 def test_save_chronovisor_state_false_drops_the_landscape(tmp_path):
@@ -663,3 +687,88 @@ def test_an_iterable_without_len_ends_by_epochs_and_logs_its_last_step(tmp_path)
     res = tr.train()
     assert res["global_step"] == 10 and res["stop_reason"] == "max_epochs"
     assert res["step_history"] == [4, 8, 10]
+
+
+# ----------------------------------------------------------------------------------------
+# issue 11: a run directory belongs to one run; threads said first
+# ----------------------------------------------------------------------------------------
+def _files(d):
+    return {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+def test_a_run_dir_of_an_earlier_run_is_refused_or_overwritten(tmp_path, caplog):
+    """The library follows the CLI's rule. Mutations caught: no claim in ``train()`` (the
+    second run appends to metrics.jsonl), ``overwrite`` ignored, ``clear`` deleting files that
+    are not a run's outputs."""
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    cfg = tiny_config(tmp_path, max_steps=3, save_final=True)
+    ChronoMoETrainer(tiny_model(), cfg, loader()).train()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    before = _files(tmp_path)
+    for other in (cfg, cfg.replace(run_dir=str(tmp_path / "new"))):   # run dir, checkpoint dir
+        tr = ChronoMoETrainer(tiny_model(), other, loader())
+        with pytest.raises(RunDirError, match=r"is not empty .*belongs to one run.*"
+                                              r"load_checkpoint.*overwrite=True"):
+            tr.train()
+        assert tr.global_step == 0
+    assert _files(tmp_path) == before                        # nothing written or replaced
+    tr = ChronoMoETrainer(tiny_model(), cfg.replace(overwrite=True, max_steps=3,
+                                                    save_final=False, save_every_n_steps=2),
+                          loader())
+    tr.train()
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run_id"] == tr.run_id
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "ckpt")] == ["step_2"]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"   # not a run's output: kept
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("overwrite: left files that are not a run's outputs") and
+               "notes.txt" in m for m in msgs)
+
+
+def test_resume_into_another_runs_dir_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=4, save_every_n_steps=2)
+    ChronoMoETrainer(tiny_model(), cfg, loader()).train()
+    other = cfg.replace(run_dir=str(tmp_path / "run2"), checkpoint_dir=str(tmp_path / "ck2"))
+    ChronoMoETrainer(tiny_model(), other, loader()).train()        # another run in run2
+    tr = ChronoMoETrainer(tiny_model(), other, loader())
+    tr.load_checkpoint(tmp_path / "ckpt" / "step_2")               # run 1's checkpoint
+    with pytest.raises(RunDirError, match=r"holds another run \(run_id "):
+        tr.train()
+
+
+def test_train_says_its_threads_first_and_honours_num_threads(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="chronomoe_torch")
+    before = torch.get_num_threads()
+    try:
+        ChronoMoETrainer(tiny_model(), tiny_config(tmp_path, max_steps=3, num_threads=2),
+                         loader()).train()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    first = caplog.records[0].getMessage()
+    assert first.startswith("CPU threads: 2 CPU threads (given), OpenMP wait policy "), first
+
+
+def test_resume_does_not_fetch_the_consumed_batches(tmp_path):
+    """The train stream skips a resumed epoch's consumed batches as index lists (today it read
+    and collated them all again). Mutation caught: skipping by ``next(iterator)``."""
+    class Counting(Progressions):
+        fetched = 0
+
+        def __getitem__(self, i):
+            Counting.fetched += 1
+            return super().__getitem__(i)
+
+    def dl():
+        return DataLoader(Counting(64), batch_size=4, shuffle=True)
+
+    cfg = tiny_config(tmp_path, max_steps=12, save_every_n_steps=10)
+    a = ChronoMoETrainer(tiny_model(), cfg, dl())
+    ra = a.train()                                       # 16 batches per epoch: step 10 is mid-epoch
+    c = ChronoMoETrainer(tiny_model(), cfg, dl())
+    Counting.fetched = 0
+    c.load_checkpoint("step_10")
+    rc = c.train()
+    assert Counting.fetched == 2 * 4                     # steps 11 and 12 only
+    assert rc["loss_history"] == ra["loss_history"]

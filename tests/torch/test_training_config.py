@@ -81,6 +81,8 @@ def test_every_field_has_a_docstring_in_the_source():
     ("progress_bar", 0, "True or False"),
     ("max_consecutive_skips", 0, "integer >= 1"),
     ("keep_last_n_checkpoints", 0, "integer >= 1 or None"),
+    ("num_threads", 0, "integer >= 1 or None"),
+    ("overwrite", "yes", "True or False"),
 ])
 def test_invalid_values_raise_naming_field_value_and_range(field, value, allowed):
     with pytest.raises(ValueError) as ei:
