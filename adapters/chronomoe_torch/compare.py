@@ -44,6 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from chronomoe_dyn import cluster
+
 from .arms import Arm, ArmError, BenchmarkSpec, parse_arms, resolve_arm
 
 __all__ = ["run_comparison", "ComparisonResult", "summarise_run", "read_run_records",
@@ -261,38 +263,6 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
-# where the runs go
-
-class _InProcess:
-    """Runs the tasks one after another in this process (a progress bar counts runs)."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "in-process", "threads": self.threads}
-
-    def __call__(self, tasks: dict[str, dict], progress: bool) -> list[dict]:
-        from tqdm.auto import tqdm
-        out = []
-        with tqdm(total=len(tasks), desc="compare runs", unit="run", disable=not progress) as bar:
-            for t in tasks.values():
-                out.append(run_task(t))
-                bar.update(1)
-        return out
-
-
-def _executor(scheduler: str | None, workers: int | None, threads: int | None,
-              in_process: bool):
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ArmError(f"--threads={threads!r}: expected an integer >= 1")
-    if in_process:
-        return _InProcess(threads or 1)
-    raise NotImplementedError("cluster execution: pending chronomoe_dyn.cluster")
-
-
-# ------------------------------------------------------------------------------------------
 # the comparison
 
 @dataclass
@@ -384,20 +354,39 @@ def run_comparison(arms: Sequence[str | Arm], seeds: Sequence[int] = (0, 1, 2), 
                 raise ArmError(f"--data: no such file {f}")
     root = Path(run_dir)
     todo, reused, clear = _plan(arm_list, seeds, spec, root, overwrite)
-    execute = _executor(scheduler, workers, threads, in_process)   # checks, connects
-    for t in todo:
-        t["threads"] = execute.threads
-        t["plots"] = plots
-    for d in clear:
-        shutil.rmtree(d)
-    root.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(root / "comparison.json",
-                       {"arms": [a.to_dict() for a in arm_list], "seeds": seeds,
-                        "spec": spec.to_dict(), "execution": execute.describe()})
-    outcomes: dict[tuple[str, int], dict] = {}
-    if todo:
-        for r in execute({f"{t['arm']['name']}/seed{t['seed']}": t for t in todo}, progress):
-            outcomes[(r.get("arm"), r.get("seed"))] = r
+    cspec = None if in_process else cluster.ClusterSpec(scheduler=scheduler, workers=workers,
+                                                        threads=threads)
+    if in_process and (workers is not None or scheduler is not None):
+        raise ArmError("--in-process runs here: leave out --workers and --scheduler")
+    n_threads = cluster.ClusterSpec(threads=threads).threads_per_task if in_process \
+        else cspec.threads_per_task
+    client = cluster.open_client(cspec) if cspec is not None and todo else None  # may refuse
+    try:
+        for t in todo:
+            t["threads"] = n_threads
+            t["plots"] = plots
+        for d in clear:
+            shutil.rmtree(d)
+        root.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(root / "comparison.json",
+                           {"arms": [a.to_dict() for a in arm_list], "seeds": seeds,
+                            "spec": spec.to_dict(), "threads": n_threads,
+                            "execution": cluster.describe(cspec)})
+        outcomes: dict[tuple[str, int], dict] = {}
+        if todo:
+            def done(name: str, r: dict) -> None:
+                outcomes[(r.get("arm"), r.get("seed"))] = r
+
+            def failed(name: str, exc: BaseException) -> None:   # a worker died
+                arm, _, seed = name.rpartition("/seed")
+                outcomes[(arm, int(seed))] = {"status": "error",
+                                              "error": f"{type(exc).__name__}: {exc}"}
+
+            cluster.run_tasks(client, {f"{t['arm']['name']}/seed{t['seed']}": t for t in todo},
+                              run_task, on_done=done, on_error=failed, progress=progress,
+                              desc="compare", unit="run", threads=n_threads)
+    finally:
+        cluster.close_client(client)
     from .compare_report import write_report
     runs = []
     for arm in arm_list:

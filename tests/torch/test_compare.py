@@ -267,3 +267,38 @@ def test_byte_shift_permutes_train_batches_from_its_step_and_eval_after_it():
     assert fingerprint(builtin_arm("pxt"), spec, 0) != fingerprint(builtin_arm("pxt"), shifted, 0)
     with pytest.raises(ArmError, match="shift_at_step=8"):
         BenchmarkSpec(**{**spec.__dict__, "shift_at_step": 8})
+
+
+# ------------------------------------------------------------------------------------------
+# execution (chronomoe_dyn.cluster)
+
+def test_a_scheduler_that_does_not_answer_is_refused_before_any_run(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"scheduler tcp://127.0.0.1:9: does not answer"):
+        run_comparison(["plain"], [0], run_dir=out, spec=_tiny_spec(),
+                       scheduler="tcp://127.0.0.1:9", progress=False, plots=False)
+    assert not out.exists()
+    with pytest.raises(ArmError, match="--in-process runs here"):
+        run_comparison(["plain"], [0], run_dir=out, spec=_tiny_spec(), in_process=True,
+                       workers=2, progress=False, plots=False)
+
+
+@pytest.mark.slow
+def test_a_two_worker_local_cluster_gives_bitwise_the_in_process_metrics(tmp_path):
+    """The same (arm, seed) writes the same metrics.jsonl, byte for byte, in this process and
+    on a LocalCluster worker (pxt: routing noise, controller, gate; aux_free: the bias).
+    Mutations caught: a worker thread count other than the task's, a seed taken from the
+    worker (e.g. the global RNG)."""
+    arms, seeds = ["pxt", "aux_free"], [0, 1]
+    local = run_comparison(arms, seeds, run_dir=tmp_path / "here", spec=_tiny_spec(),
+                           in_process=True, progress=False, plots=False)
+    remote = run_comparison(arms, seeds, run_dir=tmp_path / "cluster", spec=_tiny_spec(),
+                            workers=2, threads=1, progress=False, plots=False)
+    assert local.failed == remote.failed == 0 and remote.ran == 4
+    for arm in arms:
+        for s in seeds:
+            a = (tmp_path / "here" / arm / f"seed{s}" / "metrics.jsonl").read_bytes()
+            b = (tmp_path / "cluster" / arm / f"seed{s}" / "metrics.jsonl").read_bytes()
+            assert a == b, (arm, s)
+    assert json.loads((tmp_path / "cluster" / "comparison.json").read_text())["execution"] \
+        .startswith("LocalCluster (2 workers")
