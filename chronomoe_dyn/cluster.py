@@ -171,11 +171,13 @@ def run_tasks(client: Any, tasks: Mapping[str, Any], fn: Callable[[Any], Any], *
               is_done: Callable[[str], bool] | None = None,
               on_done: Callable[[str, Any], None] | None = None,
               on_error: Callable[[str, BaseException], None] | None = None,
-              progress: bool = True, desc: str = "tasks", threads: int = 1) -> TaskReport:
+              progress: bool = True, desc: str = "tasks", unit: str = "task",
+              threads: int = 1) -> TaskReport:
     """Run ``fn(tasks[name])`` for every task not ``is_done(name)``; see the module docstring.
 
     client: a ``distributed.Client``, or None to run here, in order. threads: per-task thread
-    limit on the workers (ignored in this process). Returns a TaskReport."""
+    limit on the workers (ignored in this process). desc, unit: the progress bar's label and
+    what it counts. Returns a TaskReport."""
     from tqdm.auto import tqdm
     report = TaskReport()
     todo = []
@@ -192,7 +194,7 @@ def run_tasks(client: Any, tasks: Mapping[str, Any], fn: Callable[[Any], Any], *
             on_done(name, result)
         report.done.append(name)
 
-    bar = tqdm(total=len(tasks), initial=len(report.skipped), desc=desc, unit="cell",
+    bar = tqdm(total=len(tasks), initial=len(report.skipped), desc=desc, unit=unit,
                disable=not progress, dynamic_ncols=True, leave=False)
     try:
         if client is None:

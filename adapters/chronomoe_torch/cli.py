@@ -3,6 +3,7 @@
     chronomoe-train --steps 300                       # CPU or GPU (--device auto)
     chronomoe-train --steps 300 --no-chronovisor      # the plain-MoE baseline
     chronomoe-train --data notes.txt other.txt        # your own text files
+    chronomoe-train compare --arms plain,switch,pxt   # arms x seeds side by side (compare.py)
 
 Default corpus: the Python standard library's own sources, byte level (``data.ByteDataset``),
 with its deterministic file-level train/eval split. Writes into ``--run-dir``: ``metrics.jsonl``
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:             # `chronomoe-train compare ...` (compare.py)
+        from .compare import main as compare_main
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         build_parser().error(f"--steps={args.steps}: expected an integer >= 1")

@@ -181,7 +181,8 @@ def run_study(module: ModuleType, out_dir: str | Path | None = None, quick: bool
         report = run_tasks(client, {n: a for n, (_, a) in plan.tasks.items()}, module.run_cell,
                            is_done=lambda n: store.is_done(names[n]),
                            on_done=lambda n, ds: store.write(names[n], ds),
-                           progress=progress, desc=module.NAME, threads=threads)
+                           progress=progress, desc=module.NAME, unit="cell",
+                           threads=threads)
     finally:
         close_client(client)
     run_seconds = time.perf_counter() - started
