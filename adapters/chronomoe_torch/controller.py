@@ -73,9 +73,10 @@ from chronomoe_dyn import ControllerConfig, ControllerState, init_state
 from chronomoe_dyn.landscape import model_landscape, model_valley_health, valley_health
 from chronomoe_dyn.law import check_kappa, knob_factors
 
-from . import _rng, _tick
+from . import _tick
 from . import distributed as _dist
-from .routing import LayerFields, NoiseKey, gumbel_NE, in_backward, obs_width
+from ._noise import NoiseKeys
+from .routing import LayerFields, NoiseKey, in_backward, obs_width
 
 __all__ = ["PxTController"]
 
@@ -90,8 +91,6 @@ _STATE_FIELDS = {
     "T_eff_LE": ("LE", "state"), "logit_scale_L": ("L", "state"), "kappa": ("", "state"),
 }
 PHASE_DTYPE = torch.float64
-NOISE_BATCH_MAX = 1 << 22
-"""Most Gumbel values (L·N·E) drawn at once for all layers (16 MiB of float32)."""
 
 
 def _sync_after_load(module: "PxTController", incompatible_keys: Any) -> None:
@@ -164,12 +163,8 @@ class PxTController(nn.Module):
         self._tick_host = 0
         self._seed_host = int(seed)
         self._loss_layers: set[int] = set()
-        self._offset_L = [0] * L        # tokens each layer routed since the tick (noise)
-        self._last_offset_L = [0] * L
-        self._prefix_cache: list = [-1, None]
-        self._noise_cache: tuple | None = None
+        self._noise = NoiseKeys(L, E)   # the routing noise's host-side keys (``_noise``)
         self._obs_rows: tuple | None = None
-        self._rank_world_cache: tuple | None = None
         self._hook_handles: dict[int, RemovableHandle] = {}
         self.distributed: bool | None = None
         self.process_group = None
@@ -333,7 +328,8 @@ class PxTController(nn.Module):
         if enabled not in (None, True, False):
             raise ValueError(f"set_distributed: enabled={enabled!r}: expected None, True, False")
         self.distributed, self.process_group = enabled, process_group
-        self._rank_world_cache = None
+        self._noise.distributed, self._noise.process_group = enabled, process_group
+        self._noise.start(self._seed_host, self._tick_host)
 
     def _reduce_observation(self) -> None:
         if self.distributed is False:
@@ -350,8 +346,7 @@ class PxTController(nn.Module):
         t = self._tick_host + 1
         refresh_all = self._kernel.step(t)
         self._tick_host = t
-        self._offset_L = [0] * self.num_layers
-        self._noise_cache = None
+        self._noise.start(self._seed_host, t)
         self.clear_observations()
         self._refresh_fields(refresh_all)
 
@@ -360,7 +355,11 @@ class PxTController(nn.Module):
         """Recompute the router fields from the state and the κ in effect, in place: σ_L always
         (it moves every tick), bias/temperature/τ when ``all_fields``, and 1/(σ_L·T)."""
         b = self._buffers
-        b["_scale_L"].copy_(torch.clamp(b["logit_scale_L"], min=self.config.logit_scale_floor))
+        floor = self.config.logit_scale_floor
+        if self.dtype == torch.float32:                 # the fields are float32
+            torch.clamp(b["logit_scale_L"], min=floor, out=b["_scale_L"])
+        else:
+            b["_scale_L"].copy_(torch.clamp(b["logit_scale_L"], min=floor))
         if all_fields:
             bias, temp, tau = self._kernel.fields(b["kappa"])
             b["_bias_LE"].copy_(bias)
@@ -399,59 +398,10 @@ class PxTController(nn.Module):
         backward (activation-checkpoint recompute) repeats the key of the layer's last forward.
         The draws come with the key: the first layer asking at a given (offset, N) draws every
         layer's (one pass instead of L; the layers of a forward see the same tokens), up to
-        ``NOISE_BATCH_MAX`` values; a call that does not fit draws its own in ``route``."""
+        ``_noise.NOISE_BATCH_MAX`` values; a call that does not fit draws its own in ``route``."""
         if self.config.exploration_tau0 == 0.0:
             return None
-        li = self._check_layer(layer)
-        N = int(num_tokens)
-        if in_backward():
-            offset = self._last_offset_L[li]
-        else:
-            offset = self._offset_L[li]
-            self._last_offset_L[li] = offset
-            self._offset_L[li] = offset + N
-        rank, world = self._rank_world()
-        key = NoiseKey(self._gumbel_prefix(li), offset, rank, world)
-        E, L = self.num_experts, self.num_layers
-        if L * N * E > NOISE_BATCH_MAX:
-            return key
-        tag = (self._tick_host, offset, N, rank, world)
-        cache = self._noise_cache
-        if cache is None or cache[0] != tag:
-            prefixes = self._prefix_tensor()
-            cache = self._noise_cache = (tag, gumbel_NE(key, N, E, self.device, prefixes))
-        return key._replace(gumbel_NE=cache[1][li])
-
-    def _rank_world(self) -> tuple[int, int]:
-        """(rank, world size) of the noise layout, looked up once per tick."""
-        rw = self._rank_world_cache
-        if rw is None or rw[0] != self._tick_host:
-            rank, world = 0, 1
-            if self.distributed is not False and _dist.is_distributed(self.process_group):
-                rank = _dist.rank(self.process_group)
-                world = _dist.world_size(self.process_group)
-            rw = self._rank_world_cache = (self._tick_host, rank, world)
-        return rw[1], rw[2]
-
-    def _gumbel_prefix(self, li: int) -> int:
-        cache = self._prefix_cache
-        if cache[0] != self._tick_host:
-            cache[:] = [self._tick_host, [None] * self.num_layers]
-        p = cache[1][li]
-        if p is None:
-            p = cache[1][li] = _rng.gumbel_prefix(self._seed_host, self._tick_host, li)
-        return p
-
-    def _prefix_tensor(self) -> torch.Tensor:
-        """[L, 1] int64 of every layer's noise prefix at this tick, built on the device from
-        one host-hashed word (no host-to-device copy); cached for the tick."""
-        cache = self._prefix_cache
-        if cache[0] != self._tick_host or len(cache) < 3:
-            self._gumbel_prefix(0)                     # resets the cache for this tick
-            h1 = _rng.key_prefix(self._seed_host, _rng.STREAM_GUMBEL, self._tick_host)
-            layers = torch.arange(self.num_layers, dtype=torch.int64, device=self.device)
-            cache[2:] = [_rng.mix32(layers ^ h1).unsqueeze(1)]
-        return cache[2]
+        return self._noise.key(self._check_layer(layer), int(num_tokens), self.device)
 
     def coherence(self) -> torch.Tensor:
         """Kuramoto coherence R after the last tick, a 0-d tensor (a copy; no sync)."""
@@ -573,9 +523,7 @@ class PxTController(nn.Module):
         """Re-read the host mirrors from the buffers (one sync; after loading only)."""
         self._tick_host = int(self.tick_counter)
         self._seed_host = int(self.seed)
-        self._offset_L = [0] * self.num_layers
-        self._prefix_cache = [-1, None]
-        self._noise_cache = None
+        self._noise.start(self._seed_host, self._tick_host)
         self._refresh_fields()
 
     # ------------------------------------------------------------------ torch plumbing
@@ -618,7 +566,7 @@ class PxTController(nn.Module):
                 out = buf.to(device=out.device, dtype=want)
             self._buffers[name] = out
         self._kernel.invalidate()
-        self._noise_cache = None
+        self._noise.start(self._seed_host, self._tick_host)
         return self
 
     def extra_repr(self) -> str:

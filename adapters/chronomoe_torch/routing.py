@@ -50,7 +50,9 @@ Shape legend: N tokens, E experts, K top-k, L layers, F a stats row (2E + 4).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -130,14 +132,47 @@ def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_NE(key: NoiseKey, N: int, E: int, device: torch.device,
-              prefixes_L: torch.Tensor | None = None) -> torch.Tensor:
+              prefixes_L: "torch.Tensor | Sequence[int] | None" = None) -> torch.Tensor:
     """[N, E] float32 standard Gumbel draws of ``key``; token n at position ((offset + n)·world
     + rank), index position·E + e (32-bit: positions wrap past 2³²/E tokens per layer and
-    tick). With ``prefixes_L`` ([L, 1] int64, one prefix per layer instead of ``key.prefix``):
-    [L, N, E], every layer's draws in one pass.
+    tick). With ``prefixes_L`` (one prefix per layer instead of ``key.prefix``: host ints, or an
+    [L, 1] int64 tensor on the device): [L, N, E], every layer's draws in one pass.
 
     u = ((h >> 9) + 0.5)·2⁻²³ from the 32-bit hash h: its top 23 bits, exact in float32 and never
-    0 or 1 (float32 logs cost half of float64's; exploration needs no finer u)."""
+    0 or 1 (float32 logs cost half of float64's; exploration needs no finer u). On CPU with host
+    prefixes the integers come from one Numba pass (``chronomoe_dyn``'s counter-RNG kernel
+    ``uniform23_into``), elsewhere from tensor ops: the same u bit for bit (tested); the logs
+    are torch's either way."""
+    if device.type == "cpu" and not isinstance(prefixes_L, torch.Tensor):
+        u = _uniform23_cpu(key, N, E, prefixes_L)
+    else:
+        u = _uniform23_tensor(key, N, E, device, prefixes_L)
+    g = torch.log(torch.log(u).neg_()).neg_()
+    return g.view(N, E) if prefixes_L is None else g.view(-1, N, E)
+
+
+_KERNEL: list = []
+
+
+def _uniform23_cpu(key: NoiseKey, N: int, E: int, prefixes: "Sequence[int] | None"
+                   ) -> torch.Tensor:
+    """[L, N·E] float32 u on the host, one Numba pass (imported, and compiled or loaded from its
+    on-disk cache, on the first draw)."""
+    if not _KERNEL:
+        from chronomoe_dyn._kernels.libm import uniform23_into
+        _KERNEL.append(uniform23_into)
+    pre = np.asarray([key.prefix] if prefixes is None else prefixes, dtype=np.uint64)
+    out = np.empty((pre.shape[0], N * E), dtype=np.float32)
+    _KERNEL[0](pre, key.offset, key.world, key.rank, E, out)
+    return torch.from_numpy(out)
+
+
+def _uniform23_tensor(key: NoiseKey, N: int, E: int, device: torch.device,
+                      prefixes_L: "torch.Tensor | Sequence[int] | None") -> torch.Tensor:
+    """[L, N·E] (or [N·E] without ``prefixes_L``) float32 u from int64 tensor ops."""
+    if prefixes_L is not None and not isinstance(prefixes_L, torch.Tensor):
+        prefixes_L = torch.tensor([int(p) for p in prefixes_L], dtype=torch.int64,
+                                  device=device).unsqueeze(1)
     if key.world == 1:
         idx = _arange(N * E, device)
         if key.offset:
@@ -148,11 +183,9 @@ def gumbel_NE(key: NoiseKey, N: int, E: int, device: torch.device,
         idx = (pos_N1 * E + torch.arange(E, dtype=torch.int64, device=device)
                ).reshape(-1) & _rng.MASK32
     h = _rng.mix32_wrap(idx ^ (key.prefix if prefixes_L is None else prefixes_L))
-    # u = ((h >> 9) + 0.5)·2⁻²³ in one fused op; g = −log(−log u).
+    # u = ((h >> 9) + 0.5)·2⁻²³ in one fused op.
     k = (h >> 9).to(torch.float32)
-    u = torch.addcmul(_const("value", 2.0 ** -24, k), k, _const("value", 2.0 ** -23, k))
-    g = torch.log(torch.log(u).neg_()).neg_()
-    return g.view(N, E) if prefixes_L is None else g.view(-1, N, E)
+    return torch.addcmul(_const("value", 2.0 ** -24, k), k, _const("value", 2.0 ** -23, k))
 
 
 _ARANGES: dict = {}
