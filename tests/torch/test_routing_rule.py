@@ -115,12 +115,12 @@ def test_gumbel_key_is_the_counter_rng_extended_by_the_layer():
 @pytest.mark.parametrize("offset,rank,world", [(0, 0, 1), (40, 0, 1), (20, 1, 2),
                                                 (2 ** 29 + 5, 2, 3), (2 ** 31, 0, 1)])
 def test_cpu_noise_kernel_equals_the_tensor_path_bit_for_bit(offset, rank, world):
-    """On CPU the uniforms come from one Numba pass (``routing._uniform23_cpu``), elsewhere
+    """On CPU the uniforms come from one Numba pass (``_noise._uniform23_cpu``), elsewhere
     from int64 tensor ops (``_uniform23_tensor``): the same u, bit for bit, for one prefix and
     for a batch of layers, past the 32-bit wrap of the index and over several ranks; and the
     draws (``gumbel_NE``) agree too. Mutations caught (checked), in ``libm.uniform23_into``:
     rank and world swapped in the index; the key combined by ``+`` instead of ``^``."""
-    from chronomoe_torch.routing import _uniform23_cpu, _uniform23_tensor
+    from chronomoe_torch._noise import _uniform23_cpu, _uniform23_tensor
     cpu = torch.device("cpu")
     prefixes = [0, 12345, 2 ** 32 - 1, _rng.gumbel_prefix(7, 3, 1)]
     key = NoiseKey(prefixes[1], offset, rank, world)
