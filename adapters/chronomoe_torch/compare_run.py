@@ -172,7 +172,7 @@ def read_run_records(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a metrics.jsonl, sorted by step; a step logged twice
     keeps the later line. Known fields are validated against the schema (and converted), other
     keys are kept as written."""
-    from chronomoe_dyn.plot import MetricsFormatError, validate_metrics_record
+    from chronomoe_dyn.runlog import MetricsFormatError, validate_metrics_record
     p = Path(path)
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
