@@ -11,7 +11,8 @@ those it writes the seed's log lines (``metrics.format_*``: the step line, every
 since the previous log reaches ``max_consecutive_skips``. Log lines go above the tqdm bar
 (``_log_output``).
 
-Uses the trainer's ``config``, ``controller``, ``knob_scheduler``, ``global_step``,
+A step's values arrive as the trainer's ``StepOutput`` (typed ``Any`` here: this module must not
+import ``trainer``, which imports it). Uses the trainer's ``config``, ``controller``, ``knob_scheduler``, ``global_step``,
 ``tokens_seen``, ``history``, ``eval_history``, ``best_eval_loss``, the skip counters, the
 applied κ/phase/lr, ``_metrics``, ``total_steps``, ``epoch`` and ``save_checkpoint``.
 """
@@ -22,7 +23,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +31,6 @@ from tqdm.auto import tqdm
 
 from .metrics import (controller_record, controller_tensors, format_landscape_line,
                       format_skip_line, format_step_line, routing_metrics)
-
-if TYPE_CHECKING:
-    from .trainer import StepOutput
 
 __all__ = ["LoggingMixin", "NonFiniteTrainingError", "LOSS_KEYS", "LANDSCAPE_EVERY_N_LOGS"]
 
@@ -58,7 +56,7 @@ class LoggingMixin:
         flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
         return flat.cpu().tolist()
 
-    def _log_step(self, out: "StepOutput") -> tuple[dict[str, Any], int]:
+    def _log_step(self, out: Any) -> tuple[dict[str, Any], int]:
         """Read the step's values (one host copy), log the seed's lines, append the metrics
         record and the history point. Returns the record and the longest skip run since the
         previous log."""
@@ -120,7 +118,7 @@ class LoggingMixin:
         return rec, int(run_max)
 
 
-    def _after_log(self, out: "StepOutput", bar: Any) -> None:
+    def _after_log(self, out: Any, bar: Any) -> None:
         """Log a step; stop when the longest run of skips since the last log is too long."""
         rec, run_max = self._log_step(out)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
