@@ -15,14 +15,27 @@ and ridge counts per layer, the gate, valley health (share of valleys whose reli
 (variance > 0.01 for ``formed_min_records`` records in a row) and the fraction of records inside
 each healthy range. Each claim gets a verdict in ``summary.json["claims"]``.
 
+Controls (DESIGN.md §5: a claim about the controller holds only against its ablation). The
+same systems (seeds) run with κ held constant at each of ``control_kappas`` (0.5 and −0.3, the
+schedule's ends; ±1, the extremes) and, with ``ablation``, under the schedule with
+``controller_fields=False`` (plain top-k routing; the controller observes and ticks). Per phase
+window the mean R, explored share, MaxVio and loss of each control are compared with the
+scheduled run; a control "differs" when one of them differs by more than its tolerance
+(``tolerances``). Version 1 found that constant κ = 0.5 or −0.3 changed R by ≤ 0.004: κ did not
+cause the phases. The claims ``kappa_controls_differ``, ``phases_driven_by_kappa``,
+``exploration_rises_with_kappa``, ``kappa_lever_3x``, ``balance_no_worse_as_kappa_rises``,
+``high_kappa_lowers_R`` (the seed's "exploration phase: low R" as a κ effect),
+``fields_change_routing`` and ``fields_lower_maxvio`` are computed from these numbers.
+
 Note: valleys/ridges are defined relative to the spread (mean ∓ 0.5·std), so their count is
 non-zero even on a "flat" landscape whose variance is 1e-6; a count means something only when
 the landscape is formed, so we also report counts restricted to formed records.
 
 Run:  chronomoe-dyn study phases [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/phases.py
-Outputs (studies/out/phases/): phases.zarr (every cell's trajectory), phases.png (the six metrics
-over time with the phase windows and healthy bands, median and 10–90 % band over systems),
+Outputs (studies/out/phases/): phases.zarr (every cell's trajectory), phases.png (eight metrics
+over time with the phase windows and healthy bands, median and 10–90 % band over systems, and
+the controls' medians),
 healthy_fractions.png, run/*.png (system 0 through ``chronomoe_dyn.plot``: T̄ layer × expert
 heatmaps over time, load, curves), summary.json, config.json.
 
@@ -511,10 +524,10 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
                      color=_PHASE_COLORS[ph], transform=ax0.get_xaxis_transform())
     axes[-1, 0].set_xlabel("tick")
     fig.suptitle(f"phases under the {sched.kind} κ schedule ({sched.initial_kappa:+g} → "
-                 f"{sched.final_kappa:+g}, warm-up {sched.warmup_steps} ticks)\nmedian, "
+                 f"{sched.final_kappa:+g}, warm-up {sched.warmup_steps} ticks)\nmedian and "
                  f"10–90 % of {m['R'].shape[0]} systems; green: healthy range; dotted vertical: "
-                 f"local landscape forms; controls (same seeds): κ held constant (dashed, by "
-                 f"κ), fields off (black dotted)", fontsize=9)
+                 f"local landscape forms\ncontrols, same seeds (medians): κ held constant "
+                 f"(dashed, red = +1 … blue = −1), fields off (black dotted)", fontsize=9)
     return save_figure(fig, out / "phases.png")
 
 
