@@ -46,8 +46,9 @@ import numpy as np
 from ..gridstore import GridSpec
 from .calibrate_io import default_candidates_path, load_candidates, load_real_text
 from .common import claim, first_sustained
-from .runner import (constant_schedule, default_schedule_with, make_plan, run_study,
-                     sim_sections, simulate_cell, system_blocks, validate_simulate)
+from .runner import (check_late_window, constant_schedule, default_schedule_with, make_plan,
+                     run_study, sim_sections, simulate_cell, system_blocks,
+                     validate_simulate)
 
 NAME = "calibrate"
 
@@ -119,12 +120,7 @@ def plan(cfg: dict):
     """One grid candidate × condition, systems in blocks; every cell's arguments checked."""
     from ..config import ControllerConfig
     from ..env import EnvConfig
-    if cfg["store_dtype"] not in ("float64", "float32"):
-        raise ValueError(f"config key 'store_dtype': allowed values are 'float64', 'float32', "
-                         f"got {cfg['store_dtype']!r}")
-    if not 0.0 < cfg["late_fraction"] <= 1.0:
-        raise ValueError(f"config key 'late_fraction': expected a number in (0, 1], got "
-                         f"{cfg['late_fraction']!r}")
+    check_late_window(cfg)
     if cfg["real_text"]:
         load_real_text(cfg["real_text"])          # a bad path fails before any cell runs
     cands = _selected(cfg)

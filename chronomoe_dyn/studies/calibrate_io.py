@@ -58,6 +58,9 @@ def load_candidates(path: str | Path) -> dict[str, Candidate]:
     from ..config import ControllerConfig
     p = Path(path)
     where0 = f"candidates file {str(p)!r}"
+    # The same structural checks as chronomoe_torch.arms.load_arms_file (which this package may
+    # not import: it imports torch); tests/torch/test_calibration_candidates.py keeps the two
+    # readers in agreement on every arm.
     try:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:

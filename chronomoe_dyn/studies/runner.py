@@ -37,7 +37,7 @@ from .common import finish, out_dir_for, resolve_config
 
 __all__ = ["Execution", "Plan", "make_plan", "run_study", "StudyError", "sim_sections",
            "simulate_cell", "validate_simulate", "system_blocks", "kernels_cached",
-           "default_schedule_with", "constant_schedule"]
+           "default_schedule_with", "constant_schedule", "check_late_window"]
 
 
 class StudyError(RuntimeError):
@@ -98,6 +98,17 @@ def constant_schedule(kappa: float, ticks: int):
     from ..schedule import KnobSchedule
     return KnobSchedule(kind="constant", initial_kappa=float(kappa), final_kappa=float(kappa),
                         warmup_steps=0, total_steps=ticks)
+
+
+def check_late_window(cfg: dict) -> None:
+    """ValueError naming the key unless ``store_dtype`` (float64/float32) and ``late_fraction``
+    (in (0, 1]) of a study that reads late-window means from a float store are usable."""
+    if cfg["store_dtype"] not in ("float64", "float32"):
+        raise ValueError(f"config key 'store_dtype': allowed values are 'float64', 'float32', "
+                         f"got {cfg['store_dtype']!r}")
+    if not 0.0 < cfg["late_fraction"] <= 1.0:
+        raise ValueError(f"config key 'late_fraction': expected a number in (0, 1], got "
+                         f"{cfg['late_fraction']!r}")
 
 
 def validate_simulate(kw: dict) -> None:

@@ -21,6 +21,12 @@ with T̄₀ the expert's T̄ at the collapse. We evaluate it per sample with the
 with the measured time (``estimate_vs_measured.png``). It predicts repair ∝ 1/η and shrinking
 with β_reliability only through the size of the T_fast jump.
 
+Claims (``summary.json["claims"]``, tolerances in ``tolerances``): the seed's self-correction
+(``bad_valleys_fill``: ≥ 95 % of the valleys fill within the run), the estimate
+(``ema_estimate_agrees``: median estimate/measured within ±0.25), repair faster with either
+knob (``faster_with_eta``, ``faster_with_beta``) and the pure EMA scaling
+(``repair_scales_as_inverse_eta``: log-log slope vs η_local within −1 ± 0.3).
+
 Run:  chronomoe-dyn study valley-repair [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/valley_repair.py
 Outputs (studies/out/valley-repair/): valley-repair.zarr (every cell's trajectory),
