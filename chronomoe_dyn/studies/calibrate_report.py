@@ -48,12 +48,13 @@ def markdown(summary: dict, cfg: dict) -> str:
     rows = {r["candidate"]: r for r in summary["candidates"]}
     ranked = [rows[n] for n in summary["ranking"]]
     sch = cfg["resolved"]["schedule"]
+    env = f" (changed: {cfg['env']})" if cfg["env"] else ""
     out = [
         "# Calibration of the v2 constants",
         "",
-        f"Simulator, default environment{' (changed: ' + str(cfg['env']) + ')' if cfg['env'] else ''}"
-        f": {cfg['num_systems']} systems per candidate and condition (seeds {cfg['seed']}–"
-        f"{cfg['seed'] + cfg['num_systems'] - 1}, the same everywhere), {cfg['ticks']} ticks; "
+        f"Simulator, default environment{env}: {cfg['num_systems']} systems per candidate and "
+        f"condition (seeds {cfg['seed']}–{cfg['seed'] + cfg['num_systems'] - 1}, the same "
+        f"everywhere), {cfg['ticks']} ticks; "
         f"late = the last {cfg['late_fraction']:.0%} of the records; mean ± sd over systems. "
         f"Conditions: **schedule** = {sch['kind']} κ {sch['initial_kappa']:+g} → "
         f"{sch['final_kappa']:+g} (warm-up {sch['warmup_steps']} ticks); **fields off** = the same "
@@ -84,9 +85,9 @@ def markdown(summary: dict, cfg: dict) -> str:
                 "Real text: `chronomoe-train compare` on the same arm names (mean ± sd over "
                 "seeds; MaxVio_global over the eval set, R over logged steps). Simulator: the "
                 "schedule condition.", "",
-                "| candidate | runs | eval loss | MaxVio_global (real) | MaxVio_global late (sim) | "
-                "exploration (real) | explored (sim) | R mean (real) | R 10–90 % (real) | "
-                "R 10–90 % (sim) |", "|" + "---|" * 10]
+                "| candidate | runs | eval loss | MaxVio_global (real) | "
+                "MaxVio_global late (sim) | exploration (real) | explored (sim) | R mean (real) | "
+                "R 10–90 % (real) | R 10–90 % (sim) |", "|" + "---|" * 10]
         for r in ranked:
             t, s = r.get("real_text") or {}, r["schedule"]
             out.append("| " + " | ".join([
