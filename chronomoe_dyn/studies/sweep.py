@@ -78,8 +78,8 @@ METRICS = {
     "var_local": "var T̄_local (layer mean)",
     "valleys_local": "valleys per layer",
     "exploration": "explored share of slots",
-    "maxvio": "MaxVio (max/mean load − 1, layer mean)",
-    "loss": "mean token loss (environment units)",
+    "maxvio": "MaxVio (layer mean)",
+    "loss": "mean token loss",
 }
 
 
