@@ -135,8 +135,10 @@ def open_client(spec: ClusterSpec):
         except (OSError, TimeoutError) as e:
             raise ValueError(f"scheduler {spec.scheduler}: does not answer within "
                              f"{spec.connect_timeout:g} s ({e})") from None
+    # dashboard_address=":0": the scheduler's HTTP server (it always starts one) takes a free
+    # port instead of 8787, so two clusters on one machine do not warn about the port.
     cluster = LocalCluster(n_workers=spec.workers_per_cluster, threads_per_worker=1,
-                           processes=True, dashboard_address=None,
+                           processes=True, dashboard_address=":0",
                            # a failed task is reported by run_tasks; no worker log on stderr
                            silence_logs=logging.CRITICAL,
                            env=_thread_env(spec.threads_per_task))

@@ -8,7 +8,7 @@ overrides=None, execution=None) -> dict`` runs the study through ``runner.run_st
 analysis reads them back to write PNGs, ``summary.json`` (its numbers) and ``config.json`` (the
 resolved config) to ``studies/out/<name>/`` (``<name>-quick/`` for ``quick``) unless
 ``out_dir`` is given; it returns the summary. ``runner.py`` lists what a study module declares;
-adding one (the v2 calibration) is a module plus a line below.
+adding one is a module plus a line below.
 
 The registry below is plain data so that listing the studies imports neither the simulator nor
 Numba.
@@ -31,7 +31,12 @@ STUDIES: dict[str, tuple[str, str]] = {
     "kuramoto": ("chronomoe_dyn.studies.kuramoto",
                  "simulated stationary R(K) against R = sqrt(1 − 2γ/K) for Lorentzian ω"),
     "sweep": ("chronomoe_dyn.studies.sweep",
-              "κ × coupling phase diagram over many systems: late R, T̄ variance, valleys, loss"),
+              "κ × coupling phase diagram over many systems: late R, T̄ variance, valleys, "
+              "exploration, MaxVio, loss"),
+    "calibrate": ("chronomoe_dyn.studies.calibrate",
+                  "candidate v2 constants (a compare arms file) under the schedule, the "
+                  "fields-off ablation and κ ≡ ±1: balance, loss, the κ lever, R range, "
+                  "landscape, valley health"),
 }
 """study name -> (module, one-line question)."""
 

@@ -24,7 +24,7 @@ import numpy as np
 from ..runlog import HEALTHY_RANGES  # noqa: F401  (re-exported for the studies)
 
 __all__ = ["HEALTHY_RANGES", "resolve_config", "out_dir_for", "to_jsonable", "write_json",
-           "finish", "in_range_fraction", "first_sustained"]
+           "finish", "in_range_fraction", "first_sustained", "claim", "claims_line"]
 
 DEFAULT_OUT_ROOT = Path("studies") / "out"
 """Default output root, relative to the working directory (git-ignored in the repository)."""
@@ -221,3 +221,17 @@ def first_sustained(mask: np.ndarray, min_run: int = 1) -> int | None:
         if run >= min_run:
             return i - min_run + 1
     return None
+
+
+def claim(holds, evidence: str) -> dict:
+    """One entry of a study's claim table: ``holds`` True/False (None: no data to decide) and
+    the evidence, numbers and tolerance included, as text."""
+    return {"holds": None if holds is None else bool(holds), "evidence": evidence}
+
+
+def claims_line(claims: dict) -> str:
+    """The headline line that counts a claim table."""
+    held = [k for k, c in claims.items() if c["holds"]]
+    failed = [k for k, c in claims.items() if c["holds"] is False]
+    return (f"claims holding: {len(held)}/{len(claims)}; not holding: "
+            f"{', '.join(failed) or 'none'}")

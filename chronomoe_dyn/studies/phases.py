@@ -15,14 +15,27 @@ and ridge counts per layer, the gate, valley health (share of valleys whose reli
 (variance > 0.01 for ``formed_min_records`` records in a row) and the fraction of records inside
 each healthy range. Each claim gets a verdict in ``summary.json["claims"]``.
 
+Controls (DESIGN.md §5: a claim about the controller holds only against its ablation). The
+same systems (seeds) run with κ held constant at each of ``control_kappas`` (0.5 and −0.3, the
+schedule's ends; ±1, the extremes) and, with ``ablation``, under the schedule with
+``controller_fields=False`` (plain top-k routing; the controller observes and ticks). Per phase
+window the mean R, explored share, MaxVio and loss of each control are compared with the
+scheduled run; a control "differs" when one of them differs by more than its tolerance
+(``tolerances``). Version 1 found that constant κ = 0.5 or −0.3 changed R by ≤ 0.004: κ did not
+cause the phases. The claims ``kappa_controls_differ``, ``phases_driven_by_kappa``,
+``exploration_rises_with_kappa``, ``kappa_lever_3x``, ``balance_no_worse_as_kappa_rises``,
+``high_kappa_lowers_R`` (the seed's "exploration phase: low R" as a κ effect),
+``fields_change_routing`` and ``fields_lower_maxvio`` are computed from these numbers.
+
 Note: valleys/ridges are defined relative to the spread (mean ∓ 0.5·std), so their count is
 non-zero even on a "flat" landscape whose variance is 1e-6; a count means something only when
 the landscape is formed, so we also report counts restricted to formed records.
 
 Run:  chronomoe-dyn study phases [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/phases.py
-Outputs (studies/out/phases/): phases.zarr (every cell's trajectory), phases.png (the six metrics
-over time with the phase windows and healthy bands, median and 10–90 % band over systems),
+Outputs (studies/out/phases/): phases.zarr (every cell's trajectory), phases.png (eight metrics
+over time with the phase windows and healthy bands, median and 10–90 % band over systems, and
+the controls' medians),
 healthy_fractions.png, run/*.png (system 0 through ``chronomoe_dyn.plot``: T̄ layer × expert
 heatmaps over time, load, curves), summary.json, config.json.
 
@@ -35,10 +48,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..gridstore import GridSpec
-from ..plot import new_figure, plot_run, save_figure, shade_band
-from .common import HEALTHY_RANGES, first_sustained, in_range_fraction
-from .runner import (make_plan, run_study, sim_sections, simulate_cell, system_blocks,
-                     validate_simulate)
+from ..plot import new_figure, plot_run, save_figure
+from .common import HEALTHY_RANGES, claim, claims_line, first_sustained, in_range_fraction
+from .runner import (constant_schedule, default_schedule_with, make_plan, run_study,
+                     sim_sections, simulate_cell, system_blocks, validate_simulate)
 
 NAME = "phases"
 
@@ -54,18 +67,24 @@ CONFIG = {
     "exploitation_from": 0.7,      # the seed's "70 % – end"
     "formed_min_records": 10,      # consecutive records above the variance threshold
     "unhealthy_reliability": 0.3,  # valley health threshold (ControllerConfig default)
-    "control_kappas": [0.5, -0.3],  # controls: the same systems under a constant κ (same seeds)
-    "kappa_effect_tolerance": 0.05,  # |ΔR| below which the schedule "does not matter"
+    "control_kappas": [0.5, -0.3, 1.0, -1.0],  # controls: the same systems, κ held constant
+    "ablation": True,              # control: the same systems and schedule, controller_fields off
+    # A control "differs" from the scheduled run when, in some phase window, the mean over
+    # systems of one of these differs by more than its tolerance (v1: |ΔR| ≤ 0.004 everywhere).
+    # Each is several times the seed-to-seed standard error of a phase mean at 16 systems.
+    "tolerances": {"R": 0.05, "exploration": 0.02, "maxvio": 0.05, "loss": 0.01},
 }
 
 QUICK = {"num_systems": 2, "ticks": 800, "record_every": 10, "formed_min_records": 3}
 
 SECTIONS = sim_sections()
 ANALYSIS_KEYS = ("exploitation_from", "formed_min_records", "unhealthy_reliability",
-                 "kappa_effect_tolerance")
+                 "tolerances")
 KERNELS = ("simulate_batch", "simulate_serial")
 
 PHASES = ("exploration", "formation", "exploitation")
+_TOL_METRICS = ("R", "exploration", "maxvio", "loss")
+"""The metrics a control is compared on (``tolerances``)."""
 
 
 def _phase_masks(tick_T: np.ndarray, warmup: int, total: int, exploit_from: float):
@@ -96,6 +115,100 @@ def _median_tick(ticks: list) -> float | None:
     return float(np.median(got)) if got else None
 
 
+def _control_series(ds) -> dict:
+    """[B, T] series of one control (a dataset of the store) that are compared."""
+    from ..store import trajectory_arrays
+    t = trajectory_arrays(ds, ("R_BT", "variance_local_BTL", "exploration_BT", "maxvio_BTL",
+                               "loss_BT"))
+    return {"R": t["R_BT"], "var_local": t["variance_local_BTL"].mean(-1),
+            "exploration": t["exploration_BT"], "maxvio": t["maxvio_BTL"].mean(-1),
+            "loss": t["loss_BT"]}
+
+
+def _compare_controls(m: dict, controls: dict, masks: dict, tol: dict, tick_T, formed_var,
+                      run_min) -> dict:
+    """Per control: per-phase means and schedule − control differences of ``_TOL_METRICS``
+    (means over systems and the phase's records), run means, and the largest difference
+    relative to its tolerance (``differs``: some |difference| > its tolerance)."""
+    out = {}
+    for name, c in controls.items():
+        d: dict = {"phases": {},
+                   "run": {k: float(np.mean(c[k])) for k in _TOL_METRICS},
+                   "schedule_run": {k: float(np.mean(m[k])) for k in _TOL_METRICS}}
+        worst = None
+        for ph, mk in masks.items():
+            if not mk.any():
+                continue
+            e = {"var_local_mean": float(np.mean(c["var_local"][:, mk]))}
+            for k in _TOL_METRICS:
+                cm, sm = float(np.mean(c[k][:, mk])), float(np.mean(m[k][:, mk]))
+                e[f"{k}_mean"], e[f"{k}_schedule_minus_control"] = cm, sm - cm
+                t = float(tol[k])
+                score = abs(sm - cm) / t if t > 0 else (np.inf if sm != cm else 0.0)
+                if worst is None or score > worst["score"]:
+                    worst = {"metric": k, "phase": ph, "delta": sm - cm, "tolerance": t,
+                             "score": float(score)}
+            d["phases"][ph] = e
+        d["largest"] = worst
+        d["differs"] = worst is not None and worst["score"] > 1.0
+        d["tick_local_forms_median"] = _median_tick(
+            _formation_tick(c["var_local"], tick_T, formed_var, run_min))
+        out[name] = d
+    return out
+
+
+def _control_claims(cs: dict, kappas: list, tol: dict) -> dict:
+    """Claims about the controls, computed from ``_compare_controls``."""
+    claims = {}
+    kap = {float(k): cs[f"κ≡{float(k):+g}"] for k in kappas}
+
+    def largest(d):
+        w = d["largest"]
+        return f"{w['metric']} {w['delta']:+.3f} in {w['phase']} (tolerance {w['tolerance']:g})"
+
+    if kap:
+        max_dR = max(abs(e["R_schedule_minus_control"]) for d in kap.values()
+                     for e in d["phases"].values())
+        claims["phases_driven_by_kappa"] = claim(
+            max_dR > tol["R"], f"largest |mean R (schedule) − mean R (constant κ)| over phases "
+            f"and κ controls {max_dR:.3f} (tolerance {tol['R']:g}; version 1: ≤ 0.004)")
+        claims["kappa_controls_differ"] = claim(
+            all(d["differs"] for d in kap.values()),
+            "every constant-κ control differs from the scheduled run by more than a tolerance "
+            "in some phase; largest differences (schedule − control): "
+            + "; ".join(f"κ≡{k:+g}: {largest(d)}" for k, d in kap.items()))
+    if len(kap) >= 2:
+        ks = sorted(kap)
+        lo, hi = kap[ks[0]]["run"], kap[ks[-1]]["run"]
+        ex = [kap[k]["run"]["exploration"] for k in ks]
+        claims["exploration_rises_with_kappa"] = claim(
+            bool(np.all(np.diff(ex) > 0)), "explored share over the run, κ ascending: "
+            + ", ".join(f"κ≡{k:+g} {v:.3f}" for k, v in zip(ks, ex)))
+        ratio = hi["exploration"] / lo["exploration"] if lo["exploration"] > 0 else np.inf
+        claims["kappa_lever_3x"] = claim(
+            ratio >= 3.0, f"exploration at κ≡{ks[-1]:+g} / at κ≡{ks[0]:+g} = "
+            f"{hi['exploration']:.3f}/{lo['exploration']:.3f} = {ratio:.1f}× (issue 9: ≥ 3×)")
+        claims["balance_no_worse_as_kappa_rises"] = claim(
+            hi["maxvio"] <= lo["maxvio"] + tol["maxvio"],
+            f"MaxVio over the run at κ≡{ks[-1]:+g} {hi['maxvio']:.3f} vs κ≡{ks[0]:+g} "
+            f"{lo['maxvio']:.3f} (tolerance {tol['maxvio']:g})")
+        claims["high_kappa_lowers_R"] = claim(
+            hi["R"] < lo["R"] - tol["R"],
+            f"the seed: exploration (high κ) has low R. R over the run at κ≡{ks[-1]:+g} "
+            f"{hi['R']:.3f} vs κ≡{ks[0]:+g} {lo['R']:.3f} (tolerance {tol['R']:g})")
+    if CONTROL_ABLATION in cs:
+        d = cs[CONTROL_ABLATION]
+        claims["fields_change_routing"] = claim(
+            d["differs"], f"the schedule with controller_fields=False: largest difference "
+            f"(schedule − ablation) {largest(d)}")
+        claims["fields_lower_maxvio"] = claim(
+            d["schedule_run"]["maxvio"] < d["run"]["maxvio"] - tol["maxvio"],
+            f"MaxVio over the run {d['schedule_run']['maxvio']:.3f} with fields vs "
+            f"{d['run']['maxvio']:.3f} without (tolerance {tol['maxvio']:g}); loss "
+            f"{d['schedule_run']['loss']:.3f} vs {d['run']['loss']:.3f}")
+    return claims
+
+
 def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True,
          overrides: dict | None = None, execution=None) -> dict:
     """Run the study (``runner.run_study``); return the summary."""
@@ -104,26 +217,26 @@ def main(out_dir=None, quick: bool = False, seed: int = 0, progress: bool = True
 
 
 def _schedule(cfg: dict):
-    from dataclasses import asdict
+    return default_schedule_with(cfg["ticks"], cfg["schedule"])
 
-    from ..schedule import KnobSchedule
-    from ..simulate import default_schedule
-    from ..store import from_plain
-    base = asdict(default_schedule(cfg["ticks"]))
-    changes = cfg["schedule"]
-    base.update({k: v for k, v in changes.items() if k != "rule"})
-    base["rule"].update(changes.get("rule", {}))
-    return from_plain(KnobSchedule, base)
+
+CONTROL_ABLATION = "fields off"
+"""The name of the ``controller_fields=False`` control in the summary."""
 
 
 def plan(cfg: dict):
-    """Grid ``scheduled`` (the run under the schedule) and grid ``controls`` (kappa_const: the
-    same systems with κ held constant, without the [B, T, L, E] fields)."""
+    """Grid ``scheduled`` (the run under the schedule), grid ``controls`` (kappa_const: the
+    same systems with κ held constant) and grid ``ablation`` (the same systems and schedule with
+    ``controller_fields=False``); the controls without the [B, T, L, E] fields."""
     from ..config import ControllerConfig
     from ..env import EnvConfig
-    from ..schedule import KnobSchedule
     ticks = cfg["ticks"]
     cc, ec, sched = ControllerConfig(**cfg["controller"]), EnvConfig(**cfg["env"]), _schedule(cfg)
+    unknown = sorted(set(cfg["tolerances"]) - set(_TOL_METRICS))
+    if unknown or not all(isinstance(v, (int, float)) and v >= 0
+                          for v in cfg["tolerances"].values()):
+        raise ValueError(f"config key 'tolerances': expected non-negative numbers for "
+                         f"{', '.join(_TOL_METRICS)}, got {cfg['tolerances']!r}")
     cfg["resolved"] = {"controller": cc.to_dict(), "env": ec.to_dict(),
                        "schedule": {"kind": sched.kind, "initial_kappa": sched.initial_kappa,
                                     "final_kappa": sched.final_kappa,
@@ -131,20 +244,18 @@ def plan(cfg: dict):
                                     "total_steps": sched.total_steps}}
     blocks = {"system": system_blocks(cfg["num_systems"], cfg["systems_per_cell"])}
     grids = [GridSpec("scheduled", {}, blocks)]
-    consts = {}
     if cfg["control_kappas"]:
         grids.append(GridSpec("controls", {"kappa_const": cfg["control_kappas"]}, blocks))
-        consts = {k: KnobSchedule(kind="constant", initial_kappa=k, final_kappa=k,
-                                  warmup_steps=0, total_steps=ticks)
-                  for k in cfg["control_kappas"]}
+    if cfg["ablation"]:
+        grids.append(GridSpec("ablation", {}, blocks))
 
     def arg(g, cell):
         r = g.region(cell)["system"]
-        control = g.name == "controls"
-        kw = dict(config=cc, env=ec,
-                  schedule=consts[g.value(cell, "kappa_const")] if control else sched,
-                  num_systems=r.stop - r.start, ticks=ticks, seed=cfg["seed"] + r.start,
-                  record_every=cfg["record_every"], record_layers=not control)
+        kw = dict(config=cc, env=ec, schedule=sched, num_systems=r.stop - r.start, ticks=ticks,
+                  seed=cfg["seed"] + r.start, record_every=cfg["record_every"],
+                  record_layers=g.name == "scheduled", controller_fields=g.name != "ablation")
+        if g.name == "controls":
+            kw["schedule"] = constant_schedule(g.value(cell, "kappa_const"), ticks)
         validate_simulate(kw)
         return {"simulate": kw}
 
@@ -162,14 +273,14 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
     from ..store import trajectory_arrays
     cc, sched = ControllerConfig(**cfg["controller"]), _schedule(cfg)
     traj = SimpleNamespace(**trajectory_arrays(store.dataset("scheduled").load()))
-    # Controls: is it κ that makes the phases? Same seeds, κ held at one value all along.
+    # Controls: is it κ (and the fields) that makes the phases? Same seeds throughout.
     controls = {}
     if cfg["control_kappas"]:
         cds = store.dataset("controls")
         for i, k in enumerate(cfg["control_kappas"]):
-            ct = SimpleNamespace(**trajectory_arrays(cds.isel(kappa_const=i).load()))
-            controls[float(k)] = {"R": ct.R_BT, "var_local": ct.variance_local_BTL.mean(-1),
-                                  "exploration": ct.exploration_BT, "loss": ct.loss_BT}
+            controls[f"κ≡{float(k):+g}"] = _control_series(cds.isel(kappa_const=i).load())
+    if cfg["ablation"]:
+        controls[CONTROL_ABLATION] = _control_series(store.dataset("ablation").load())
 
     # ---- per-record metrics, [B, T] ---------------------------------------------------------
     tick_T = traj.tick_T
@@ -181,6 +292,9 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
         "valleys_local": traj.valley_local_BTLE.sum(-1).mean(-1),
         "ridges_local": traj.ridge_local_BTLE.sum(-1).mean(-1),
         "health_local": _valley_health(traj.valley_local_BTLE, traj.reliability_BTLE, thr_rel),
+        # issue 9's valley health: token loss better than the layer mean (reliability > 0.5)
+        "health_mean": _valley_health(traj.valley_local_BTLE, traj.reliability_BTLE,
+                                      float(np.nextafter(0.5, 1.0))),
         "exploration": traj.exploration_BT, "maxvio": traj.maxvio_BTL.mean(-1),
         "tbar_global": traj.Tbar_global_BT,
     }
@@ -241,9 +355,6 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
     def hf(ph, key):
         return None if per_phase.get(ph) is None else per_phase[ph]["healthy_fraction"][key]
 
-    def claim(holds, evidence):
-        return {"holds": None if holds is None else bool(holds), "evidence": evidence}
-
     def both(a, b, f):
         return None if a is None or b is None else f(a, b)
 
@@ -293,6 +404,11 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
             else g("exploitation", "health_local_mean") >= 0.9,
             f"share of local valleys with reliability ≥ {thr_rel}: "
             f"{g('exploitation', 'health_local_mean')}"),
+        "exploitation_valleys_beat_layer_mean": claim(
+            None if g("exploitation", "health_mean_mean") is None
+            else g("exploitation", "health_mean_mean") >= 0.7,
+            f"share of local valleys with reliability > 0.5 (token loss better than the layer "
+            f"mean; issue 9 asks ≥ 0.7): {g('exploitation', 'health_mean_mean')}"),
         "exploitation_in_healthy_ranges": claim(
             None if hf("exploitation", "all_local") is None
             else hf("exploitation", "all_local") >= 0.5,
@@ -300,33 +416,10 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
             f"range: {hf('exploitation', 'all_local')}"),
     }
 
-    # Does the schedule cause the phases? Compare with the constant-κ controls per phase.
-    control_summary = {}
-    tol = float(cfg["kappa_effect_tolerance"])
-    max_dR = 0.0
-    for k, c in controls.items():
-        d = {}
-        for ph, mk in masks.items():
-            if not mk.any():
-                continue
-            dR = float(np.mean(m["R"][:, mk]) - np.mean(c["R"][:, mk]))
-            d[ph] = {"R_mean": float(np.mean(c["R"][:, mk])), "R_schedule_minus_control": dR,
-                     "var_local_mean": float(np.mean(c["var_local"][:, mk])),
-                     "var_local_schedule_minus_control":
-                         float(np.mean(m["var_local"][:, mk]) - np.mean(c["var_local"][:, mk])),
-                     "loss_mean": float(np.mean(c["loss"][:, mk]))}
-            max_dR = max(max_dR, abs(dR))
-        d["tick_local_forms_median"] = _median_tick(
-            _formation_tick(c["var_local"], tick_T, formed_var, run_min))
-        control_summary[str(k)] = d
-    if controls:
-        claims["phases_driven_by_kappa"] = claim(
-            max_dR > tol,
-            f"largest |mean R (schedule) − mean R (constant κ)| over phases and controls "
-            f"{max_dR:.3f} (tolerance {tol}); controls: " + "; ".join(
-                f"κ≡{k}: R " + ", ".join(f"{ph} {v['R_mean']:.3f}" for ph, v in d.items()
-                                       if isinstance(v, dict))
-                for k, d in control_summary.items()))
+    # Does the schedule cause the phases? Compare with the controls per phase.
+    control_summary = _compare_controls(m, controls, masks, cfg["tolerances"], tick_T,
+                                        formed_var, run_min)
+    claims.update(_control_claims(control_summary, cfg["control_kappas"], cfg["tolerances"]))
 
     headline = []
     for ph in PHASES:
@@ -341,20 +434,19 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
             f"all-healthy {d['healthy_fraction']['all_local']:.2f}")
     headline.append(f"landscape forms (median tick): local {formation['tick_local_mean_median']}"
                     f" ({formation['systems_formed_local']}/{formation['num_systems']} systems)")
-    if control_summary:
-        parts = []
-        for ph in PHASES:
-            vals = [f"κ≡{k} {d[ph]['R_mean']:.3f}" for k, d in control_summary.items() if ph in d]
-            if per_phase.get(ph) is not None:
-                parts.append(f"{ph} {per_phase[ph]['R_mean']:.3f} ({', '.join(vals)})")
-        headline.append("mean R, schedule (constant-κ controls): " + "; ".join(parts))
-    held = [k for k, c in claims.items() if c["holds"]]
-    failed = [k for k, c in claims.items() if c["holds"] is False]
-    headline.append(f"claims holding: {len(held)}/{len(claims)}; not holding: "
-                    f"{', '.join(failed) or 'none'}")
+    for name, d in control_summary.items():
+        w = d["largest"]
+        headline.append(
+            f"{name}: R {d['run']['R']:.3f}, explored {d['run']['exploration']:.3f}, MaxVio "
+            f"{d['run']['maxvio']:.3f}, loss {d['run']['loss']:.3f} over the run (schedule: "
+            f"{d['schedule_run']['R']:.3f}, {d['schedule_run']['exploration']:.3f}, "
+            f"{d['schedule_run']['maxvio']:.3f}, {d['schedule_run']['loss']:.3f}); largest "
+            f"difference {w['metric']} {w['delta']:+.3f} in {w['phase']} (tolerance "
+            f"{w['tolerance']:g}): {'differs' if d['differs'] else 'within tolerance'}")
+    headline.append(claims_line(claims))
 
     summary = {"phases": per_phase, "formation": formation, "claims": claims,
-               "controls_constant_kappa": control_summary, "headline": headline,
+               "controls": control_summary, "headline": headline,
                "final": {"R_median": float(np.median(traj.R_BT[:, -1])),
                          "var_local_median": float(np.median(m["var_local"][:, -1])),
                          "loss_mean": float(np.mean(traj.loss_BT[:, -1]))}}
@@ -382,33 +474,48 @@ def _band(ax, x, a_BT, label, color=None):
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
 
 
+def _control_style(name: str) -> dict:
+    """Line style of a control: κ ≡ +1 red … κ ≡ −1 blue (by κ), the ablation black."""
+    if name == CONTROL_ABLATION:
+        return {"color": "k", "ls": ":"}
+    from matplotlib import colormaps
+    k = float(name.replace("κ≡", ""))
+    return {"color": colormaps["coolwarm"](0.5 + 0.5 * np.clip(k, -1, 1)), "ls": "--"}
+
+
 def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
-    fig, axes = new_figure(7, 1, sharex=True, width=8.0, height=1.75)
+    """The scheduled run's metrics over time with the controls (median over systems)."""
     panels = [
-        ("κ", [("kappa", "κ")], None, False),
-        ("Kuramoto R", [("R", "R")], HEALTHY_RANGES["R"], False),
-        ("T̄_local variance (layer mean)", [("var_local", "local, layer mean")],
+        ("κ", "", [("kappa", "κ")], None, False),
+        ("Kuramoto R", "R", [("R", "R")], HEALTHY_RANGES["R"], False),
+        ("T̄_local variance (layer mean)", "var T̄", [("var_local", "local, layer mean")],
          HEALTHY_RANGES["tbar_variance"], True),
-        ("valleys / ridges", [("valleys_local", "valleys per layer"),
-                              ("ridges_local", "ridges per layer")], HEALTHY_RANGES["valleys"],
+        ("valleys / ridges", "per layer", [("valleys_local", "valleys per layer"),
+                                           ("ridges_local", "ridges per layer")],
+         HEALTHY_RANGES["valleys"], False),
+        ("gate", "gate", [("gate", "gate")], HEALTHY_RANGES["gate"], False),
+        ("exploration", "share", [("exploration", "explored share of slots")], None, False),
+        ("MaxVio (max/mean load − 1, layer mean)", "MaxVio", [("maxvio", "MaxVio")], None,
          False),
-        ("gate", [("gate", "gate")], HEALTHY_RANGES["gate"], False),
-        ("exploration", [("exploration", "explored share of slots")], None, False),
-        ("valley health", [("health_local", "local valleys with s ≥ 0.3")], None, False),
+        ("valley health", "share", [("health_local", "valleys with s ≥ 0.3 (seed)"),
+                                    ("health_mean", "valleys with s > 0.5 (loss < layer mean)")],
+         None,
+         False),
     ]
-    for ax, (title, series, band, logy) in zip(axes[:, 0], panels):
+    fig, axes = new_figure(len(panels), 1, sharex=True, width=8.0, height=1.75)
+    for ax, (title, ylabel, series, band, logy) in zip(axes[:, 0], panels):
         for ph, (a, b) in bounds.items():
             if b > a:
                 ax.axvspan(a, b, color=_PHASE_COLORS[ph], alpha=0.07, lw=0)
         if band is not None:
-            shade_band(ax, *band, label=None)
+            ax.axhspan(*band, color="tab:green", alpha=0.12, lw=0, zorder=0)
         for key, label in series:
             _band(ax, tick_T, m[key], label)
-        for (k, c), ls in zip(controls.items(), ("--", ":", "-.")):
+        for name, c in controls.items():
             for key, label in series:
                 if key in c:
-                    ax.plot(tick_T, np.median(c[key], axis=0), ls=ls, lw=0.9, color="0.35",
-                            label=f"{label}, κ ≡ {k:+g}")
+                    ax.plot(tick_T, np.median(c[key], axis=0), lw=0.9, label=name,
+                            **_control_style(name))
         if logy:
             ax.set_yscale("log")
         if title == "valley health":
@@ -417,8 +524,9 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
         if t_form is not None:
             ax.axvline(t_form, color="k", ls=":", lw=0.9)
         ax.set_title(title, fontsize=9, loc="left")
+        ax.set_ylabel(ylabel, fontsize=8)
         if len(ax.get_legend_handles_labels()[0]) > 1:
-            ax.legend(fontsize=6, loc="best", ncol=2)
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax0 = axes[0, 0]
     for ph, (a, b) in bounds.items():
         if b > a:
@@ -426,9 +534,10 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
                      color=_PHASE_COLORS[ph], transform=ax0.get_xaxis_transform())
     axes[-1, 0].set_xlabel("tick")
     fig.suptitle(f"phases under the {sched.kind} κ schedule ({sched.initial_kappa:+g} → "
-                 f"{sched.final_kappa:+g}, warm-up {sched.warmup_steps} ticks)\nmedian, "
-                 f"10–90 % of {m['R'].shape[0]} systems; green: healthy range; dotted: local "
-                 f"landscape forms; grey: κ held constant", fontsize=9)
+                 f"{sched.final_kappa:+g}, warm-up {sched.warmup_steps} ticks)\nmedian and "
+                 f"10–90 % of {m['R'].shape[0]} systems; green: healthy range; dotted vertical: "
+                 f"local landscape forms\ncontrols, same seeds (medians): κ held constant "
+                 f"(dashed, red = +1 … blue = −1), fields off (black dotted)", fontsize=9)
     return save_figure(fig, out / "phases.png")
 
 

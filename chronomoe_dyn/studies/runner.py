@@ -36,7 +36,8 @@ from ..gridstore import Cell, GridSpec, GridStore
 from .common import finish, out_dir_for, resolve_config
 
 __all__ = ["Execution", "Plan", "make_plan", "run_study", "StudyError", "sim_sections",
-           "simulate_cell", "validate_simulate", "system_blocks", "kernels_cached"]
+           "simulate_cell", "validate_simulate", "system_blocks", "kernels_cached",
+           "default_schedule_with", "constant_schedule", "check_late_window"]
 
 
 class StudyError(RuntimeError):
@@ -76,6 +77,38 @@ def sim_sections() -> dict[str, type]:
     from ..env import EnvConfig
     from ..schedule import KnobSchedule
     return {"controller": ControllerConfig, "env": EnvConfig, "schedule": KnobSchedule}
+
+
+def default_schedule_with(ticks: int, changes: dict):
+    """``simulate.default_schedule(ticks)`` (cosine 0.5 → −0.3, warm-up a quarter) with the
+    study's ``schedule`` changes (KnobSchedule fields; ``rule`` a dict of AdaptiveRule fields)."""
+    from dataclasses import asdict
+
+    from ..schedule import KnobSchedule
+    from ..simulate import default_schedule
+    from ..store import from_plain
+    base = asdict(default_schedule(ticks))
+    base.update({k: v for k, v in changes.items() if k != "rule"})
+    base["rule"].update(changes.get("rule", {}))
+    return from_plain(KnobSchedule, base)
+
+
+def constant_schedule(kappa: float, ticks: int):
+    """κ held at ``kappa`` for the whole run (the κ controls)."""
+    from ..schedule import KnobSchedule
+    return KnobSchedule(kind="constant", initial_kappa=float(kappa), final_kappa=float(kappa),
+                        warmup_steps=0, total_steps=ticks)
+
+
+def check_late_window(cfg: dict) -> None:
+    """ValueError naming the key unless ``store_dtype`` (float64/float32) and ``late_fraction``
+    (in (0, 1]) of a study that reads late-window means from a float store are usable."""
+    if cfg["store_dtype"] not in ("float64", "float32"):
+        raise ValueError(f"config key 'store_dtype': allowed values are 'float64', 'float32', "
+                         f"got {cfg['store_dtype']!r}")
+    if not 0.0 < cfg["late_fraction"] <= 1.0:
+        raise ValueError(f"config key 'late_fraction': expected a number in (0, 1], got "
+                         f"{cfg['late_fraction']!r}")
 
 
 def validate_simulate(kw: dict) -> None:

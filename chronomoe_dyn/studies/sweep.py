@@ -13,6 +13,12 @@ under a constant κ schedule with ``coupling = K``; every metric is averaged ove
 ``simulate`` call of ``systems_per_cell`` of those systems (None = all); system b uses seed + b
 whichever cell runs it, so the split does not change a bit of the result.
 
+Claims (``summary.json["claims"]``, tolerances in ``tolerances``), from the grids: exploration
+strictly rises with κ at every K and by ≥ 3× from the lowest to the highest κ (issue 9's κ
+lever), balance (MaxVio) no worse at the highest κ, κ moves R by more than the tolerance
+(version 1: ≤ 0.009), K raises R at every κ, and the landscape forms (var T̄_local > 0.01)
+somewhere.
+
 Run:  chronomoe-dyn study sweep [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/sweep.py
 Outputs (studies/out/sweep/): sweep.zarr (every cell's trajectory: dims coupling, kappa_const,
@@ -28,9 +34,9 @@ import numpy as np
 
 from ..gridstore import GridSpec
 from ..plot import new_figure, save_figure
-from .common import HEALTHY_RANGES
-from .runner import (make_plan, run_study, sim_sections, simulate_cell, system_blocks,
-                     validate_simulate)
+from .common import HEALTHY_RANGES, claim, claims_line
+from .runner import (check_late_window, make_plan, run_study, sim_sections, simulate_cell,
+                     system_blocks, validate_simulate)
 
 NAME = "sweep"
 
@@ -47,11 +53,14 @@ CONFIG = {
                                     # last digits)
     "controller": {},               # other ControllerConfig changes (not coupling: an axis)
     "env": {},                      # EnvConfig changes
+    # claim tolerances: R and MaxVio differences (late means over 8 systems: seed-to-seed
+    # standard errors ≈ 0.01), the κ lever on exploration (issue 9: ≥ 3× from κ = −1 to +1)
+    "tolerances": {"R": 0.05, "maxvio": 0.02, "exploration_ratio": 3.0},
 }
 
 QUICK = {"kappa": [-0.6, 0.0, 0.6], "coupling": [0.0, 2.0], "num_systems": 2, "ticks": 400}
 SECTIONS = sim_sections()
-ANALYSIS_KEYS = ("late_fraction",)
+ANALYSIS_KEYS = ("late_fraction", "tolerances")
 KERNELS = ("simulate_batch", "simulate_serial")
 AXES = ("coupling", "kappa_const")
 """The grid's axes in the store (``kappa_const``: the trajectories have a ``kappa`` variable)."""
@@ -89,12 +98,7 @@ def plan(cfg: dict):
     if "coupling" in cfg["controller"]:
         raise ValueError("config key 'controller.coupling': the sweep sets the coupling from its "
                          "axis; use --set coupling=[...]")
-    if cfg["store_dtype"] not in ("float64", "float32"):
-        raise ValueError(f"config key 'store_dtype': allowed values are 'float64', 'float32', "
-                         f"got {cfg['store_dtype']!r}")
-    if not 0.0 < cfg["late_fraction"] <= 1.0:
-        raise ValueError(f"config key 'late_fraction': expected a number in (0, 1], got "
-                         f"{cfg['late_fraction']!r}")
+    check_late_window(cfg)
     ticks, B = cfg["ticks"], cfg["num_systems"]
     env = EnvConfig(**cfg["env"])
     configs = {K: ControllerConfig(**{**cfg["controller"], "coupling": K})
@@ -169,6 +173,49 @@ def _late_metrics(ds, late_fraction: float, block: int) -> dict:
     return out
 
 
+def _claims(a: dict, kappas: list, Ks: list, tol: dict) -> dict:
+    """Claims about κ and K, from the grids (rows: K ascending as given; columns: κ)."""
+    ik = np.argsort(kappas)
+    k_lo, k_hi = kappas[ik[0]], kappas[ik[-1]]
+    ex, vio, R = a["exploration"][:, ik], a["maxvio"][:, ik], a["R"][:, ik]
+    ratio = np.divide(ex[:, -1], ex[:, 0], out=np.full(len(Ks), np.inf), where=ex[:, 0] > 0)
+
+    def per_K(v, f):
+        return ", ".join(f"K={K:g}: {f.format(x)}" for K, x in zip(Ks, v))
+
+    out = {
+        "exploration_rises_with_kappa": claim(
+            len(kappas) > 1 and bool(np.all(np.diff(ex, axis=1) > 0)),
+            "explored share strictly increasing in κ at every K; at κ = "
+            f"{k_lo:+g} → {k_hi:+g}: " + ", ".join(
+                f"K={K:g}: {x0:.3f} → {x1:.3f}" for K, x0, x1 in zip(Ks, ex[:, 0], ex[:, -1]))),
+        "kappa_lever_3x": claim(
+            bool(np.all(ratio >= tol["exploration_ratio"])),
+            f"exploration at κ={k_hi:+g} / at κ={k_lo:+g} (need ≥ "
+            f"{tol['exploration_ratio']:g}×): " + per_K(ratio, "{:.1f}×")),
+        "balance_no_worse_as_kappa_rises": claim(
+            bool(np.all(vio[:, -1] <= vio[:, 0] + tol["maxvio"])),
+            f"late MaxVio at κ={k_hi:+g} − at κ={k_lo:+g} (tolerance {tol['maxvio']:g}): "
+            + per_K(vio[:, -1] - vio[:, 0], "{:+.3f}")),
+        "kappa_moves_R": claim(
+            float(np.max(np.abs(R[:, -1] - R[:, 0]))) > tol["R"],
+            f"late R at κ={k_hi:+g} − at κ={k_lo:+g} (tolerance {tol['R']:g}; version 1: "
+            f"≤ 0.009): " + per_K(R[:, -1] - R[:, 0], "{:+.3f}")),
+        "landscape_forms_somewhere": claim(
+            bool(np.any(a["var_local"] > HEALTHY_RANGES["tbar_variance"][0])),
+            f"largest late var T̄_local {float(np.max(a['var_local'])):.4f} (formed: > "
+            f"{HEALTHY_RANGES['tbar_variance'][0]:g})"),
+    }
+    if len(Ks) > 1:
+        iK = np.argsort(Ks)
+        dR = a["R"][iK[-1]] - a["R"][iK[0]]
+        out["coupling_raises_R"] = claim(
+            bool(np.all(dR > tol["R"])),
+            f"late R at K={Ks[iK[-1]]:g} − at K={Ks[iK[0]]:g} at every κ (need > {tol['R']:g}): "
+            + ", ".join(f"κ={k:+g}: {d:+.3f}" for k, d in zip(kappas, dR)))
+    return out
+
+
 def analyse(cfg: dict, store, out) -> tuple[dict, list]:
     """The phase diagram's numbers and figures, from the store."""
     from ..config import ControllerConfig
@@ -224,7 +271,9 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
         slopes = [float(np.polyfit(kappas, arrays[m][i], 1)[0]) for i in range(len(Ks))] \
             if len(kappas) > 1 else []
         trends[m] = {"slope_per_unit_kappa_by_coupling": dict(zip(map(str, Ks), slopes))}
-    summary = {"kappa": kappas, "coupling": Ks, "cells": cells,
+    claims = _claims(arrays, kappas, Ks, cfg["tolerances"])
+    headline.append(claims_line(claims))
+    summary = {"kappa": kappas, "coupling": Ks, "cells": cells, "claims": claims,
                "grids": {k: v for k, v in arrays.items()}, "kappa_trends": trends,
                "best_healthy_cell": best, "lowest_loss_cell": loss_best, "headline": headline,
                "kappa_effect_max_abs": k_effect,

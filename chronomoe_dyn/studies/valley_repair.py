@@ -21,6 +21,12 @@ with T̄₀ the expert's T̄ at the collapse. We evaluate it per sample with the
 with the measured time (``estimate_vs_measured.png``). It predicts repair ∝ 1/η and shrinking
 with β_reliability only through the size of the T_fast jump.
 
+Claims (``summary.json["claims"]``, tolerances in ``tolerances``): the seed's self-correction
+(``bad_valleys_fill``: ≥ 95 % of the valleys fill within the run), the estimate
+(``ema_estimate_agrees``: median estimate/measured within ±0.25), repair faster with either
+knob (``faster_with_eta``, ``faster_with_beta``) and the pure EMA scaling
+(``repair_scales_as_inverse_eta``: log-log slope vs η_local within −1 ± 0.3).
+
 Run:  chronomoe-dyn study valley-repair [--quick] [--seed N] [--out DIR] [--set KEY=VALUE]
       python studies/valley_repair.py
 Outputs (studies/out/valley-repair/): valley-repair.zarr (every cell's trajectory),
@@ -40,6 +46,7 @@ import numpy as np
 from ..gridstore import GridSpec
 from ..landscape import landscape_masks
 from ..plot import new_figure, save_figure
+from .common import claim, claims_line
 from .runner import (make_plan, run_study, sim_sections, simulate_cell, system_blocks,
                      validate_simulate)
 
@@ -60,12 +67,16 @@ CONFIG = {
     "controller": {},               # other ControllerConfig changes (not the two axes)
     "env": {},
     "default_cell": [0.2, 0.01],    # (β_reliability, η_local) of the example figure
+    # claim tolerances: filled = the share of valleys that fill within the run; estimate = the
+    # allowed |median(estimate/measured) − 1|; eta_slope = the allowed distance of the log-log
+    # slope of repair time vs η_local from −1 (the pure EMA picture)
+    "tolerances": {"filled": 0.95, "estimate": 0.25, "eta_slope": 0.3},
 }
 
 QUICK = {"beta_reliability": [0.2, 0.8], "eta_structural_T_local": [0.01, 0.04],
          "num_systems": 2, "collapse_tick": 401, "ticks": 1200, "default_cell": [0.2, 0.01]}
 SECTIONS = sim_sections()
-ANALYSIS_KEYS = ("default_cell",)
+ANALYSIS_KEYS = ("default_cell", "tolerances")
 KERNELS = ("simulate_batch", "simulate_serial")
 AXES = {"beta_reliability": "beta_reliability", "eta_structural_T_local": "eta_local"}
 """ControllerConfig field -> the store's axis name."""
@@ -201,6 +212,34 @@ def plan(cfg: dict):
 run_cell = simulate_cell
 
 
+def _claims(summary: dict, tol: dict) -> dict:
+    """The seed's self-correction claim and the EMA picture's predictions, with tolerances."""
+    n, cens = summary["samples_total"], summary["censored_total"]
+    out = {"bad_valleys_fill": claim(
+        None if n == 0 else (n - cens) / n >= tol["filled"],
+        f"{n - cens}/{n} valleys of the collapsed expert filled within "
+        f"{summary['post_collapse_ticks']} ticks (need ≥ {tol['filled']:.0%})")}
+    r = summary["estimate_over_measured"]["median"]
+    out["ema_estimate_agrees"] = claim(
+        None if r is None else abs(r - 1.0) <= tol["estimate"],
+        f"median geometric-EMA estimate / measured {r if r is None else round(r, 3)} "
+        f"(tolerance ±{tol['estimate']:g}; over {summary['estimate_over_measured']['n']} valleys)")
+    se, sb = summary["loglog_slope_vs_eta"], summary["loglog_slope_vs_beta"]
+    if se:
+        out["faster_with_eta"] = claim(all(v < 0 for v in se.values()),
+                                       "log-log slopes vs η_local: " + ", ".join(
+                                           f"β={k}: {v:.2f}" for k, v in se.items()))
+        out["repair_scales_as_inverse_eta"] = claim(
+            all(abs(v + 1.0) <= tol["eta_slope"] for v in se.values()),
+            f"the pure EMA picture: slope −1 ± {tol['eta_slope']:g}; measured "
+            + ", ".join(f"β={k}: {v:.2f}" for k, v in se.items()))
+    if sb:
+        out["faster_with_beta"] = claim(all(v < 0 for v in sb.values()),
+                                        "log-log slopes vs β_reliability: " + ", ".join(
+                                            f"η={k}: {v:.2f}" for k, v in sb.items()))
+    return out
+
+
 def analyse(cfg: dict, store, out) -> tuple[dict, list]:
     """Repair times per (β, η), the EMA estimate and the figures, from the store."""
     from types import SimpleNamespace
@@ -327,6 +366,8 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
     if slopes_beta:
         headline.append("log-log slope vs β_reliability: " + ", ".join(
             f"η={k}: {v:.2f}" for k, v in slopes_beta.items()))
+    summary["claims"] = _claims(summary, cfg["tolerances"])
+    headline.append(claims_line(summary["claims"]))
     summary["headline"] = headline
 
     # ---- figures ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from chronomoe_dyn.studies import STUDIES, get_study
 def test_list_names_every_study(capsys):
     assert cli.main(["study", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("phases", "valley-repair", "kuramoto", "sweep"):
+    for name in ("phases", "valley-repair", "kuramoto", "sweep", "calibrate"):
         assert name in out
 
 
@@ -116,7 +116,7 @@ def test_console_script_entry_point():
 
 def test_thin_scripts_run_the_cli():
     root = Path(__file__).resolve().parents[2] / "studies"
-    for name in ("phases", "valley_repair", "kuramoto", "sweep"):
+    for name in ("phases", "valley_repair", "kuramoto", "sweep", "calibrate"):
         r = subprocess.run([sys.executable, str(root / f"{name}.py"), "--help"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

@@ -1,0 +1,51 @@
+"""The calibration candidates file is shared by the simulator (`chronomoe-dyn study calibrate`,
+which reads it without torch) and real text (`chronomoe-train compare --arms-file`): both
+readers must accept it and agree on every arm's controller constants."""
+
+from __future__ import annotations
+
+import pytest
+
+from chronomoe_dyn.studies.calibrate_io import default_candidates_path, load_candidates
+from chronomoe_torch.arms import BenchmarkSpec, load_arms_file, resolve_arm
+
+
+def _agree(path):
+    sim = load_candidates(path)
+    real = load_arms_file(path)
+    assert list(sim) == list(real)
+    for name, arm in real.items():
+        assert sim[name].controller == arm.controller, name
+        model, _ = resolve_arm(arm, BenchmarkSpec(steps=10), seed=0)
+        for field, value in arm.controller.items():
+            assert getattr(model.controller_config, field) == value, (name, field)
+    return sim, real
+
+
+def test_shipped_candidates_file_reads_the_same_in_both_halves():
+    sim, real = _agree(default_candidates_path())
+    assert all(a.training == {} and a.model == {} for a in real.values())
+
+
+def test_real_text_only_changes_are_named_not_simulated(tmp_path):
+    """``base``, ``training`` and ``model`` act on real text only: the simulator lists them
+    (``real_text_only``) and takes the controller table as compare does."""
+    f = tmp_path / "c.toml"
+    f.write_text('[arms."x=1"]\nbase = "pxt"\ncontroller = { lens_rate = 0.1 }\n'
+                 'training = { lambda_balance = 0.02 }\nmodel = { aux_free_bias_rate = 0.0 }\n',
+                 encoding="utf-8")
+    sim, real = _agree(f)
+    assert sim["x=1"].real_text_only == ("training.lambda_balance", "model.aux_free_bias_rate")
+    assert real["x=1"].training == {"lambda_balance": 0.02}
+
+
+@pytest.mark.parametrize("body", ['controller = { drift_gian = 0.1 }',
+                                  'controller = { coupling = -1.0 }'])
+def test_both_halves_refuse_the_same_bad_arm(tmp_path, body):
+    from chronomoe_torch.arms import ArmError
+    f = tmp_path / "c.toml"
+    f.write_text(f'[arms.a]\n{body}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="arm 'a'"):
+        load_candidates(f)
+    with pytest.raises(ArmError, match="arm 'a'"):
+        resolve_arm(load_arms_file(f)["a"], BenchmarkSpec(steps=10), seed=0)
