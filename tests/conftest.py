@@ -49,3 +49,75 @@ def cfg() -> ControllerConfig:
 def state_2x4(cfg) -> ControllerState:
     """A fresh 2-layer, 4-expert state, seed 0."""
     return init_state(cfg, 2, 4, seed=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Import graphs of the packages (the architecture tests of tests/dyn and tests/torch)
+def _import_graph(pkg) -> dict[str, set[str]]:
+    """module -> the modules of package directory ``pkg`` it imports anywhere in the file
+    (inside functions and ``if TYPE_CHECKING:`` too: a lazy import only hides a cycle)."""
+    import ast
+    from pathlib import Path
+    pkg = Path(pkg).resolve()
+
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(pkg.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        return ".".join(parts)
+
+    modules = {name_of(p): p for p in sorted(pkg.rglob("*.py"))}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    root = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    root = node.module or ""
+                targets = [root] + [f"{root}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in modules and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles of ``graph``, ignoring edges into a package's own __init__ from inside the
+    package (``from . import rng`` loads the package first in any case)."""
+    found, state = [], {}
+
+    def visit(m, stack):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if m.startswith(n + "."):
+                continue
+            if state.get(n) == 1:
+                found.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack)
+        stack.pop()
+        state[m] = 2
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    return found
+
+
+@pytest.fixture(scope="session")
+def import_graph():
+    """import_graph(package_dir) -> {module: modules of the package it imports}."""
+    return _import_graph
+
+
+@pytest.fixture(scope="session")
+def import_cycles():
+    """import_cycles(graph) -> the import cycles of a graph, each as [m0, m1, ..., m0]."""
+    return _import_cycles

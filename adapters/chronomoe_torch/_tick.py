@@ -109,12 +109,17 @@ class TickKernel:
         bad = (torch.clamp(obs, 0.0, self.max_entry_incl) - obs).any()
 
         # κ smoothing first, so this tick's lens sees it.
-        r = cfg.kappa_smoothing
+        r, rho = cfg.kappa_smoothing, 1.0 - cfg.usage_decay
         kap_old, kap_in = b["kappa"], b["kappa_target"]
         kap = kap_in if r == 1.0 else _ema(kap_old, kap_in, r)
 
-        usage, delta, active_L1 = self._usage_step(counts)
-        scale = self._scale_step(std_sum, tokens)
+        frac, delta, active_L1 = self._usage_step(counts)
+        usage = _ema(b["usage_LE"], frac, rho)
+        # σ_L: the first observation sets it (σ_L = 0 means "not observed yet"), later ones take
+        # the EMA with ρ; a layer without tokens keeps it (its input is σ_L itself).
+        sig = b["logit_scale_L"]
+        sig_obs = torch.where(tokens > 0, std_sum / tokens, sig)
+        scale = torch.where(sig == 0, sig_obs, _ema(sig, sig_obs, rho))
 
         # Reliability: experts that got tokens move; the others get target = s, which the EMA's
         # hull clamp keeps exactly (the reference's where(counts > 0, ·, s)).
@@ -152,29 +157,17 @@ class TickKernel:
 
     def _usage_step(self, counts: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(usage, δ, active_L1) in float64 (the counts promoted exactly). δ is the z-scored
-        drift (frac − u)/sqrt(max(u(1−u), 1/E²)/n), n the layer's slots. An idle layer (n = 0)
-        gets frac = u: δ = 0·(1/∞) = 0 exactly and its EMA stays at u (the hull of u and u)."""
-        b = self.ctrl._buffers
-        u = b["usage_LE"]                                          # float64 (phase input)
+        """(frac, δ, active_L1) in float64 (the counts promoted exactly); the usage EMA's input
+        is frac. δ is the z-scored drift (frac − u)/sqrt(max(u(1−u), 1/E²)/n), n the layer's
+        slots. An idle layer (n = 0) gets frac = u: its EMA stays at u (the hull of u and u) and
+        δ = 0/sqrt(var/0) = 0/∞ = 0 exactly (var ≥ 1/E² > 0)."""
+        u = self.ctrl._buffers["usage_LE"]                         # float64 (phase input)
         n_L1 = counts.sum(dim=1, keepdim=True, dtype=torch.float64)
         active_L1 = n_L1 > 0
         frac = torch.where(active_L1, counts / n_L1, u)
         var = torch.clamp(u * (1.0 - u), min=self.drift_eps)
-        sd = torch.sqrt(var / torch.where(active_L1, n_L1, self.const["inf64"]))
-        delta = (frac - u) / torch.where(active_L1, sd, self.const["inf64"])
-        usage = _ema(u, frac, 1.0 - self.ctrl.config.usage_decay)
-        return usage, delta, active_L1
-
-    def _scale_step(self, std_sum_L: torch.Tensor, tokens_L: torch.Tensor) -> torch.Tensor:
-        """σ_L: the first observation sets it (σ_L = 0 means "not observed yet"), later ones take
-        the hull-clipped EMA with ρ = usage_decay; a layer without tokens keeps it."""
-        sig = self.ctrl._buffers["logit_scale_L"]
-        has = tokens_L > 0
-        obs = std_sum_L / torch.where(has, tokens_L, self.const["inf"])
-        obs = torch.where(has, obs, sig)
-        ema = _ema(sig, obs, 1.0 - self.ctrl.config.usage_decay)
-        return torch.where(sig == 0, obs, ema)
+        delta = (frac - u) / torch.sqrt(var / n_L1)
+        return frac, delta, active_L1
 
     def _phase_step(self, delta: torch.Tensor, t: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

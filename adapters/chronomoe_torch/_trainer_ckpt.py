@@ -101,6 +101,91 @@ class CheckpointingMixin:
         return (f"keep_last_n_checkpoints={k}: the {k} newest step_<n> checkpoints are kept, "
                 f"and any that latest/best/final/last_good name; older ones are deleted")
 
+    # ------------------------------------------------------------------ the checkpoint tree
+    def _configs(self) -> dict[str, Any]:
+        mcfg = getattr(self.model, "config", None)
+        return {"training": self.config.to_dict(),
+                "model": mcfg.to_dict() if hasattr(mcfg, "to_dict") else None,
+                "controller": (self.controller.config.to_dict()
+                               if self.controller is not None else None),
+                "total_steps": self.total_steps, "schedule_steps": self.schedule_steps,
+                "run_id": self.run_id}
+
+    def _controller_prefix(self) -> str | None:
+        for name, m in self.model.named_modules():
+            if m is self.controller and self.controller is not None:
+                return name + "."
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's checkpoint tree (docs/CONTRACTS.md, "trainer")."""
+        model_sd = self.model.state_dict()
+        prefix = self._controller_prefix()
+        if prefix is not None and not self.config.save_chronovisor_state:
+            model_sd = type(model_sd)((k, v) for k, v in model_sd.items()
+                                      if not k.startswith(prefix))
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "knob_scheduler": self.knob_scheduler.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "rng": ckpt.capture_rng_state(),
+            "data": self.stream.state_dict(),
+            "counters": {"global_step": self.global_step, "micro_step": self.micro_step,
+                         "tokens_seen": self.tokens_seen,
+                         "skipped_steps": self._skips_total.clone(),
+                         "consecutive_skips": self._skips_run.clone(),
+                         "consecutive_skips_max": self._skips_run_max.clone(),
+                         "skips_logged": self._skips_logged, "num_logs": self._num_logs,
+                         "best_eval_loss": self.best_eval_loss},
+            "history": {k: list(v) for k, v in self.history.items()},
+            "eval_history": [dict(e) for e in self.eval_history],
+            "configs": self._configs(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a tree from ``state_dict()``; the data iterator resumes on the next step.
+        The κ and LR schedules keep the checkpoint's length (see ``TrainingConfig``)."""
+        self._check_compatible(state.get("configs") or {})
+        self._continue_schedules(state.get("configs") or {}, int(state["counters"]["global_step"]))
+        prefix = self._controller_prefix()
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        allowed = [k for k in missing if prefix is not None and k.startswith(prefix)]
+        if unexpected or len(allowed) != len(missing):
+            raise ckpt.CheckpointMismatchError(
+                f"checkpoint model state does not fit this model: missing "
+                f"{sorted(set(missing) - set(allowed))[:8]}, unexpected {sorted(unexpected)[:8]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.knob_scheduler.load_state_dict(state["knob_scheduler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        ckpt.restore_rng_state(state["rng"])
+        self.stream.load_state_dict(state["data"])
+        c = state["counters"]
+        self.global_step, self.micro_step = int(c["global_step"]), int(c["micro_step"])
+        self.tokens_seen = int(c["tokens_seen"])
+        for buf, key in ((self._skips_total, "skipped_steps"),
+                         (self._skips_run, "consecutive_skips"),
+                         (self._skips_run_max, "consecutive_skips_max")):
+            buf.copy_(c[key].to(buf.device))
+        self._skips_logged, self._num_logs = int(c["skips_logged"]), int(c["num_logs"])
+        self.best_eval_loss = c["best_eval_loss"]
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.eval_history = [dict(e) for e in state["eval_history"]]
+        self._resumed(state.get("configs") or {})
+
+    def _check_compatible(self, configs: dict[str, Any]) -> None:
+        saved, mine = configs.get("model"), self._configs()["model"]
+        if not saved or not mine:
+            return
+        keys = ("vocab_size", "hidden_dim", "num_layers", "num_experts", "top_k")
+        a = {k: saved.get(k) for k in keys}
+        b = {k: mine.get(k) for k in keys}
+        if a != b:
+            raise ckpt.CheckpointMismatchError(f"checkpoint is from a model with {a}, this model "
+                                               f"has {b}")
+
     # ------------------------------------------------------------------ run directory, resume
     def _init_run_state(self) -> None:
         self.run_id = cdist.broadcast_str(uuid.uuid4().hex[:12])   # rank 0's on every rank

@@ -37,8 +37,9 @@ Without renormalisation the model would see shifted probabilities: give such rou
 
 Shape legend: N routed tokens (rows of a router call), E experts, K top-k, L routed layers.
 
-Over 400 lines: router discovery and planning, the hook and the handle are one attachment's
-life cycle (plan → install → route/observe → tick → state → detach), read together.
+Which modules are routers and how each is hooked (discovery, gate rules, expert count, top-k)
+is planned in ``_attach_plan``; the hook itself is ``_attach_hook.RouterHook``; this module holds
+the handle (install, tick, state, detach) and ``attach()``.
 """
 
 from __future__ import annotations
@@ -46,14 +47,17 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from chronomoe_dyn.config import ControllerConfig
 
-from .routing import RoutingStats, in_backward, route, stats_row
+from ._attach_hook import RouterHook
+from ._attach_plan import (SUPPORTED_ROUTERS, AttachError, RouterPlan, find_routers,
+                           plan_routers)
+from .routing import RoutingStats, in_backward
 
 __all__ = ["attach", "AttachHandle", "AttachError", "SUPPORTED_ROUTERS", "find_routers"]
 
@@ -61,61 +65,6 @@ ATTACH_FORMAT_VERSION = 2       # 2: controller law v2
 # A handle per attached router module; lets attach() refuse a second attachment without
 # marking the model itself (a weak map: a collected model leaves no entry).
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, AttachHandle]" = weakref.WeakKeyDictionary()
-
-
-class AttachError(ValueError):
-    """attach() refused: no router found, inconsistent expert counts, already attached, or a
-    state_dict for another model. The model is left untouched."""
-
-
-# --------------------------------------------------------------------------------------------
-# Gate rules of the supported transformers routers: (renormalise?, cast gates to z's dtype?)
-# --------------------------------------------------------------------------------------------
-GateRule = Callable[[nn.Module], "tuple[bool, bool]"]
-
-# transformers 5.x router classes (``model.layers[i].mlp.gate``), by class name: Mixtral always
-# renormalises and keeps float32 gates; Qwen2-MoE / Qwen3-MoE / OLMoE renormalise only with
-# ``norm_topk_prob`` and cast the gates back to the logits' dtype.
-SUPPORTED_ROUTERS: dict[str, GateRule] = {
-    "MixtralTopKRouter": lambda m: (True, False),
-    "Qwen2MoeTopKRouter": lambda m: (bool(m.norm_topk_prob), True),
-    "Qwen3MoeTopKRouter": lambda m: (bool(m.norm_topk_prob), True),
-    "OlmoeTopKRouter": lambda m: (bool(m.norm_topk_prob), True),
-}
-
-
-def _is_hf_router(m: nn.Module) -> bool:
-    cls = type(m)
-    return cls.__name__ in SUPPORTED_ROUTERS and cls.__module__.startswith("transformers.")
-
-
-def _strip_wrappers(name: str) -> str:
-    """Module path without the prefixes that DDP/FSDP/torch.compile wrappers add."""
-    parts = [p for p in name.split(".") if p not in ("module", "_orig_mod", "_fsdp_wrapped_module",
-                                                       "_checkpoint_wrapped_module")]
-    return ".".join(parts)
-
-
-def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The recognised transformers routers of ``model`` in module order, as (name, module)."""
-    return [(_strip_wrappers(n), m) for n, m in model.named_modules() if _is_hf_router(m)]
-
-
-# --------------------------------------------------------------------------------------------
-# Per-router plan and hook
-# --------------------------------------------------------------------------------------------
-@dataclass
-class _RouterPlan:
-    name: str
-    module: nn.Module
-    num_experts: int
-    top_k: int | None
-    """K, or None for a supported transformers router (read from the module at call time)."""
-    gate_rule: GateRule
-    output_kind: str
-    """"hf": (logits, gates, idx) from a supported transformers router; "generic": a user's
-    router, its output read at call time (a tensor of logits, a tuple (logits, gates, idx, ...)
-    whose gates and indices are recomputed, or a tuple whose first entry is the logits)."""
 
 
 def _positional_index(model: nn.Module, name: str) -> int | None:
@@ -133,106 +82,6 @@ def _positional_index(model: nn.Module, name: str) -> int | None:
     return None
 
 
-def _expert_count(m: nn.Module, num_experts: int | None) -> int | None:
-    for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
-        v = getattr(m, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    return num_experts
-
-
-def _top_k_of(m: nn.Module, top_k: int | None) -> int | None:
-    if top_k is not None:
-        return top_k
-    for attr in ("top_k", "num_experts_per_tok", "k"):
-        v = getattr(m, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
-
-
-class _RouterHook:
-    """Forward hook of one router: routes by the v2 rule from its raw logits, observes."""
-
-    def __init__(self, handle: "AttachHandle", layer: int, plan: _RouterPlan) -> None:
-        self.handle_ref = weakref.ref(handle)
-        self.layer = layer
-        self.plan = plan
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        handle = self.handle_ref()
-        if handle is None:
-            return None
-        plan, layer, ctrl = self.plan, self.layer, handle.controller
-        is_tensor = isinstance(output, torch.Tensor)
-        z = output if is_tensor else output[0]
-        z_NE = z if z.dim() == 2 else z.reshape(-1, z.shape[-1])
-        observing = handle._observing(module)
-        stats = handle.routing_stats if module.training else handle.eval_routing_stats
-        full = stats.enabled and not in_backward()
-        has_idx = plan.output_kind == "hf" or (
-            not is_tensor and len(output) >= 3 and isinstance(output[2], torch.Tensor)
-            and not output[2].is_floating_point())
-        renorm, cast = plan.gate_rule(module)
-        K = plan.top_k if plan.top_k is not None else module.top_k
-        fields = noise = None
-        if handle.controller_fields:
-            fields = ctrl.layer_fields(layer)
-            if module.training:
-                noise = ctrl.noise_key(layer, z_NE.shape[0])
-        valid_N = handle._valid_N
-        if valid_N is not None and valid_N.numel() != z_NE.shape[0]:
-            valid_N = None                          # a router called on other tokens
-
-        result, idx_NK, gate_NK, row = output, None, None, None
-        if fields is None and has_idx:
-            # The router's own routing stands (plain top-k of z); observe it as it is.
-            if observing or full or handle.record_routing:
-                idx_NK = output[2].reshape(-1, output[2].shape[-1])
-                gate_NK = output[1].reshape(idx_NK.shape)
-                row = stats_row(idx_NK, gate_NK.detach(), z_NE.detach(), valid_N, full=full)
-        elif fields is not None or observing or full or handle.record_routing:
-            r = route(z_NE, K, fields=fields, renormalize=renorm,
-                      gate_dtype=z.dtype if cast else torch.float32, training=module.training,
-                      valid_N=valid_N, noise=noise, want_probs=False, full_stats=full)
-            idx_NK, gate_NK, row = r.expert_idx_NK, r.gate_NK, r.stats_F
-            if fields is not None:
-                result = self._hand_over(output, z, z_NE, idx_NK, gate_NK, has_idx, is_tensor)
-        if observing:
-            ctrl.observe_stats(layer, row)
-            handle._observed = True
-        elif not module.training:
-            handle._eval_calls = True
-        if full:
-            stats.add(layer, row)
-        if handle.record_routing:
-            handle._records[layer] = (z_NE, idx_NK, gate_NK)
-        if result is output:
-            return None
-        if is_tensor or type(output) is tuple:
-            return result
-        if hasattr(output, "_fields"):           # a NamedTuple
-            return type(output)(*result)
-        return type(output)(result)
-
-    @staticmethod
-    def _hand_over(output: Any, z: torch.Tensor, z_NE: torch.Tensor, idx_NK: torch.Tensor,
-                   gate_NK: torch.Tensor, has_idx: bool, is_tensor: bool) -> Any:
-        """The router's output with the controller's routing in it."""
-        if has_idx:
-            gates = gate_NK.to(output[1].dtype).reshape(output[1].shape)
-            return (output[0], gates, idx_NK.reshape(output[2].shape), *output[3:])
-        # Logits only: lift the selected experts by a per-token constant (module docstring).
-        with torch.no_grad():
-            c_N1 = (z_NE.amax(-1, keepdim=True) - z_NE.amin(-1, keepdim=True)).float() + 1.0
-            lift_NE = torch.zeros(z_NE.shape, dtype=torch.float32, device=z.device
-                                  ).scatter_(1, idx_NK, c_N1.expand_as(idx_NK))
-        shifted = (z_NE.float() + lift_NE).to(z.dtype).reshape(z.shape)
-        return shifted if is_tensor else (shifted, *output[1:])
-
-
 # --------------------------------------------------------------------------------------------
 # The handle
 # --------------------------------------------------------------------------------------------
@@ -246,7 +95,7 @@ class AttachHandle:
     their ``start()``).
     """
 
-    def __init__(self, model: nn.Module, controller: nn.Module, plans: Sequence[_RouterPlan],
+    def __init__(self, model: nn.Module, controller: nn.Module, plans: Sequence[RouterPlan],
                  *, mask_padding: bool, observe_in_eval: bool, record_routing: bool,
                  controller_fields: bool = True) -> None:
         self.controller = controller
@@ -276,7 +125,7 @@ class AttachHandle:
         self._mask_pos = _positional_index(model, "attention_mask")
         try:
             for layer, plan in enumerate(self._plans):
-                h = plan.module.register_forward_hook(_RouterHook(self, layer, plan), prepend=True)
+                h = plan.module.register_forward_hook(RouterHook(self, layer, plan), prepend=True)
                 self._hook_handles.append(h)
             self._hook_handles.append(model.register_forward_pre_hook(
                 self._model_pre_hook, with_kwargs=True))
@@ -458,64 +307,6 @@ class RoutingRecord:
 # --------------------------------------------------------------------------------------------
 # attach()
 # --------------------------------------------------------------------------------------------
-def _plan_routers(model: nn.Module, routers: Iterable[nn.Module] | None, num_experts: int | None,
-                  top_k: int | None, renormalize: bool) -> list[_RouterPlan]:
-    names = {id(m): _strip_wrappers(n) for n, m in model.named_modules()}
-    plans: list[_RouterPlan] = []
-    if routers is None:
-        found = find_routers(model)
-        if not found:
-            kinds = sorted({type(m).__name__ for m in model.modules()
-                            if "router" in type(m).__name__.lower()
-                            or "gate" in type(m).__name__.lower()})
-            raise AttachError(
-                f"attach: no supported router in {type(model).__name__}; expected modules of "
-                f"class {sorted(SUPPORTED_ROUTERS)} (transformers 5.x); router-like classes "
-                f"found: {kinds or 'none'}. For another MoE pass routers=[module, ...]")
-        for name, m in found:
-            plans.append(_RouterPlan(name, m, int(m.num_experts), None,
-                                     SUPPORTED_ROUTERS[type(m).__name__], "hf"))
-    else:
-        routers = list(routers)
-        if not routers:
-            raise AttachError("attach: routers=[] is empty; pass the router modules, or "
-                              "routers=None to find transformers routers")
-        seen: set[int] = set()
-        for i, m in enumerate(routers):
-            if not isinstance(m, nn.Module):
-                raise AttachError(f"attach: routers[{i}] is a {type(m).__name__}, expected an "
-                                  "nn.Module")
-            if id(m) not in names:
-                raise AttachError(f"attach: routers[{i}] ({type(m).__name__}) is not a "
-                                  f"submodule of the {type(model).__name__} given")
-            if id(m) in seen:
-                raise AttachError(f"attach: routers[{i}] ({names[id(m)]}) is listed twice")
-            seen.add(id(m))
-            E = _expert_count(m, num_experts)
-            if E is None:
-                raise AttachError(f"attach: cannot tell the expert count of {names[id(m)]} "
-                                  f"({type(m).__name__}: no num_experts attribute, not an "
-                                  "nn.Linear); pass num_experts=")
-            if _is_hf_router(m):
-                plans.append(_RouterPlan(names[id(m)], m, E, None,
-                                         SUPPORTED_ROUTERS[type(m).__name__], "hf"))
-                continue
-            k = _top_k_of(m, top_k)
-            if k is None:
-                raise AttachError(f"attach: cannot tell the top-k of {names[id(m)]} "
-                                  f"({type(m).__name__}: no top_k attribute); pass top_k=")
-            plans.append(_RouterPlan(names[id(m)], m, E, k, lambda _m: (renormalize, False),
-                                     "generic"))
-    counts = {p.name: p.num_experts for p in plans}
-    expected = num_experts if num_experts is not None else plans[0].num_experts
-    bad = {n: e for n, e in counts.items() if e != expected}
-    if bad:
-        raise AttachError(f"attach: expert count mismatch: expected {expected} experts "
-                          f"({'num_experts' if num_experts is not None else plans[0].name}), "
-                          f"found {bad}")
-    return plans
-
-
 def attach(model: nn.Module, controller_config: ControllerConfig | None = None, *,
            optimizer: torch.optim.Optimizer | None = None,
            routers: Sequence[nn.Module] | None = None,
@@ -561,7 +352,7 @@ def attach(model: nn.Module, controller_config: ControllerConfig | None = None, 
         raise AttachError(f"attach: model is a {type(model).__name__}, expected an nn.Module")
     if not isinstance(controller_fields, bool):
         raise AttachError(f"attach: controller_fields={controller_fields!r}: expected a bool")
-    plans = _plan_routers(model, routers, num_experts, top_k, renormalize)
+    plans = plan_routers(model, routers, num_experts, top_k, renormalize)
     already = [(p.name, _ATTACHED[p.module]) for p in plans if p.module in _ATTACHED]
     if already:
         raise AttachError(f"attach: router(s) {[n for n, _ in already]} already attached "

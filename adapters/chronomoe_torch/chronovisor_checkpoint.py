@@ -8,6 +8,10 @@ stale snapshots and states that break the law's invariants, and checks a checksu
 at load and after restore. Re-exported by ``chronomoe_torch.checkpoint``.
 
 Shapes: L layers, E experts, H history length, n <= H history entries kept.
+
+Over 400 lines: one dataclass with the seed's field names (each documented) and its life cycle
+(capture, validate, restore, (de)serialise), all reading the buffer tables below; split, one
+table would be read in several files.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from ._ckpt_format import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from ._ckpt_io import _load, save_state
 from ._tree import _dtype_name
 
 __all__ = ["ChronovisorCheckpoint", "LensState", "CHRONOVISOR_KIND"]
@@ -389,7 +394,6 @@ class ChronovisorCheckpoint:
                 f"ChronovisorCheckpoint.save({path}): stale snapshot: captured at tick "
                 f"{self.tick}, the controller is now at tick {int(self._source.tick_counter)} "
                 f"(capture again, or pass allow_stale=True)")
-        from .checkpoint import save_state  # it imports this module
         self.validate()
         return save_state(path, self.to_tree(), kind=CHRONOVISOR_KIND, **kwargs)
 
@@ -397,7 +401,6 @@ class ChronovisorCheckpoint:
     def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> "ChronovisorCheckpoint":
         """Read one written by ``save``, or extract the controller state from a trainer
         checkpoint (its model state dict's controller buffers and its configs)."""
-        from .checkpoint import _load  # it imports this module
         path = Path(path)
         manifest, tree = _load(path, None, map_location)
         kind = manifest["kind"]

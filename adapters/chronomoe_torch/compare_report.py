@@ -1,7 +1,7 @@
 """The report of a comparison: per-arm statistics, ``results.csv``/``runs.csv``/``results.md``
 and the figures (``maxvio.png``, ``eval_loss.png``, ``balance_vs_loss.png``, ``kappa.png``).
 
-Per arm, each metric of ``compare.RUN_METRICS`` is the mean over the arm's finished seeds and
+Per arm, each metric of ``compare_run.RUN_METRICS`` is the mean over the arm's finished seeds and
 its sample standard deviation (ddof 1; none for a single seed). Perplexity is exp(mean eval
 loss). How to read MaxVio: for one layer, max_e load_e / mean_e load_e − 1 (0 = perfectly
 balanced; 1 = the busiest expert gets twice its share); MaxVio_batch averages it over the layers
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .compare_run import RUN_METRICS, _maxvio, read_run_records
 
 __all__ = ["arm_statistics", "markdown_table", "write_report"]
 
@@ -46,7 +48,6 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
 def arm_statistics(arm_names: Sequence[str], runs: Sequence[dict]) -> list[dict[str, Any]]:
     """One row per arm: ``<metric>_mean`` and ``<metric>_sd`` over its finished runs, the
     number of finished and failed runs, and the failures' errors."""
-    from .compare import RUN_METRICS
     rows = []
     for name in arm_names:
         mine = [r for r in runs if r["arm"] == name]
@@ -101,7 +102,6 @@ def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path
 def write_report(root: Path, arms: Sequence[Any], runs: Sequence[dict], *, plots: bool = True
                  ) -> tuple[list[dict], list[Path]]:
     """Write results.csv, runs.csv, results.md (and the figures); returns (arm rows, files)."""
-    from .compare import RUN_METRICS
     names = [a.name for a in arms]
     rows = arm_statistics(names, runs)
     files = [
@@ -130,7 +130,6 @@ def write_report(root: Path, arms: Sequence[Any], runs: Sequence[dict], *, plots
 # figures
 
 def _series(run_dir: str, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    from .compare import _maxvio, read_run_records
     train, _ = read_run_records(Path(run_dir) / "metrics.jsonl")
     pts = []
     for r in train:

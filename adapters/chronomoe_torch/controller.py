@@ -8,8 +8,10 @@ The law is the NumPy reference's (``chronomoe_dyn.law.step``), ported op for op 
 observation sequence gives the same state (float64 ≤ 1e-10, float32 ≤ 1e-5; tested). The state is
 a set of persistent buffers named after the ``ControllerState`` fields, so ``state_dict`` is a
 complete checkpoint of the controller and ``to_reference_state``/``load_reference_state`` convert
-at one boundary. The tick itself lives in ``_tick.py``; this module holds the state, the
-observation, the routing fields and the torch plumbing.
+at one boundary. This module holds the state, the routing fields, κ and the torch plumbing; the
+pieces with their own idea live beside it: the tick (``_tick``), the observation intake
+(``_observation``), the host-side diagnostics (``_diagnostics``) and the routing noise's keys
+(``_noise``).
 
 Training-loop contract (one path for the native model and attached models):
   * router calls add their routing (``observe_stats``: the row of ``routing.route``; or
@@ -22,7 +24,7 @@ Training-loop contract (one path for the native model and attached models):
     or picks a group), so every rank ticks on the global batch and the controllers stay bitwise
     equal; then it steps the law and clears the buffer;
   * the routers read ``layer_fields(i)`` (bias, temperature, σ_L floored, τ, 1/(σ_L·T)) and, in
-    training, ``noise_key(i, N)`` (the Gumbel noise key of a call of N tokens, see ``routing``).
+    training, ``noise_key(i, N)`` (the Gumbel noise key of a call of N tokens, see ``_noise``).
     The field buffers are updated in place after ``tick()`` and ``set_knob()``: the routing
     reads them without autograd (v2 gates come from the raw logits), so no graph holds them,
     and the per-layer views are made once instead of after every tick.
@@ -54,14 +56,10 @@ resolve landscape differences below ~1e-5, far below the variance 0.01 that defi
 landscape. Use float64 to replay a run against the reference over long horizons. Devices without
 float64 (MPS) are not supported. The dtype of every buffer is fixed at construction:
 ``Module.to(dtype)``/``.half()`` move the controller between devices but keep its dtypes.
-
-This module is over 400 lines: it is the one torch object that holds the law's state, its
-observation and its outputs, and splitting those would spread one buffer layout over files.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -70,12 +68,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from chronomoe_dyn import ControllerConfig, ControllerState, init_state
-from chronomoe_dyn.landscape import model_landscape, model_valley_health, valley_health
-from chronomoe_dyn.law import check_kappa, knob_factors
+from chronomoe_dyn.law import check_kappa
 
-from . import _rng, _tick
+from . import _tick
 from . import distributed as _dist
-from .routing import LayerFields, NoiseKey, gumbel_NE, in_backward, obs_width
+from ._diagnostics import DiagnosticsMixin
+from ._noise import NoiseKey, NoiseKeys
+from ._observation import ObservationMixin
+from .routing import LayerFields
 
 __all__ = ["PxTController"]
 
@@ -90,15 +90,13 @@ _STATE_FIELDS = {
     "T_eff_LE": ("LE", "state"), "logit_scale_L": ("L", "state"), "kappa": ("", "state"),
 }
 PHASE_DTYPE = torch.float64
-NOISE_BATCH_MAX = 1 << 22
-"""Most Gumbel values (L·N·E) drawn at once for all layers (16 MiB of float32)."""
 
 
 def _sync_after_load(module: "PxTController", incompatible_keys: Any) -> None:
     module._sync_host_mirrors()
 
 
-class PxTController(nn.Module):
+class PxTController(ObservationMixin, DiagnosticsMixin, nn.Module):
     """The P×T routing controller as an ``nn.Module`` whose state is persistent buffers.
 
     Args:
@@ -164,12 +162,8 @@ class PxTController(nn.Module):
         self._tick_host = 0
         self._seed_host = int(seed)
         self._loss_layers: set[int] = set()
-        self._offset_L = [0] * L        # tokens each layer routed since the tick (noise)
-        self._last_offset_L = [0] * L
-        self._prefix_cache: list = [-1, None]
-        self._noise_cache: tuple | None = None
+        self._noise = NoiseKeys(L, E)   # the routing noise's host-side keys (``_noise``)
         self._obs_rows: tuple | None = None
-        self._rank_world_cache: tuple | None = None
         self._hook_handles: dict[int, RemovableHandle] = {}
         self.distributed: bool | None = None
         self.process_group = None
@@ -196,7 +190,6 @@ class PxTController(nn.Module):
         """Ticks taken (host mirror of the ``tick_counter`` buffer; no sync)."""
         return self._tick_host
 
-    # ------------------------------------------------------------------ observations
     def _check_layer(self, layer: Any) -> int:
         L = self.num_layers
         if type(layer) is int and 0 <= layer < L:      # the common case, on every router call
@@ -205,124 +198,6 @@ class PxTController(nn.Module):
                 or not -L <= layer < L:
             raise ValueError(f"layer={layer!r}: expected an integer in [0, {L})")
         return int(layer) % L
-
-    def _as_obs(self, x: Any, what: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            x = torch.as_tensor(np.asarray(x))
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{what} has shape {tuple(x.shape)}, expected {shape}")
-        if x.is_complex() or x.dtype == torch.bool:
-            raise ValueError(f"{what} has dtype {x.dtype}, expected a real number type")
-        return x.detach().to(device=self._obs_LF.device, dtype=self.dtype)
-
-    def observation_views(self) -> dict[str, torch.Tensor]:
-        """Named views of the observation buffer: counts_LE, wsum_LE, logit_std_sum_L,
-        tokens_L, loss_LE."""
-        return _tick.obs_views(self._obs_LF, self.num_experts)
-
-    def observe_stats(self, layer: int, stats_F: torch.Tensor) -> None:
-        """Add a router call's stats row (``routing.route``; its first 2E + 2 entries: counts,
-        gate sums, Σ logit std, tokens). Not counted when called inside backward (an
-        activation-checkpoint recompute repeats a forward already observed)."""
-        li = self._check_layer(layer)
-        if in_backward():
-            return
-        w = obs_width(self.num_experts)
-        if stats_F.dim() != 1 or stats_F.shape[0] < w:
-            raise ValueError(f"observe_stats(layer={li}): stats_F has shape "
-                             f"{tuple(stats_F.shape)}, expected [>= {w}]")
-        obs = self._buffers["_obs_LF"]
-        rows = self._obs_rows
-        if rows is None or rows[0] is not obs:            # views cached per buffer object
-            rows = self._obs_rows = (obs, obs[:, :w].unbind(0))
-        rows[1][li].add_(stats_F[:w])
-
-    def observe(self, layer: int, counts_E: torch.Tensor, weight_sum_E: torch.Tensor,
-                loss_sum_E: torch.Tensor | None = None, logit_std_sum: Any = None,
-                tokens: Any = None) -> None:
-        """Add one layer's routing of one micro-batch: top-k slots per expert, the sum of their
-        gate weights, optionally their token-loss sums and, together, the sum over tokens of
-        the std across experts of the raw logits and the token count (for σ_L)."""
-        li = self._check_layer(layer)
-        E = self.num_experts
-        c = self._as_obs(counts_E, f"observe(layer={li}): counts_E", (E,))
-        w = self._as_obs(weight_sum_E, f"observe(layer={li}): weight_sum_E", (E,))
-        lo = None if loss_sum_E is None else \
-            self._as_obs(loss_sum_E, f"observe(layer={li}): loss_sum_E", (E,))
-        if (logit_std_sum is None) != (tokens is None):
-            raise ValueError(f"observe(layer={li}): logit_std_sum and tokens go together")
-        st = None
-        if tokens is not None:
-            st = torch.stack([self._as_obs(logit_std_sum, "observe: logit_std_sum", ()),
-                              self._as_obs(tokens, "observe: tokens", ())])
-        # Validated before anything is added: a bad call accumulates nothing.
-        v = self.observation_views()
-        v["counts_LE"][li].add_(c)
-        v["wsum_LE"][li].add_(w)
-        if st is not None:
-            self._obs_LF[li, 2 * E:2 * E + 2].add_(st)
-        if lo is not None:
-            self._add_loss(li, lo)
-
-    def observe_loss(self, layer: int, loss_sum_E: torch.Tensor) -> None:
-        """Add the per-expert sums of the token losses of one layer (enables loss-based
-        reliability for that layer at the next tick)."""
-        li = self._check_layer(layer)
-        self._add_loss(li, self._as_obs(loss_sum_E, f"observe_loss(layer={li}): loss_sum_E",
-                                        (self.num_experts,)))
-
-    def observe_loss_all(self, loss_LE: torch.Tensor) -> None:
-        """Add the token-loss sums of every layer at once ([L, E])."""
-        lo = self._as_obs(loss_LE, "observe_loss_all: loss_LE", (self.num_layers,
-                                                                  self.num_experts))
-        self.observation_views()["loss_LE"].add_(lo)
-        self._mark_all_loss()
-
-    def _add_loss(self, li: int, loss_E: torch.Tensor) -> None:
-        self.observation_views()["loss_LE"][li].add_(loss_E)
-        if li not in self._loss_layers:
-            self._has_loss_L[li] = True
-            self._loss_layers.add(li)
-
-    def _mark_all_loss(self) -> None:
-        if len(self._loss_layers) < self.num_layers:
-            self._has_loss_L.fill_(True)
-            self._loss_layers.update(range(self.num_layers))
-
-    def observe_all(self, counts_LE: torch.Tensor, wsum_LE: torch.Tensor,
-                    loss_LE: torch.Tensor | None = None,
-                    logit_scale_L: torch.Tensor | None = None) -> None:
-        """Add the routing of every layer at once ([L, E] each). ``logit_scale_L`` [L] (the
-        mean per-token logit std) is weighted by the layer's slot count (so one call per tick
-        gives the reference's ``RoutingObservation.logit_scale``)."""
-        LE = (self.num_layers, self.num_experts)
-        c = self._as_obs(counts_LE, "observe_all: counts_LE", LE)
-        w = self._as_obs(wsum_LE, "observe_all: wsum_LE", LE)
-        lo = None if loss_LE is None else self._as_obs(loss_LE, "observe_all: loss_LE", LE)
-        sc = None if logit_scale_L is None else \
-            self._as_obs(logit_scale_L, "observe_all: logit_scale_L", (self.num_layers,))
-        v = self.observation_views()
-        v["counts_LE"].add_(c)
-        v["wsum_LE"].add_(w)
-        if sc is not None:
-            n_L = c.sum(dim=1)
-            v["logit_std_sum_L"].add_(sc * n_L)
-            v["tokens_L"].add_(n_L)
-        if lo is not None:
-            v["loss_LE"].add_(lo)
-            self._mark_all_loss()
-
-    def clear_observations(self) -> None:
-        """Drop the accumulated observation without ticking."""
-        self._obs_LF.zero_()
-        if self._loss_layers:
-            self._has_loss_L.zero_()
-            self._loss_layers.clear()
-
-    def observation_buffer(self) -> torch.Tensor:
-        """The observation [L, 3E + 2] (views: ``observation_views``), the one tensor the
-        data-parallel all-reduce sums."""
-        return self._obs_LF
 
     # ------------------------------------------------------------------ the tick
     def set_distributed(self, enabled: bool | None = None, process_group: Any = None) -> None:
@@ -333,7 +208,8 @@ class PxTController(nn.Module):
         if enabled not in (None, True, False):
             raise ValueError(f"set_distributed: enabled={enabled!r}: expected None, True, False")
         self.distributed, self.process_group = enabled, process_group
-        self._rank_world_cache = None
+        self._noise.distributed, self._noise.process_group = enabled, process_group
+        self._noise.start(self._seed_host, self._tick_host)
 
     def _reduce_observation(self) -> None:
         if self.distributed is False:
@@ -350,8 +226,7 @@ class PxTController(nn.Module):
         t = self._tick_host + 1
         refresh_all = self._kernel.step(t)
         self._tick_host = t
-        self._offset_L = [0] * self.num_layers
-        self._noise_cache = None
+        self._noise.start(self._seed_host, t)
         self.clear_observations()
         self._refresh_fields(refresh_all)
 
@@ -360,7 +235,11 @@ class PxTController(nn.Module):
         """Recompute the router fields from the state and the κ in effect, in place: σ_L always
         (it moves every tick), bias/temperature/τ when ``all_fields``, and 1/(σ_L·T)."""
         b = self._buffers
-        b["_scale_L"].copy_(torch.clamp(b["logit_scale_L"], min=self.config.logit_scale_floor))
+        floor = self.config.logit_scale_floor
+        if self.dtype == torch.float32:                 # the fields are float32
+            torch.clamp(b["logit_scale_L"], min=floor, out=b["_scale_L"])
+        else:
+            b["_scale_L"].copy_(torch.clamp(b["logit_scale_L"], min=floor))
         if all_fields:
             bias, temp, tau = self._kernel.fields(b["kappa"])
             b["_bias_LE"].copy_(bias)
@@ -399,77 +278,14 @@ class PxTController(nn.Module):
         backward (activation-checkpoint recompute) repeats the key of the layer's last forward.
         The draws come with the key: the first layer asking at a given (offset, N) draws every
         layer's (one pass instead of L; the layers of a forward see the same tokens), up to
-        ``NOISE_BATCH_MAX`` values; a call that does not fit draws its own in ``route``."""
+        ``_noise.NOISE_BATCH_MAX`` values; a call that does not fit draws its own in ``route``."""
         if self.config.exploration_tau0 == 0.0:
             return None
-        li = self._check_layer(layer)
-        N = int(num_tokens)
-        if in_backward():
-            offset = self._last_offset_L[li]
-        else:
-            offset = self._offset_L[li]
-            self._last_offset_L[li] = offset
-            self._offset_L[li] = offset + N
-        rank, world = self._rank_world()
-        key = NoiseKey(self._gumbel_prefix(li), offset, rank, world)
-        E, L = self.num_experts, self.num_layers
-        if L * N * E > NOISE_BATCH_MAX:
-            return key
-        tag = (self._tick_host, offset, N, rank, world)
-        cache = self._noise_cache
-        if cache is None or cache[0] != tag:
-            prefixes = self._prefix_tensor()
-            cache = self._noise_cache = (tag, gumbel_NE(key, N, E, self.device, prefixes))
-        return key._replace(gumbel_NE=cache[1][li])
-
-    def _rank_world(self) -> tuple[int, int]:
-        """(rank, world size) of the noise layout, looked up once per tick."""
-        rw = self._rank_world_cache
-        if rw is None or rw[0] != self._tick_host:
-            rank, world = 0, 1
-            if self.distributed is not False and _dist.is_distributed(self.process_group):
-                rank = _dist.rank(self.process_group)
-                world = _dist.world_size(self.process_group)
-            rw = self._rank_world_cache = (self._tick_host, rank, world)
-        return rw[1], rw[2]
-
-    def _gumbel_prefix(self, li: int) -> int:
-        cache = self._prefix_cache
-        if cache[0] != self._tick_host:
-            cache[:] = [self._tick_host, [None] * self.num_layers]
-        p = cache[1][li]
-        if p is None:
-            p = cache[1][li] = _rng.gumbel_prefix(self._seed_host, self._tick_host, li)
-        return p
-
-    def _prefix_tensor(self) -> torch.Tensor:
-        """[L, 1] int64 of every layer's noise prefix at this tick, built on the device from
-        one host-hashed word (no host-to-device copy); cached for the tick."""
-        cache = self._prefix_cache
-        if cache[0] != self._tick_host or len(cache) < 3:
-            self._gumbel_prefix(0)                     # resets the cache for this tick
-            h1 = _rng.key_prefix(self._seed_host, _rng.STREAM_GUMBEL, self._tick_host)
-            layers = torch.arange(self.num_layers, dtype=torch.int64, device=self.device)
-            cache[2:] = [_rng.mix32(layers ^ h1).unsqueeze(1)]
-        return cache[2]
+        return self._noise.key(self._check_layer(layer), int(num_tokens), self.device)
 
     def coherence(self) -> torch.Tensor:
         """Kuramoto coherence R after the last tick, a 0-d tensor (a copy; no sync)."""
         return self.R.clone()
-
-    def get_coherence_history(self) -> torch.Tensor:
-        """R after each of the last min(ticks, H) ticks, oldest first (no sync)."""
-        return self._history(self.coherence_history)
-
-    def get_meta_knob_history(self) -> torch.Tensor:
-        """κ in effect after each of the last min(ticks, H) ticks, oldest first (no sync)."""
-        return self._history(self.meta_knob_history)
-
-    def _history(self, ring: torch.Tensor) -> torch.Tensor:
-        n, H = self._tick_host, self.history_length
-        if n <= H:
-            return ring[:n].clone()
-        return torch.roll(ring, -(n % H))
 
     # ------------------------------------------------------------------ meta-knob
     def set_knob(self, kappa: float | torch.Tensor) -> None:
@@ -492,50 +308,6 @@ class PxTController(nn.Module):
         if self.config.kappa_smoothing == 1.0:
             self.kappa.copy_(self.kappa_target)
             self._refresh_fields()
-
-    def get_knob_state(self) -> dict[str, float]:
-        """κ in effect, target κ and the multipliers they apply (syncs: logging only)."""
-        k, kt = (float(v) for v in torch.stack([self.kappa, self.kappa_target]).tolist())
-        k = min(max(k, -1.0), 1.0)
-        f = knob_factors(k, self.config)
-        cfg = self.config
-        return {"kappa": k, "kappa_target": kt, "pressure_factor": f.pressure,
-                "temperature_factor": f.temperature, "lens_factor": f.lens,
-                "tau": cfg.exploration_tau0 * math.exp(cfg.beta_tau * k),
-                "kappa_smoothing": cfg.kappa_smoothing}
-
-    # ------------------------------------------------------------------ diagnostics (sync)
-    def get_structural_temperature_diagnostics(self) -> dict[str, Any]:
-        """The per-layer landscapes of T̄_local and their whole-model aggregates
-        (``chronomoe_dyn.landscape.model_landscape``; syncs: logging only). ``variance`` is the
-        mean over layers of var(T̄_local[l]), ``valleys``/``ridges`` the mean count per layer,
-        ``formed`` whether any layer's landscape is formed, ``local`` one landscape per layer;
-        ``Tbar_global`` is the scalar slowest level."""
-        st = self.to_reference_state()
-        m = model_landscape(st, self.config)
-        return {
-            "tick": st.tick, "R": st.R, "variance": m.variance_mean,
-            "valleys": m.valleys_mean, "ridges": m.ridges_mean,
-            "formed": m.formed_fraction > 0, "formed_fraction": m.formed_fraction,
-            "local": [ls.to_dict() for ls in m.layers], "local_variance_mean": m.variance_mean,
-            "Tbar_global": float(st.Tbar_global), "skipped_ticks": int(self.skipped_ticks),
-        }
-
-    def get_valley_health_diagnostics(self, layer: int | None = None) -> dict[str, Any]:
-        """Valley health of one layer, or (``layer=None``) of every layer with the share of
-        healthy valleys over the model (``model_valley_health``). Syncs."""
-        st = self.to_reference_state()
-        if layer is not None:
-            vh = valley_health(st, self.config, self._check_layer(layer))
-            d = vh.to_dict()
-            d.update(all_healthy=vh.all_healthy, num_valleys=len(vh.valleys),
-                     num_unhealthy=len(vh.unhealthy))
-            return d
-        m = model_valley_health(st, self.config)
-        d = m.to_dict()
-        d.update(layer=None, all_healthy=m.all_healthy, num_valleys=m.valleys,
-                 num_unhealthy=sum(len(vh.unhealthy) for vh in m.layers))
-        return d
 
     # ------------------------------------------------------------------ reference boundary
     def to_reference_state(self) -> ControllerState:
@@ -573,9 +345,7 @@ class PxTController(nn.Module):
         """Re-read the host mirrors from the buffers (one sync; after loading only)."""
         self._tick_host = int(self.tick_counter)
         self._seed_host = int(self.seed)
-        self._offset_L = [0] * self.num_layers
-        self._prefix_cache = [-1, None]
-        self._noise_cache = None
+        self._noise.start(self._seed_host, self._tick_host)
         self._refresh_fields()
 
     # ------------------------------------------------------------------ torch plumbing
@@ -618,7 +388,7 @@ class PxTController(nn.Module):
                 out = buf.to(device=out.device, dtype=want)
             self._buffers[name] = out
         self._kernel.invalidate()
-        self._noise_cache = None
+        self._noise.start(self._seed_host, self._tick_host)
         return self
 
     def extra_repr(self) -> str:

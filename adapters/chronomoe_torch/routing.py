@@ -20,18 +20,9 @@ it is added to the probabilities softmax(z), DeepSeek-V3's affinity units (the a
 as it has always been measured); with fields it is added to the score (and to the noiseless s that
 defines "explored"). Its sign-rate update adapts to either scale.
 
-Noise. u comes from the counter hash of ``chronomoe_dyn.rng`` (ported in ``_rng``), keyed on
-``NoiseKey.prefix`` = hash(seed, STREAM_GUMBEL, tick, layer) and on the token's position p among
-the tokens this layer routed since the tick (index p·E + e): micro-batches of one optimizer step
-continue the positions, so gradient accumulation draws the noise of the whole batch at once.
-Data-parallel ranks interleave positions (p·world + rank), so they never share draws. A pure
-function of the key: exact resume stays bitwise with no generator state in the checkpoint (the
-tick *is* the state), and an activation-checkpoint recompute (a forward inside backward) reuses
-the key of the forward it repeats. DESIGN.md asks for "a seeded generator whose state is
-checkpointed": a pure function of the checkpointed tick is the stronger form of that. u is the
-top 23 bits of the hash, ((h >> 9) + 0.5)·2⁻²³, and g is computed in float32 (torch's log); the
-NumPy reference's u keeps all 32 bits, so the two agree through given uniforms (tests), not
-draw for draw.
+Noise: g is the Gumbel draw of the call's ``NoiseKey`` (``_noise``: a pure function of (seed,
+tick, layer, token position), so exact resume, gradient accumulation, activation-checkpoint
+recompute and data-parallel ranks need no generator state).
 
 Per call the function also returns a detached row ``stats_F`` [2E + 4] (float32, or float64 for a
 float64 z), on device and without a host sync:
@@ -55,7 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _rng
+from ._noise import NoiseKey, gumbel_from_uniform, gumbel_NE, in_backward
 
 __all__ = ["LayerFields", "NoiseKey", "Routing", "route", "gumbel_NE", "gumbel_from_uniform",
            "obs_width", "stats_width", "stats_row", "explored_slots", "RoutingStats",
@@ -95,21 +86,6 @@ class LayerFields(NamedTuple):
     without it the contract's order of operations."""
 
 
-class NoiseKey(NamedTuple):
-    """What the Gumbel noise of one router call is keyed on (host ints; no device state)."""
-    prefix: int
-    """hash of (seed, STREAM_GUMBEL, tick, layer), < 2³² (``_rng.gumbel_prefix``)."""
-    offset: int = 0
-    """Position of this call's first token among the layer's tokens since the tick."""
-    rank: int = 0
-    """Data-parallel rank ..."""
-    world: int = 1
-    """... and world size: token n has position ((offset + n)·world + rank)."""
-    gumbel_NE: torch.Tensor | None = None
-    """The draws of this key, if already made (``PxTController.noise_key`` draws every layer's
-    noise of a forward at once); else ``route`` draws them."""
-
-
 class Routing(NamedTuple):
     expert_idx_NK: torch.Tensor
     """Selected experts (int64), in descending score order."""
@@ -122,57 +98,6 @@ class Routing(NamedTuple):
     explored_NK: torch.Tensor | None = None
     """bool, the slot's expert is not in the noiseless top-k (with ``full_stats`` and noise;
     None otherwise)."""
-
-
-def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """g = −log(−log u), standard Gumbel, for u in (0, 1) (float64 recommended)."""
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_NE(key: NoiseKey, N: int, E: int, device: torch.device,
-              prefixes_L: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, E] float32 standard Gumbel draws of ``key``; token n at position ((offset + n)·world
-    + rank), index position·E + e (32-bit: positions wrap past 2³²/E tokens per layer and
-    tick). With ``prefixes_L`` ([L, 1] int64, one prefix per layer instead of ``key.prefix``):
-    [L, N, E], every layer's draws in one pass.
-
-    u = ((h >> 9) + 0.5)·2⁻²³ from the 32-bit hash h: its top 23 bits, exact in float32 and never
-    0 or 1 (float32 logs cost half of float64's; exploration needs no finer u)."""
-    if key.world == 1:
-        idx = _arange(N * E, device)
-        if key.offset:
-            idx = (idx + key.offset * E) & _rng.MASK32
-    else:
-        pos_N1 = (torch.arange(N, dtype=torch.int64, device=device).unsqueeze(1) + key.offset) \
-            * key.world + key.rank
-        idx = (pos_N1 * E + torch.arange(E, dtype=torch.int64, device=device)
-               ).reshape(-1) & _rng.MASK32
-    h = _rng.mix32_wrap(idx ^ (key.prefix if prefixes_L is None else prefixes_L))
-    # u = ((h >> 9) + 0.5)·2⁻²³ in one fused op; g = −log(−log u).
-    k = (h >> 9).to(torch.float32)
-    u = torch.addcmul(_const("value", 2.0 ** -24, k), k, _const("value", 2.0 ** -23, k))
-    g = torch.log(torch.log(u).neg_()).neg_()
-    return g.view(N, E) if prefixes_L is None else g.view(-1, N, E)
-
-
-_ARANGES: dict = {}
-
-
-def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """A cached int64 arange(n) (read only)."""
-    key = (n, device)
-    t = _ARANGES.get(key)
-    if t is None:
-        if len(_ARANGES) > 16:
-            _ARANGES.clear()
-        t = _ARANGES[key] = torch.arange(n, dtype=torch.int64, device=device)
-    return t
-
-
-def in_backward() -> bool:
-    """Whether this forward runs inside backward (an activation-checkpoint recompute): its
-    routing was already observed by the forward it repeats."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def _fast_cpu(z_NE: torch.Tensor) -> bool:

@@ -34,41 +34,38 @@ logit scale; docs/CONTRACTS.md "Run metrics v2"); each evaluation adds ``maxvio_
 the eval set. Batches are validated on the host copy before the transfer,
 and the train loader is read as a resumable stream (exact resume mid-epoch): see ``_batches.py``.
 
-Data parallel (the user's single-process script under ``torchrun``): ``_trainer_ddp``.
-Checkpoints, the run directory, resume and CPU threads: ``_trainer_ckpt``. Both are mixins, so
-this module keeps the step, the loop and logging.
+The trainer is this module (construction, the step, the loop) and four mixins, one idea each:
+logging (``_trainer_log``: the log step's host copy, log lines, metrics records, ``results``),
+evaluation (``_trainer_eval``), checkpoints, the run directory, resume and CPU threads
+(``_trainer_ckpt``: also the checkpoint tree, ``state_dict``/``load_state_dict``) and data
+parallelism (``_trainer_ddp``: the user's single-process script under ``torchrun``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
 from . import distributed as cdist
 from ._batches import BadBatchError, Batch, TrainStream, batch_name, prepare_batch
 from ._run import RunDirError
 from ._trainer_ckpt import CheckpointingMixin
 from ._trainer_ddp import DataParallelMixin
+from ._trainer_eval import EvaluationMixin
+from ._trainer_log import LOSS_KEYS, LoggingMixin, NonFiniteTrainingError
 from .config import TrainingConfig
 from .knob import KnobScheduler
-from .loss import ChronoMoELoss, causal_lm_token_loss
-from .metrics import (MetricsWriter, controller_record, controller_tensors, eval_routing_metrics,
-                      format_eval_line, format_landscape_line, format_skip_line, format_step_line,
-                      routing_metrics)
+from .loss import ChronoMoELoss
+from .metrics import MetricsWriter
 from .optim import CoherenceGatedOptimizer, LrGatedAdamW  # LrGatedAdamW: re-exported
 
 # TrainingConfig is re-exported: this module plays the seed's ``chronomoe.training``.
@@ -76,18 +73,6 @@ __all__ = ["ChronoMoETrainer", "TrainingConfig", "StepOutput", "NonFiniteTrainin
            "BadBatchError", "RunDirError", "LrGatedAdamW", "resolve_device"]
 
 logger = logging.getLogger("chronomoe_torch")
-
-LANDSCAPE_EVERY_N_LOGS = 10
-_LOSS_KEYS = ("total", "lm", "balance", "coherence", "valley", "z")
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training stopped: ``max_consecutive_skips`` optimizer steps in a row had a non-finite
-    loss, router logit or gradient. ``checkpoint`` is the ``last_good`` path (or None)."""
-
-    def __init__(self, message: str, step: int, consecutive: int, checkpoint: Path | None):
-        super().__init__(message)
-        self.step, self.consecutive, self.checkpoint = step, consecutive, checkpoint
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,7 +104,7 @@ class StepOutput:
     """Tokens in the step's micro-batches (B·S summed; host value, no sync)."""
 
 
-class ChronoMoETrainer(CheckpointingMixin, DataParallelMixin):
+class ChronoMoETrainer(LoggingMixin, EvaluationMixin, CheckpointingMixin, DataParallelMixin):
     """Train a ``ChronovisorMixtralForCausalLM`` (or any model with the same output) with the
     seed's ChronoMoE recipe. See the module docstring for the step, skips, syncs and resume.
 
@@ -285,7 +270,7 @@ class ChronoMoETrainer(CheckpointingMixin, DataParallelMixin):
         G = len(batches)
         dev = self.device
         ok = torch.ones((), dtype=torch.bool, device=dev)
-        sums = torch.zeros(len(_LOSS_KEYS), device=dev)
+        sums = torch.zeros(len(LOSS_KEYS), device=dev)
         load_LE = None
         stats = getattr(self.model, "routing_stats", None) if log else None
         if stats is not None:
@@ -361,133 +346,6 @@ class ChronoMoETrainer(CheckpointingMixin, DataParallelMixin):
         gate = self.optimizer.last_gate_value if self.gated else torch.ones((), device=ok.device)
         return gate.to(ok.device, torch.float32) * ok
 
-    # ------------------------------------------------------------------ logging
-    def _to_host(self, tensors: list[torch.Tensor]) -> list[float]:
-        """The one device-to-host copy of a log step."""
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-        return flat.cpu().tolist()
-
-    def _log_step(self, out: StepOutput) -> tuple[dict[str, Any], int]:
-        """Read the step's values (one host copy), log the seed's lines, append the metrics
-        record and the history point. Returns the record and the longest skip run since the
-        previous log."""
-        c = self.controller
-        parts = [out.losses, out.grad_norm, out.gate, self._skips_total, self._skips_run,
-                 self._skips_run_max]
-        rows = out.routing_LF if out.routing_LF is not None else out.load_LE
-        if rows is not None:
-            parts.append(rows)
-        if c is not None:
-            parts += controller_tensors(c)
-        vals = iter(self._to_host(parts))
-        take = lambda n: [next(vals) for _ in range(n)]  # noqa: E731
-        losses = take(len(_LOSS_KEYS))
-        grad_norm, gate, skips_total, run, run_max = take(5)
-        rec: dict[str, Any] = {"step": self.global_step, "split": "train", "loss": losses[0]}
-        rec.update({f"loss_{k}": v for k, v in zip(_LOSS_KEYS[1:], losses[1:])})
-        rec.update(lr=self._lr_applied, kappa=self._kappa_applied,
-                   phase=self._phase_applied, gate=gate, grad_norm=grad_norm,
-                   skipped_steps=int(skips_total), tokens=self.tokens_seen)
-        if rows is not None:
-            L, F = rows.shape
-            a = np.asarray(take(L * F)).reshape(L, F)
-            if out.routing_LF is None:              # counts only (a model without stats)
-                a = np.concatenate([a, np.zeros((L, F + 4))], axis=1)
-                a[:, 2 * F + 1] = a[:, :F].sum(axis=1)
-            m = routing_metrics(a)
-            if out.routing_LF is None:
-                m = {k: m[k] for k in ("load_LE", "maxvio_L", "maxvio") if k in m}
-            rec.update(m, load_LE=a[:, :(a.shape[1] - 4) // 2])     # raw slot counts
-        ls = None
-        if c is not None:
-            L, E = c.num_layers, c.num_experts
-            crec = controller_record([*take(3), np.asarray(take(L * E)).reshape(L, E),
-                                      *take(1)], c.config)
-            crec.pop("skipped_ticks")
-            rec.update(crec)
-            ls = crec
-            if self.knob_scheduler.is_adaptive:   # host values: no extra sync
-                self.knob_scheduler.observe(crec["R"], crec["tbar_variance"],
-                                            crec["landscape_formed"])
-        self._num_logs += 1
-        logger.info(format_step_line(self.global_step, rec["loss"], rec["kappa"], rec["phase"],
-                                     rec.get("R"), gate))
-        if ls is not None and self._num_logs % LANDSCAPE_EVERY_N_LOGS == 0:
-            for li, (v, vl, ri) in enumerate(zip(ls["tbar_variance_L"], ls["valleys_L"],
-                                                 ls["ridges_L"])):
-                logger.info(format_landscape_line(v, vl, ri, layer=li))
-        new = int(skips_total) - self._skips_logged
-        if new:
-            logger.warning(format_skip_line(self.global_step, new, int(run), int(skips_total)))
-            self._skips_logged = int(skips_total)
-        for k, v in (("step", self.global_step), ("loss", rec["loss"]),
-                     ("lm_loss", rec["loss_lm"]), ("R", rec.get("R")), ("kappa", rec["kappa"]),
-                     ("gate", gate), ("lr", rec["lr"])):
-            self.history[k].append(v)
-        if self._metrics is not None:
-            self._metrics.write(rec)
-        return rec, int(run_max)
-
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean LM loss (nats/token) and perplexity over the eval loader
-        (``eval_max_batches`` at most), and (models with ``routing_stats``) the eval routing
-        metrics under ``eval_routing`` (``maxvio_global`` over the whole eval set, ...). One
-        host sync at the end."""
-        if self.eval_dataloader is None:
-            raise ValueError("evaluate: no eval_dataloader was given")
-        was_training = self.model.training
-        self.model.eval()
-        tot = torch.zeros((), dtype=torch.float64, device=self.device)
-        cnt = torch.zeros((), dtype=torch.float64, device=self.device)
-        n = 0
-        stats = getattr(self.model, "routing_stats", None)
-        if stats is not None:
-            stats.start()
-        try:
-            for i, raw in self._eval_batches():
-                b = self._prepare(raw, i, "eval")
-                with self._autocast():
-                    out = self.model(b.input_ids, attention_mask=b.attention_mask)
-                tok, valid = causal_lm_token_loss(out.logits, b.labels, b.attention_mask)
-                tot += tok.sum(dtype=torch.float64)
-                cnt += valid.sum(dtype=torch.float64)
-                n += 1
-        finally:
-            self.model.train(was_training)
-            acc = stats.take() if stats is not None else None
-        n = self._all_reduce_eval_sums([tot, cnt] + ([] if acc is None else [acc]), n)
-        if n == 0:
-            raise ValueError("evaluate: the eval loader yielded no batches")
-        host = torch.cat([tot.view(1), cnt.view(1)] + ([] if acc is None else [acc.reshape(-1)])
-                         ).cpu().numpy()
-        total, count = float(host[0]), float(host[1])
-        loss = total / max(count, 1.0)
-        ppl = math.exp(min(loss, 700.0))
-        res: dict[str, Any] = {"eval_loss": loss, "eval_perplexity": ppl,
-                               "eval_tokens": int(count)}
-        if acc is not None:
-            res["eval_routing"] = eval_routing_metrics(host[2:].reshape(acc.shape))
-        return res
-
-    def _run_eval(self) -> dict[str, float]:
-        r = self.evaluate()
-        self.eval_history.append({"step": self.global_step, "loss": r["eval_loss"],
-                                  "perplexity": r["eval_perplexity"]})
-        logger.info(format_eval_line(self.global_step, r["eval_loss"], r["eval_perplexity"]))
-        if self._metrics is not None:
-            self._metrics.write({"step": self.global_step, "split": "eval",
-                                 "loss": r["eval_loss"], "perplexity": r["eval_perplexity"],
-                                 **r.get("eval_routing", {})})
-        improved = math.isfinite(r["eval_loss"]) and (self.best_eval_loss is None
-                                                      or r["eval_loss"] < self.best_eval_loss)
-        if improved:
-            self.best_eval_loss = r["eval_loss"]
-            if self.config.save_best:
-                self.save_checkpoint("best")
-        return r
-
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
         """Train until the step budget (``max_steps``, ``max_epochs``) is spent; returns the
@@ -534,184 +392,3 @@ class ChronoMoETrainer(CheckpointingMixin, DataParallelMixin):
         return self.results(steps_run=self.global_step - start_step,
                             tokens=self.tokens_seen - start_tokens, elapsed_s=elapsed,
                             stop_reason=stop_reason)
-
-    def _after_log(self, out: StepOutput, bar: Any) -> None:
-        """Log a step; stop when the longest run of skips since the last log is too long."""
-        rec, run_max = self._log_step(out)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-        if run_max >= self.config.max_consecutive_skips:
-            self._stop_on_skips(run_max)
-        self._skips_run_max.copy_(self._skips_run)
-
-    def _stop_on_skips(self, run: int) -> None:
-        path = self.save_checkpoint("last_good")
-        msg = (f"stopped at step {self.global_step}: {run} consecutive optimizer steps had a "
-               f"non-finite loss, router logit or gradient (max_consecutive_skips="
-               f"{self.config.max_consecutive_skips}); every skipped step left the parameters, "
-               f"optimizer and controller untouched; the last good state is saved in {path}")
-        logger.error(msg)
-        raise NonFiniteTrainingError(msg, self.global_step, run, path)
-
-    @contextlib.contextmanager
-    def _log_output(self):
-        """Print log lines above the tqdm bar: through the user's handlers when logging is
-        configured (console handlers redirected through tqdm.write), else a handler of ours."""
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        handler = None
-        old_level = logger.level
-        if not logger.hasHandlers():
-            handler = _TqdmHandler()
-            logger.addHandler(handler)
-            if logger.level == logging.NOTSET:   # an explicitly set level is respected
-                logger.setLevel(logging.INFO)
-        try:
-            if handler is None and self.config.progress_bar:
-                with logging_redirect_tqdm(loggers=[logging.getLogger(), logger]):
-                    yield
-            else:
-                yield
-        finally:
-            if handler is not None:
-                logger.removeHandler(handler)
-                logger.setLevel(old_level)
-
-    def results(self, steps_run: int = 0, tokens: int = 0, elapsed_s: float = 0.0,
-                stop_reason: str | None = None) -> dict[str, Any]:
-        """The results dict of ``train()``:
-
-        ``final_loss`` / ``final_lm_loss`` (last logged total / LM loss), ``best_eval_loss``,
-        ``final_eval_loss``, ``final_eval_perplexity`` (None without eval), ``global_step``,
-        ``steps_run``, ``total_steps``, ``epoch``, ``skipped_steps``, ``tokens``,
-        ``elapsed_s``, ``tokens_per_s``, ``stop_reason`` (max_steps | max_epochs),
-        histories per log step ``step_history``, ``loss_history``, ``lm_loss_history``,
-        ``coherence_history`` (R; None entries without a controller), ``kappa_history``,
-        ``gate_history``, ``lr_history``; ``eval_history`` (list of {step, loss, perplexity});
-        ``landscape`` (global T̄: variance, valleys, ridges, formed, mean local variance) and
-        ``valley_health`` (None without a controller); ``checkpoint_dir``; ``run_dir``."""
-        h = self.history
-        skipped = int(self._skips_total.cpu())
-        res: dict[str, Any] = {
-            "final_loss": h["loss"][-1] if h["loss"] else None,
-            "final_lm_loss": h["lm_loss"][-1] if h["lm_loss"] else None,
-            "best_eval_loss": self.best_eval_loss,
-            "final_eval_loss": self.eval_history[-1]["loss"] if self.eval_history else None,
-            "final_eval_perplexity": (self.eval_history[-1]["perplexity"]
-                                      if self.eval_history else None),
-            "global_step": self.global_step, "steps_run": steps_run,
-            "total_steps": self.total_steps, "epoch": self.epoch, "skipped_steps": skipped,
-            "tokens": tokens, "elapsed_s": elapsed_s,
-            "tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else None,
-            "stop_reason": stop_reason,
-            "step_history": list(h["step"]), "loss_history": list(h["loss"]),
-            "lm_loss_history": list(h["lm_loss"]), "coherence_history": list(h["R"]),
-            "kappa_history": list(h["kappa"]), "gate_history": list(h["gate"]),
-            "lr_history": list(h["lr"]), "eval_history": list(self.eval_history),
-            "landscape": None, "valley_health": None,
-            "checkpoint_dir": self.config.checkpoint_dir, "run_dir": self.config.run_dir,
-        }
-        if self.controller is not None:
-            d = self.controller.get_structural_temperature_diagnostics()
-            res["landscape"] = {"variance": d["variance"], "valleys": d["valleys"],
-                                "ridges": d["ridges"], "formed": d["formed"],
-                                "variance_local_mean": d["local_variance_mean"]}
-            res["valley_health"] = self.controller.get_valley_health_diagnostics()
-        return res
-
-    # ------------------------------------------------------------------ checkpoints
-    def _configs(self) -> dict[str, Any]:
-        mcfg = getattr(self.model, "config", None)
-        return {"training": self.config.to_dict(),
-                "model": mcfg.to_dict() if hasattr(mcfg, "to_dict") else None,
-                "controller": (self.controller.config.to_dict()
-                               if self.controller is not None else None),
-                "total_steps": self.total_steps, "schedule_steps": self.schedule_steps,
-                "run_id": self.run_id}
-
-    def _controller_prefix(self) -> str | None:
-        for name, m in self.model.named_modules():
-            if m is self.controller and self.controller is not None:
-                return name + "."
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The trainer's checkpoint tree (docs/CONTRACTS.md, "trainer")."""
-        model_sd = self.model.state_dict()
-        prefix = self._controller_prefix()
-        if prefix is not None and not self.config.save_chronovisor_state:
-            model_sd = type(model_sd)((k, v) for k, v in model_sd.items()
-                                      if not k.startswith(prefix))
-        return {
-            "model": model_sd,
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "knob_scheduler": self.knob_scheduler.state_dict(),
-            "loss": self.loss_fn.state_dict(),
-            "rng": ckpt.capture_rng_state(),
-            "data": self.stream.state_dict(),
-            "counters": {"global_step": self.global_step, "micro_step": self.micro_step,
-                         "tokens_seen": self.tokens_seen,
-                         "skipped_steps": self._skips_total.clone(),
-                         "consecutive_skips": self._skips_run.clone(),
-                         "consecutive_skips_max": self._skips_run_max.clone(),
-                         "skips_logged": self._skips_logged, "num_logs": self._num_logs,
-                         "best_eval_loss": self.best_eval_loss},
-            "history": {k: list(v) for k, v in self.history.items()},
-            "eval_history": [dict(e) for e in self.eval_history],
-            "configs": self._configs(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a tree from ``state_dict()``; the data iterator resumes on the next step.
-        The κ and LR schedules keep the checkpoint's length (see ``TrainingConfig``)."""
-        self._check_compatible(state.get("configs") or {})
-        self._continue_schedules(state.get("configs") or {}, int(state["counters"]["global_step"]))
-        prefix = self._controller_prefix()
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-        allowed = [k for k in missing if prefix is not None and k.startswith(prefix)]
-        if unexpected or len(allowed) != len(missing):
-            raise ckpt.CheckpointMismatchError(
-                f"checkpoint model state does not fit this model: missing "
-                f"{sorted(set(missing) - set(allowed))[:8]}, unexpected {sorted(unexpected)[:8]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.knob_scheduler.load_state_dict(state["knob_scheduler"])
-        self.loss_fn.load_state_dict(state["loss"])
-        ckpt.restore_rng_state(state["rng"])
-        self.stream.load_state_dict(state["data"])
-        c = state["counters"]
-        self.global_step, self.micro_step = int(c["global_step"]), int(c["micro_step"])
-        self.tokens_seen = int(c["tokens_seen"])
-        for buf, key in ((self._skips_total, "skipped_steps"),
-                         (self._skips_run, "consecutive_skips"),
-                         (self._skips_run_max, "consecutive_skips_max")):
-            buf.copy_(c[key].to(buf.device))
-        self._skips_logged, self._num_logs = int(c["skips_logged"]), int(c["num_logs"])
-        self.best_eval_loss = c["best_eval_loss"]
-        self.history = {k: list(v) for k, v in state["history"].items()}
-        self.eval_history = [dict(e) for e in state["eval_history"]]
-        self._resumed(state.get("configs") or {})
-
-    def _check_compatible(self, configs: dict[str, Any]) -> None:
-        saved, mine = configs.get("model"), self._configs()["model"]
-        if not saved or not mine:
-            return
-        keys = ("vocab_size", "hidden_dim", "num_layers", "num_experts", "top_k")
-        a = {k: saved.get(k) for k in keys}
-        b = {k: mine.get(k) for k in keys}
-        if a != b:
-            raise ckpt.CheckpointMismatchError(f"checkpoint is from a model with {a}, this model "
-                                               f"has {b}")
-
-
-class _TqdmHandler(logging.Handler):
-    """Writes records with ``tqdm.write`` so they appear above the progress bar."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.setFormatter(logging.Formatter("%(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stdout)
-        except Exception:  # pragma: no cover - logging must never raise
-            self.handleError(record)

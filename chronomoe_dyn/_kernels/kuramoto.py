@@ -17,6 +17,18 @@ from .jit import helper, kernel
 from .libm import TWO_PI, _hash_base, _normal_at, _sincos
 
 
+@helper(inline="always")
+def _wrap_store(th, i, theta_N, sin_N, cos_N):
+    """θ_i ← th wrapped to [0, 2π) (keeps the polynomial's argument small; floor vectorises),
+    with its sin and cos stored; returns (sin, cos)."""
+    th -= TWO_PI * math.floor(th * (1.0 / TWO_PI))
+    sn, cs = _sincos(th)
+    theta_N[i] = th
+    sin_N[i] = sn
+    cos_N[i] = cs
+    return sn, cs
+
+
 @helper(fastmath=True)
 def _kuramoto_one(theta_N, omega_N, coupling, dt, steps, noise, seed, index0, record_every,
                   R_T, psi_T):
@@ -44,30 +56,20 @@ def _kuramoto_one(theta_N, omega_N, coupling, dt, steps, noise, seed, index0, re
     for t in range(1, steps + 1):
         S1 = 0.0
         C1 = 0.0
-        # Two copies of the update that differ only by the noise term (duplication on
-        # purpose): the noiseless loop has no hash in it and vectorises; one loop with the
-        # noise behind a branch did not.
+        # Two loops that differ only by the noise term: the noiseless one has no hash in it
+        # and vectorises; one loop with the noise behind a branch did not.
         if noise > 0.0:
             h1 = _hash_base(seed, STREAM_PHASE, t)
             for i in range(N):
                 th = theta_N[i] + dt * (omega_N[i] + (KS * cos_N[i] - KC * sin_N[i])) \
                     + amp * _normal_at(h1, index0 + i)
-                th -= TWO_PI * math.floor(th * (1.0 / TWO_PI))
-                sn, cs = _sincos(th)
-                theta_N[i] = th
-                sin_N[i] = sn
-                cos_N[i] = cs
+                sn, cs = _wrap_store(th, i, theta_N, sin_N, cos_N)
                 S1 += sn
                 C1 += cs
         else:
             for i in range(N):
                 th = theta_N[i] + dt * (omega_N[i] + (KS * cos_N[i] - KC * sin_N[i]))
-                # wrap to [0, 2π): keeps the polynomial's argument small; floor vectorises
-                th -= TWO_PI * math.floor(th * (1.0 / TWO_PI))
-                sn, cs = _sincos(th)
-                theta_N[i] = th
-                sin_N[i] = sn
-                cos_N[i] = cs
+                sn, cs = _wrap_store(th, i, theta_N, sin_N, cos_N)
                 S1 += sn
                 C1 += cs
         S = S1 / N

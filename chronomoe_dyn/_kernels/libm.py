@@ -174,6 +174,31 @@ def _gumbel_into(u_N, out_N, bits_N):
 
 
 # --------------------------------------------------------------------------------------------
+# The torch adapter's routing-noise uniforms, for its CPU tensors (``chronomoe_torch.routing``):
+# the same integers its tensor ops compute, in one pass instead of ~15 ops over int64 tensors.
+_SH9 = np.uint64(9)
+_HALF32 = np.float32(0.5)
+_INV23 = np.float32(2.0 ** -23)
+
+
+@kernel
+def uniform23_into(prefix_L, offset, world, rank, E, out_LM):
+    """out[l, n·E + e] = ((h >> 9) + 0.5)·2⁻²³ in float32 (exact: the top 23 bits of h) with
+    h = mix32(prefix[l] ^ index), index = (((offset + n)·world + rank)·E + e) mod 2³² (``_mix32``
+    keeps the low 32 bits), for n < M / E. ``prefix_L`` uint64 [L]; ``out_LM`` float32 [L, M]."""
+    off, w, r, e_ = np.uint64(offset), np.uint64(world), np.uint64(rank), np.uint64(E)
+    M = out_LM.shape[1]
+    for li in range(prefix_L.shape[0]):
+        p = np.uint64(prefix_L[li])
+        for n in range(M // E):
+            base = ((off + np.uint64(n)) * w + r) * e_
+            for e in range(E):
+                h = _mix32(p ^ (base + np.uint64(e)))
+                # via int64 (exact): signed conversion vectorises, unsigned does not
+                out_LM[li, n * E + e] = (np.float32(np.int64(h >> _SH9)) + _HALF32) * _INV23
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points for the tests.
 
 @kernel

@@ -7,7 +7,8 @@
 * every ControllerConfig field reaches the Numba kernels: the kernels' parameter record is
   derived from ``dataclasses.fields``, and every field is read by a kernel unless it is listed
   as host-only with the reason (and then no kernel reads it);
-* one registry of counter-RNG streams (``rng.STREAMS``): no module defines its own STREAM_ id.
+* one registry of counter-RNG streams (``rng.STREAMS``): no module defines its own STREAM_ id;
+* every module stays under ~400 lines unless its docstring says why it is longer.
 """
 
 from __future__ import annotations
@@ -64,69 +65,14 @@ def test_the_torch_scan_sees_every_import_form(tmp_path):
     assert [h.split()[-1] for h in hits] == ["torch.nn", "torch", "torch", "torch.utils"]
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(PKG.parent).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _import_graph() -> dict[str, set[str]]:
-    """module -> the chronomoe_dyn modules it imports (anywhere in the file)."""
-    modules = {_module_name(p): p for p in FILES}
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for mod, path in modules.items():
-        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")
-                    base = base[:len(base) - (node.level - 1)]
-                    root = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    root = node.module or ""
-                targets = [root] + [f"{root}.{a.name}" for a in node.names]
-            for t in targets:
-                if t in modules and t != mod:
-                    graph[mod].add(t)
-    return graph
-
-
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Import cycles, ignoring edges into a package's own __init__ from inside the package
-    (``from . import rng`` loads chronomoe_dyn first in any case)."""
-    found, state = [], {}
-
-    def visit(m, stack):
-        state[m] = 1
-        stack.append(m)
-        for n in sorted(graph[m]):
-            if m.startswith(n + "."):
-                continue
-            if state.get(n) == 1:
-                found.append(stack[stack.index(n):] + [n])
-            elif n not in state:
-                visit(n, stack)
-        stack.pop()
-        state[m] = 2
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [])
-    return found
-
-
-def test_there_is_no_import_cycle():
+def test_there_is_no_import_cycle(import_graph, import_cycles):
     """Mutation caught (checked): state.py importing order_parameter from law (version 1's
     hidden state↔law cycle, as a lazy import in init_state)."""
-    graph = _import_graph()
+    graph = import_graph(PKG)
     assert "chronomoe_dyn.law" in graph["chronomoe_dyn.routing"]     # the graph sees imports
     assert "chronomoe_dyn._kernels.libm" in graph["chronomoe_dyn._kernels.kuramoto"]
-    assert _cycles(graph) == []
-    assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
+    assert import_cycles(graph) == []
+    assert import_cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
 
 
 def _kernel_attribute_reads(name: str = "cp") -> set[str]:
@@ -208,3 +154,19 @@ def test_kernel_caches_are_keyed_on_every_kernel_source():
         assert isinstance(d._cache, jit._KeyedCache), d
         key = d._cache._index_key((), type("C", (), {"magic_tuple": lambda self: ()})())
         assert key[-1][0] == jit.SOURCE_KEY
+
+
+MAX_LINES = 420
+""""About 400 lines": a module longer than this must say why in its docstring."""
+
+
+def test_long_modules_say_why():
+    """A module over ~400 lines names the reason in its docstring ("... 400 lines: ...").
+    Mutation caught (checked): a 421-line module without the reason (runload.py padded)."""
+    long = {}
+    for p in FILES:
+        n = len(p.read_text(encoding="utf-8").splitlines())
+        doc = ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or ""
+        if n > MAX_LINES and "400 lines" not in doc:
+            long[p.relative_to(PKG).as_posix()] = n
+    assert long == {}

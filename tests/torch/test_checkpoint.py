@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from chronomoe_torch import _atomic  # the filesystem protocol: where its knobs are patched
+from chronomoe_torch import _ckpt_io  # save_state's module: where its verification is patched
 from chronomoe_torch import checkpoint as ck
 from chronomoe_torch.checkpoint import (
     CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load_state, save_state,
@@ -239,7 +240,7 @@ def test_an_existing_checkpoint_is_never_overwritten(tmp_path):
 
 def test_verify_failure_commits_nothing(tmp_path, monkeypatch):
     save_state(tmp_path / "ck", {"v": 1})
-    monkeypatch.setattr(ck, "trees_equal", lambda a, b: False)
+    monkeypatch.setattr(_ckpt_io, "trees_equal", lambda a, b: False)   # what save_state uses
     with pytest.raises(CheckpointError, match="do not read back"):
         save_state(tmp_path / "ck2", {"v": 2})
     monkeypatch.undo()

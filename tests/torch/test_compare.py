@@ -247,7 +247,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 
 def test_byte_shift_permutes_train_batches_from_its_step_and_eval_after_it():
     import torch
-    from chronomoe_torch.compare import _ByteShift, fingerprint
+    from chronomoe_torch.compare_run import _ByteShift, fingerprint
     batches = [{"input_ids": torch.arange(4) + 10 * i, "labels": torch.arange(4) + 10 * i}
                for i in range(4)]
     clock = [0]

@@ -112,6 +112,30 @@ def test_gumbel_key_is_the_counter_rng_extended_by_the_layer():
     torch.testing.assert_close(torch.stack([r0, r1], 1).reshape(16, E), g, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("offset,rank,world", [(0, 0, 1), (40, 0, 1), (20, 1, 2),
+                                                (2 ** 29 + 5, 2, 3), (2 ** 31, 0, 1)])
+def test_cpu_noise_kernel_equals_the_tensor_path_bit_for_bit(offset, rank, world):
+    """On CPU the uniforms come from one Numba pass (``_noise._uniform23_cpu``), elsewhere
+    from int64 tensor ops (``_uniform23_tensor``): the same u, bit for bit, for one prefix and
+    for a batch of layers, past the 32-bit wrap of the index and over several ranks; and the
+    draws (``gumbel_NE``) agree too. Mutations caught (checked), in ``libm.uniform23_into``:
+    rank and world swapped in the index; the key combined by ``+`` instead of ``^``."""
+    from chronomoe_torch._noise import _uniform23_cpu, _uniform23_tensor
+    cpu = torch.device("cpu")
+    prefixes = [0, 12345, 2 ** 32 - 1, _rng.gumbel_prefix(7, 3, 1)]
+    key = NoiseKey(prefixes[1], offset, rank, world)
+    u_cpu = _uniform23_cpu(key, 16, E, None)
+    u_ten = _uniform23_tensor(key, 16, E, cpu, None)
+    assert u_cpu.dtype == u_ten.dtype == torch.float32
+    assert torch.equal(u_cpu.reshape(-1), u_ten.reshape(-1))
+    batch_cpu = _uniform23_cpu(key, 16, E, prefixes)
+    batch_ten = _uniform23_tensor(key, 16, E, cpu, torch.tensor(prefixes).unsqueeze(1))
+    assert batch_cpu.shape == (4, 16 * E) and torch.equal(batch_cpu, batch_ten)
+    g_cpu = gumbel_NE(key, 16, E, cpu, np.array(prefixes, dtype=np.uint64))
+    g_ten = gumbel_NE(key, 16, E, cpu, torch.tensor(prefixes).unsqueeze(1))
+    assert torch.equal(g_cpu, g_ten)
+
+
 def test_noise_keys_continue_positions_over_micro_batches_and_repeat_in_recompute():
     """Gradient accumulation: two calls of N/2 tokens draw what one call of N draws; a call
     inside backward (an activation-checkpoint recompute) repeats the last forward's key; the
