@@ -7,9 +7,11 @@ Defaults marked "seed" come from the original design note and prototype. The Kur
 (coupling, omega0, omega_disorder_std, phase_noise, dt) are ours, calibrated for version 1 (see
 "Calibration" in ``chronomoe_dyn.simulate``). The version-2 constants (drift_gain on the z-scored
 drift, pressure_gain, exploration_tau0, beta_tau, lens_rate/lens_max in normalised units, the
-routing temperature clamp) are PROVISIONAL: starting points with the reasoning given per field,
-until the calibration study (issue 9) chooses them once against both the simulator's default
-environment and the real-text benchmark.
+routing temperature clamp) were chosen once, by the calibration recorded in
+``docs/calibration.md`` (the simulator's default environment and the real-text benchmark of
+``chronomoe-train compare``, with every candidate that was tried): drift_gain 0.1, pressure_gain
+2, beta_drift 0.1, beta_reliability 0.8, reliability_sharpness 8; the others kept their seed or
+starting values, with the reasoning given per field.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ class ControllerConfig:
     # --- usage and reliability ----------------------------------------------------------
     usage_decay: float = 0.95
     """ρ: EMA decay of the usage fractions u and of the reliability s. Seed: 0.95."""
-    reliability_sharpness: float = 4.0
+    reliability_sharpness: float = 8.0
     """Slope of the loss→reliability map: target s = σ(sharpness·(m̄ − m_e)/m̄), where m_e is an
-    expert's mean token loss and m̄ the layer's token-weighted mean (equal losses give 0.5)."""
+    expert's mean token loss and m̄ the layer's token-weighted mean (equal losses give 0.5).
+    Calibrated: 8 (the seed's 4 with β_reliability 0.2 left T_fast to the usage drift, see
+    ``beta_drift``)."""
 
     # --- Kuramoto phases (ours) -----------------------------------------------------------
     coupling: float = 0.25
@@ -76,13 +80,14 @@ class ControllerConfig:
     omega_disorder_std: float = 0.05
     """Std of the fixed Gaussian per-oscillator frequency disorder, drawn at init from the seed.
     Against K it sets the R that perfectly stable routing reaches."""
-    drift_gain: float = 0.3
+    drift_gain: float = 0.1
     """α: frequency shift per unit of z-scored routing drift δ = (frac − u)/sqrt(max(u(1−u),
-    1/E²)/n). PROVISIONAL (until the calibration study). Reasoning: each tick kicks a phase by
-    α·dt·δ; with δ a z-score, noise-driven locking needs roughly α²·dt·var(δ) < K = 0.25. In
-    real training the drift z-scores fall from ≈ 6–7 early to ≈ 1.5–2.5 late, and pure
-    multinomial sampling gives ≈ 0.8 (DESIGN.md §3, spec check), so α ≈ 0.3 leaves R incoherent
-    early (0.09·0.5·40 ≈ 1.8 > K) and lets it rise as routing settles (0.09·0.5·4 ≈ 0.18 < K).
+    1/E²)/n). Calibrated (docs/calibration.md): each tick kicks a phase by α·dt·δ, and drift
+    that persists acts as frequency disorder, so locking needs α·std(δ) well below K. On real
+    text the starting value 0.3 kept R at the incoherent floor all run (10–90 %: 0.07–0.35),
+    0.05 and 0.1 gave R a real range (0.21–0.97, 0.21–0.85); in the simulator, whose drift is
+    smaller, 0.3 spans 0.40–0.90 and 0.1 only 0.93–0.98. No single α serves both equally: 0.1
+    is the smallest range change on the simulator that keeps real training's R off its floor.
     (Version 1 used α = 4 on δ = E·(frac − u), a different unit.)"""
     phase_noise: float = 0.0
     """σ: phase-diffusion noise amplitude (θ += σ·sqrt(dt)·ξ, ξ ~ N(0,1) from the counter RNG)."""
@@ -98,10 +103,15 @@ class ControllerConfig:
     """Base fast temperature. Seed: 1.0."""
     beta_R: float = 0.5
     """Gain of incoherence (1−R) in T_fast. Seed: 0.5."""
-    beta_drift: float = 0.3
-    """Gain of the normalised usage drift d̂ in T_fast. Seed: 0.3."""
-    beta_reliability: float = 0.2
-    """Gain of unreliability (1−s) in T_fast. Seed: 0.2."""
+    beta_drift: float = 0.1
+    """Gain of the normalised usage drift d̂ in T_fast. Calibrated: 0.1 (seed 0.3). With the
+    seed's gains T_fast was set mostly by d̂, so valleys were the evenly used experts, not the
+    good ones: valley health (share of valleys whose token loss beats the layer mean) 0.56–0.59
+    in the simulator, and with the fields balancing usage the landscape rarely formed (var
+    T̄_local > 0.01 in 1 of 8 systems; real text 0.002 after 500 steps). With 0.1 / 0.8 / 8:
+    health 0.97, formed in every system; real text var T̄_local 0.023–0.029 after 500 steps."""
+    beta_reliability: float = 0.8
+    """Gain of unreliability (1−s) in T_fast. Calibrated: 0.8 (seed 0.2; see ``beta_drift``)."""
     T_min: float = 0.3
     """Lower clip of T_fast. Seed: 0.3."""
     T_max: float = 3.0
@@ -110,14 +120,17 @@ class ControllerConfig:
     # --- lens (integral term of the pressure controller) ---------------------------------
     lens_rate: float = 0.05
     """γ: lens step per lens tick (see ``lens_clock``), in units of the centred, σ-normalised
-    logit z̃ (the bias's unit). PROVISIONAL: the seed's 0.05; with |P| ≤ 1 and σ(5ΔR) ≈ ½ the
-    lens moves ≤ 0.025 z̃ per macro tick, i.e. it needs ≈ 800 ticks to reach ±lens_max."""
+    logit z̃ (the bias's unit). The seed's 0.05, kept by calibration (0.1 and 0.2 did not
+    balance better on real text and 0.2 cost loss); with |P| ≤ 1 and σ(5ΔR) ≈ ½ the lens moves
+    ≤ 0.025 z̃ per lens tick."""
     lens_max: float = 1.0
-    """Clip of |lens|, in z̃ units. PROVISIONAL: one logit standard deviation, as large as the
-    proportional term k_P·|P| ≤ 1 can be."""
+    """Clip of |lens|, in z̃ units: one logit standard deviation (not varied by calibration)."""
     lens_clock: str = "macro"
     """Clock of the lens update: "macro" (every macro_period ticks, the seed's choice) or
-    "micro" (every micro_period ticks). The calibration study chooses."""
+    "micro" (every micro_period ticks). Calibrated: "macro". On real text the micro clock
+    balanced slightly better with the seed's T_fast gains (MaxVio_global 0.24 ± 0.01 vs 0.29 ±
+    0.05, 3 seeds) but not with the calibrated ones (0.27 ± 0.08 vs 0.28 ± 0.05), and in the
+    simulator it cost loss (+0.036 against the ablation vs +0.012)."""
 
     # --- meta-knob κ ------------------------------------------------------------------------
     beta_pressure: float = 0.5
@@ -131,22 +144,25 @@ class ControllerConfig:
     (the prototype used 0.3)."""
 
     # --- outputs: the routing rule (DESIGN.md §3.8) ---------------------------------------
-    pressure_gain: float = 1.0
+    pressure_gain: float = 2.0
     """k_P: bias = e^{β_p κ}(k_P·P + lens), in units of the centred, σ-normalised logit z̃.
-    PROVISIONAL: with |P| ≤ 1 a fully over- or under-used expert moves by up to one logit
-    standard deviation, enough to change close top-k choices without overriding clear ones
-    (the spec check's fields-on run: MaxVio_global 0.15 vs 0.54 off, at equal loss)."""
+    Calibrated: 2. P = clip(2(1/E − share)) is small for E = 8
+    (−0.06 for an expert at 1.23× its share), so k_P = 1 moved little; 4 did not balance better
+    and 8 overshot (MaxVio_global 0.39 ± 0.12 on real text). Note P is not scale-free in E: the
+    same k_P is weaker at larger E (a finding about DESIGN §3's P; kept as specified)."""
     routing_T_min: float = 0.1
     """T_lo: lower clamp of the output temperature (was the constant TEMPERATURE_MIN)."""
     routing_T_max: float = 10.0
     """T_hi: upper clamp of the output temperature (was the constant TEMPERATURE_MAX)."""
     exploration_tau0: float = 0.1
     """τ₀: scale of the Gumbel exploration noise at κ = 0, τ = τ₀·e^{β_τ κ} (0: no noise).
-    PROVISIONAL: z̃/T has unit spread, so τ = 1 swamps it (65 % of slots explored in the spec
-    check); τ₀ = 0.1 explored ≈ 18 % under the seed's κ schedule at no loss cost."""
+    Kept by calibration (0.05 and 0.2 were no better on real text): z̃/T has unit spread, so τ =
+    1 swamps it (65 % of slots explored in the spec check); τ₀ = 0.1 explored ≈ 18 % under
+    the seed's κ schedule at no loss cost."""
     beta_tau: float = 1.5
-    """β_τ: κ gain on the exploration noise, τ = τ₀·e^{β_τ κ}. PROVISIONAL: makes κ a strong
-    lever (spec check: constant κ = +1 vs −1 explored 61 % vs 3.8 % of slots, 16×)."""
+    """β_τ: κ gain on the exploration noise, τ = τ₀·e^{β_τ κ}. Not varied by calibration: makes
+    κ a strong lever (spec check: constant κ = +1 vs −1 explored 61 % vs 3.8 % of slots,
+    16×)."""
     logit_scale_floor: float = 1e-3
     """Floor of σ_L when routing divides by it (a router whose logits are all equal, or a layer
     not observed yet: σ_L = 0)."""

@@ -23,9 +23,8 @@ so system b of a batch equals a one-system run with that seed.
 ``backend="numpy"`` runs the same environment in NumPy (``env.route``/``env.learn``) and calls
 the reference ``chronomoe_dyn.step`` every tick: the reference the kernel must match.
 
-Calibration. The version-2 constants are provisional (``ControllerConfig`` says which and why);
-the calibration study of issue 9 chooses them against this environment and the real-text
-benchmark. The environment's own constants come from the version-1 calibration (default
+Calibration. The version-2 constants were chosen against this environment and the real-text
+benchmark (``docs/calibration.md``; ``ControllerConfig`` says which and why). The environment's own constants come from the version-1 calibration (default
 environment and ``default_schedule``, 4000 ticks, 16 systems): router prior count 80 000 (the
 router learns during the run, its estimates separating over ~1000–2000 ticks), sharpness 5,
 domain mixture (0.4, 0.3, 0.2, 0.1) (a uniform mixture lets every expert end up balanced and

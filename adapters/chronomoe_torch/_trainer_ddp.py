@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -53,8 +54,14 @@ class DataParallelMixin:
         # Buffers are not broadcast (a collective per forward saved): the controller's and the
         # aux-free ones are updated on every rank from all-reduced numbers, and the observation
         # accumulators are per rank (a broadcast would overwrite a rank's with rank 0's).
-        self._ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                        else None, broadcast_buffers=False)
+        # torch 2.13 marks broadcast_buffers deprecated in favour of forward_sync_buffers, which
+        # still syncs buffers once at init; until init_sync_buffers exists (its own advice for
+        # rank-local buffers) broadcast_buffers=False is the right switch: silence the notice.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated",
+                                    category=FutureWarning)
+            self._ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                            else None, broadcast_buffers=False)
 
     def _forward_model(self, *args: Any, **kwargs: Any) -> Any:
         return (self._ddp or self.model)(*args, **kwargs)

@@ -154,21 +154,27 @@ def kernels_cached(names: Sequence[str]) -> bool:
     return not found
 
 
-_CELL_CODE = ("_kernels", "simulate", "env", "law", "state", "config", "schedule", "rng",
-              "kuramoto", "landscape")
-"""Modules whose code decides what a cell computes: their source is part of a store's
-identity, so cells computed by other code are never mixed into one store."""
+_CELL_CODE = ("_kernels", "simulate", "env", "env_config", "law", "state", "config",
+              "schedule", "rng", "kuramoto", "landscape", "routing", "trajectory", "store")
+"""Modules (or packages: every .py file inside) whose code decides what a cell computes: their
+source is part of a store's identity, so cells computed by other code are never mixed into one
+store. A name that is neither raises (a renamed module must not drop out silently)."""
 
 
-def code_fingerprint() -> str:
-    """sha256 of the sources of the modules in ``_CELL_CODE``."""
+def code_fingerprint(pkg: Path | None = None) -> str:
+    """sha256 of the sources of the modules and packages in ``_CELL_CODE`` (of ``pkg``, by
+    default this installed chronomoe_dyn)."""
     import hashlib
     h = hashlib.sha256()
-    pkg = Path(__file__).resolve().parents[1]
+    pkg = Path(__file__).resolve().parents[1] if pkg is None else Path(pkg)
     for name in _CELL_CODE:
-        f = pkg / f"{name}.py"
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes())
+        files = sorted((pkg / name).glob("*.py")) if (pkg / name).is_dir() \
+            else [pkg / f"{name}.py"]
+        if not files or not files[0].is_file():
+            raise FileNotFoundError(f"studies.runner._CELL_CODE names {name!r}, which is no "
+                                    f"module or package of chronomoe_dyn")
+        for f in files:
+            h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 

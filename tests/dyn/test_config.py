@@ -14,17 +14,18 @@ from chronomoe_dyn import ControllerConfig
 from chronomoe_dyn import config as config_module
 
 # DESIGN.md §3: the seed's defaults, the Kuramoto/lens constants the design chose, and the
-# provisional version-2 constants (docs/CONTRACTS.md "Version 2 contracts"; the calibration
-# study will choose the final values).
+# constants the calibration chose (docs/calibration.md: drift_gain, pressure_gain, beta_drift,
+# beta_reliability, reliability_sharpness).
 DESIGN_DEFAULTS = {
     "micro_period": 5, "macro_period": 20, "usage_decay": 0.95,
     "eta_structural_T_global": 0.005, "eta_structural_T_local": 0.01, "T_base": 1.0,
-    "beta_R": 0.5, "beta_drift": 0.3, "beta_reliability": 0.2, "T_min": 0.3, "T_max": 3.0,
+    "beta_R": 0.5, "beta_drift": 0.1, "beta_reliability": 0.8, "reliability_sharpness": 8.0,
+    "T_min": 0.3, "T_max": 3.0,
     "lens_rate": 0.05, "lens_max": 1.0, "beta_pressure": 0.5, "beta_temperature": 0.4,
     "beta_lens": 0.7, "landscape_threshold_std": 0.5,
     "landscape_formed_variance": 0.01, "unhealthy_reliability": 0.3,
-    "coupling": 0.25, "drift_gain": 0.3, "omega_disorder_std": 0.05,
-    "pressure_gain": 1.0, "routing_T_min": 0.1, "routing_T_max": 10.0, "exploration_tau0": 0.1,
+    "coupling": 0.25, "drift_gain": 0.1, "omega_disorder_std": 0.05,
+    "pressure_gain": 2.0, "routing_T_min": 0.1, "routing_T_max": 10.0, "exploration_tau0": 0.1,
     "beta_tau": 1.5, "logit_scale_floor": 1e-3, "lens_clock": "macro",
 }
 
@@ -120,16 +121,17 @@ def test_routing_T_min_must_not_exceed_routing_T_max():
         ControllerConfig(routing_T_min=3.0, routing_T_max=2.0)
 
 
-def test_provisional_constants_say_so():
-    """The version-2 constants are provisional until the calibration study: their docstrings
-    must say so (the lead reads them to know what is still open)."""
+def test_calibrated_constants_say_so():
+    """The constants the calibration chose (docs/calibration.md) say so in their docstrings,
+    and no docstring still calls a constant provisional."""
     tree = ast.parse(inspect.getsource(config_module))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ControllerConfig")
     docs = {a.target.id: b.value.value for a, b in zip(cls.body, cls.body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    for name in ("drift_gain", "pressure_gain", "exploration_tau0", "beta_tau", "lens_rate",
-                 "lens_max"):
-        assert "PROVISIONAL" in docs[name], name
+    for name in ("drift_gain", "pressure_gain", "beta_drift", "beta_reliability",
+                 "reliability_sharpness", "lens_clock"):
+        assert "Calibrated" in docs[name], name
+    assert not any("PROVISIONAL" in d for d in docs.values())
 
 
 def test_integers_are_accepted_for_real_fields():

@@ -261,3 +261,26 @@ def test_float32_store(tmp_path):
     assert ds["valley_local"].dtype == bool and ds["final_theta"].dtype == np.float64
     np.testing.assert_allclose(np.array(b["grids"]["R"]), np.array(a["grids"]["R"]),
                                rtol=1e-6)
+
+
+def test_store_identity_covers_every_kernel_source(tmp_path, monkeypatch):
+    """A store's identity hashes the simulator's code, the _kernels package included (it was
+    hashed as a missing _kernels.py, so a kernel change kept old cells). Works on a copy of the
+    package (editing the installed kernels would invalidate Numba's cache). Mutation caught:
+    hashing only ``<name>.py`` files."""
+    import shutil
+    from pathlib import Path
+
+    import chronomoe_dyn
+    from chronomoe_dyn.studies import runner
+    copy = tmp_path / "chronomoe_dyn"
+    shutil.copytree(Path(chronomoe_dyn.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "studies"))
+    before = runner.code_fingerprint(copy)
+    assert before == runner.code_fingerprint()
+    kernel = copy / "_kernels" / "driver.py"
+    kernel.write_bytes(kernel.read_bytes() + b"\n# changed\n")
+    assert runner.code_fingerprint(copy) != before
+    monkeypatch.setattr(runner, "_CELL_CODE", runner._CELL_CODE + ("no_such_module",))
+    with pytest.raises(FileNotFoundError, match="no_such_module"):
+        runner.code_fingerprint()
