@@ -35,12 +35,12 @@ from __future__ import annotations
 import copy
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from chronomoe_dyn import ControllerConfig
+from chronomoe_dyn.armsfile import read_arms_file
 
 from .config import TrainingConfig
 from .model import MixtralConfig
@@ -49,7 +49,6 @@ __all__ = ["Arm", "BenchmarkSpec", "BUILTIN_ARMS", "builtin_arm", "parse_arms", 
            "resolve_arm", "ArmError"]
 
 _KAPPA_ARM = re.compile(r"^kappa=(.*)$")
-_NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 
 
 class ArmError(ValueError):
@@ -108,53 +107,21 @@ def builtin_arm(name: str) -> Arm:
                        f"kappa=<v>, or arms defined in --arms-file") from None
 
 
-def _section(name: str, where: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ArmError(f"{where}: '{name}' must be a table of field = value, got "
-                       f"{type(value).__name__}")
-    return dict(value)
-
-
 def load_arms_file(path: str | Path) -> dict[str, Arm]:
-    """Arms defined in a TOML file (see the module docstring). Fields are checked by
-    ``resolve_arm``; this checks the file's structure and names."""
-    p = Path(path)
+    """Arms defined in a TOML file (see the module docstring). The structure is read by
+    ``chronomoe_dyn.armsfile`` (shared with the simulator's calibrate study); the fields are
+    checked by ``resolve_arm``."""
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArmError(f"arms file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArmError(f"arms file {str(p)!r} cannot be read: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ArmError(f"arms file {str(p)!r} is not valid TOML: {e}") from None
-    unknown_top = sorted(set(doc) - {"arms"})
-    if unknown_top or not isinstance(doc.get("arms"), dict):
-        raise ArmError(f"arms file {str(p)!r}: expected [arms.<name>] tables only"
-                       + (f" (found {unknown_top})" if unknown_top else ""))
+        specs = read_arms_file(path)
+    except ValueError as e:
+        raise ArmError(str(e)) from None
     out: dict[str, Arm] = {}
-    for name, body in doc["arms"].items():
-        where = f"arms file {str(p)!r}, arm {name!r}"
-        if not _NAME_OK.match(name):
-            raise ArmError(f"{where}: names may use letters, digits and _ . = + - only")
-        if not isinstance(body, dict):
-            raise ArmError(f"{where}: expected a table")
-        extra = sorted(set(body) - {"base", "description", "training", "model", "controller"})
-        if extra:
-            hint = ""
-            if any(isinstance(body[k], dict) for k in extra):
-                hint = (f"; a name with dots must be quoted in TOML, e.g. "
-                        f"[arms.\"{name}.{extra[0]}\"]")
-            raise ArmError(f"{where}: unknown key(s) {extra} (allowed: base, description, "
-                           f"training, model, controller){hint}")
-        base = builtin_arm(body["base"]) if "base" in body else Arm(name, "")
-        merged = Arm(name, str(body.get("description", base.description or name)),
-                     {**base.training, **_section("training", where, body.get("training"))},
-                     {**base.model, **_section("model", where, body.get("model"))},
-                     {**base.controller, **_section("controller", where,
-                                                    body.get("controller"))})
-        out[name] = merged
+    for name, a in specs.items():
+        base = builtin_arm(a.base) if a.base is not None else Arm(name, "")
+        out[name] = Arm(name, a.description if a.description is not None
+                        else (base.description or name),
+                        {**base.training, **a.training}, {**base.model, **a.model},
+                        {**base.controller, **a.controller})
     return out
 
 

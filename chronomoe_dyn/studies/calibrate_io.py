@@ -1,8 +1,8 @@
 """Inputs of the `calibrate` study: the candidates file and a real-text comparison's results.
 
-Candidates file. The same TOML as ``chronomoe-train compare --arms-file`` (the real-text half
-reads it with ``chronomoe_torch.arms.load_arms_file``; this module must not import torch, so it
-reads the file itself): one ``[arms."name"]`` table per candidate with the keys ``base``,
+Candidates file. The same TOML as ``chronomoe-train compare --arms-file``, read by the one
+reader of the format, ``chronomoe_dyn.armsfile`` (compare's ``chronomoe_torch.arms`` uses it too):
+one ``[arms."name"]`` table per candidate with the keys ``base``,
 ``description``, ``training``, ``model`` and ``controller``. The simulator uses only the
 ``controller`` table (``ControllerConfig`` fields, every value validated here); ``training`` and
 ``model`` changes act on real text only and are reported as such. A bad file raises ValueError
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,6 @@ import numpy as np
 __all__ = ["Candidate", "load_candidates", "default_candidates_path", "load_real_text",
            "REAL_TEXT_METRICS"]
 
-_ARM_KEYS = ("base", "description", "training", "model", "controller")
-_NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")   # compare's rule for arm names
 
 REAL_TEXT_METRICS = ("eval_loss", "maxvio_global", "maxvio_batch", "exploration_rate",
                      "routing_entropy", "R_mean", "R_p10", "R_p90", "gate_mean")
@@ -55,49 +51,27 @@ def default_candidates_path() -> Path:
 
 def load_candidates(path: str | Path) -> dict[str, Candidate]:
     """name -> Candidate, in file order; ValueError names the file, arm and key of a problem."""
+    from ..armsfile import read_arms_file
     from ..config import ControllerConfig
-    p = Path(path)
-    where0 = f"candidates file {str(p)!r}"
-    # The same structural checks as chronomoe_torch.arms.load_arms_file (which this package may
-    # not import: it imports torch); tests/torch/test_calibration_candidates.py keeps the two
-    # readers in agreement on every arm.
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{where0} does not exist (config key 'candidates')") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where0} cannot be read: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{where0} is not valid TOML: {e}") from None
-    extra = sorted(set(doc) - {"arms"})
-    if extra or not isinstance(doc.get("arms"), dict) or not doc["arms"]:
-        raise ValueError(f"{where0}: expected one or more [arms.\"name\"] tables and nothing else"
-                         + (f" (found {extra})" if extra else ""))
+        specs = read_arms_file(path)         # the one reader of the format (compare's too)
+    except ValueError as e:
+        msg = str(e).replace("arms file", "candidates file", 1)
+        if "does not exist" in msg:
+            msg += " (config key 'candidates')"
+        raise ValueError(msg) from None
     out: dict[str, Candidate] = {}
-    for name, body in doc["arms"].items():
-        where = f"{where0}, arm {name!r}"
-        if not _NAME_OK.match(name):
-            raise ValueError(f"{where}: names may use letters, digits and _ . = + - only")
-        if not isinstance(body, dict):
-            raise ValueError(f"{where}: expected a table")
-        bad = sorted(set(body) - set(_ARM_KEYS))
-        if bad:
-            raise ValueError(f"{where}: unknown key(s) {bad} (allowed: {', '.join(_ARM_KEYS)}); "
-                             f"a name with dots must be quoted, e.g. [arms.\"{name}.{bad[0]}\"]")
-        sections = {}
-        for key in ("training", "model", "controller"):
-            v = body.get(key, {})
-            if not isinstance(v, dict):
-                raise ValueError(f"{where}: '{key}' must be a table of field = value")
-            sections[key] = dict(v)
+    for name, a in specs.items():
         try:
-            ControllerConfig.from_dict(sections["controller"])
+            ControllerConfig.from_dict(a.controller)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: controller: {e}") from None
+            raise ValueError(f"candidates file {str(path)!r}, arm {name!r}: controller: {e}"
+                             ) from None
         out[name] = Candidate(
-            name=name, description=str(body.get("description", "")),
-            base=str(body.get("base", "")), controller=sections["controller"],
-            real_text_only=tuple(f"{k}.{f}" for k in ("training", "model") for f in sections[k]))
+            name=name, description=a.description or "", base=a.base or "",
+            controller=a.controller,
+            real_text_only=tuple(f"{k}.{f}" for k in ("training", "model")
+                                 for f in getattr(a, k)))
     return out
 
 
