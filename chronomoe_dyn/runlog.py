@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["HEALTHY_RANGES", "METRICS_FILE", "MetricsFormatError", "RunSeries",
-           "read_metrics_jsonl", "validate_metrics_record", "write_metrics_record"]
+           "read_metrics_jsonl", "read_records", "validate_metrics_record", "write_metrics_record"]
 
 HEALTHY_RANGES: dict[str, tuple[float, float]] = {
     "R": (0.3, 0.8), "tbar_variance": (0.01, 0.1), "gate": (0.5, 1.0),
@@ -246,14 +246,17 @@ def _stack(rows: list[np.ndarray | None], name: str, path: Path,
     return out
 
 
-def read_metrics_jsonl(path: str | Path) -> RunSeries:
-    """Read a metrics JSONL file into a RunSeries (see the module docstring for the schema)."""
+def read_records(path: str | Path, keep_unknown: bool = True
+                 ) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """(train, eval) records of a metrics JSONL file as (line number, record) pairs sorted by
+    step; a step logged twice keeps the later line (a resumed run). Known fields are validated
+    and converted (arrays as NumPy); unknown keys are kept as written (``keep_unknown``) or
+    dropped. Raises MetricsFormatError naming the file, the line and the field."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"metrics file not found: {p}")
     train: dict[int, tuple[int, dict]] = {}
-    evals: dict[int, float] = {}
-    evals_mv: dict[int, float] = {}
+    evals: dict[int, tuple[int, dict]] = {}
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -270,12 +273,19 @@ def read_metrics_jsonl(path: str | Path) -> RunSeries:
             raise MetricsFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})"
                                      ) from None
         rec = validate_metrics_record(raw, where)
-        if rec.get("split", "train") == "eval":
-            if "loss" in rec:
-                evals[rec["step"]] = rec["loss"]
-                evals_mv[rec["step"]] = rec.get("maxvio_global", math.nan)
-            continue
-        train[rec["step"]] = (lineno, rec)  # later line wins on a repeated step
+        if keep_unknown:
+            rec = {**raw, **rec}
+        (evals if rec.get("split", "train") == "eval" else train)[rec["step"]] = (lineno, rec)
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def read_metrics_jsonl(path: str | Path) -> RunSeries:
+    """Read a metrics JSONL file into a RunSeries (see the module docstring for the schema)."""
+    p = Path(path)
+    train_recs, eval_recs = read_records(p, keep_unknown=False)
+    evals = {r["step"]: r["loss"] for _, r in eval_recs if "loss" in r}
+    evals_mv = {r["step"]: r.get("maxvio_global", math.nan) for _, r in eval_recs if "loss" in r}
+    train = {r["step"]: (lineno, r) for lineno, r in train_recs}
     if not train:
         raise MetricsFormatError(f"{p}: no training records (lines with 'step'); nothing to plot")
     steps = sorted(train)

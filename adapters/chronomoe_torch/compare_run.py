@@ -169,25 +169,11 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
 # reading a run back: every number of the table comes from metrics.jsonl
 
 def read_run_records(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of a metrics.jsonl, sorted by step; a step logged twice
-    keeps the later line. Known fields are validated against the schema (and converted), other
-    keys are kept as written."""
-    from chronomoe_dyn.runlog import MetricsFormatError, validate_metrics_record
-    p = Path(path)
-    train: dict[int, dict] = {}
-    evals: dict[int, dict] = {}
-    with p.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetricsFormatError(f"{p} line {lineno}: not valid JSON ({e.msg})") from None
-            # the schema checks the fields it knows; keys it does not know are kept as written
-            rec = {**raw, **validate_metrics_record(raw, f"{p} line {lineno}")}
-            (evals if rec.get("split", "train") == "eval" else train)[rec["step"]] = rec
-    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+    """(train records, eval records) of a metrics.jsonl (``chronomoe_dyn.runlog.read_records``
+    without the line numbers)."""
+    from chronomoe_dyn.runlog import read_records
+    train, evals = read_records(path)
+    return [r for _, r in train], [r for _, r in evals]
 
 
 def _maxvio(load: Any) -> float | None:
