@@ -2,7 +2,7 @@
 # Re-run the README's dynamics studies at full size (seed 0) and refresh docs/figures/.
 # Run it after any change of the law's constants, the environment or a study:
 #
-#   studies/run_all.sh                    # all five studies (about 5 min on 2 shared cores)
+#   studies/run_all.sh                    # all five studies (about 8 min on 2 shared cores)
 #   studies/run_all.sh --in-process       # any extra `chronomoe-dyn study` options
 #   STUDIES="phases calibrate" studies/run_all.sh
 #

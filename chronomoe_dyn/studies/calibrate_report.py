@@ -251,11 +251,14 @@ def _fig_real_text(summary: dict, out: Path) -> Path:
             t, s = r["real_text"], r["schedule"]
             if t.get(f"{rk}_mean") is None:
                 continue
-            xerr = None if sk != "R_mean" else [[s["R_mean"] - s["R_p10"]],
-                                                [s["R_p90"] - s["R_mean"]]]
-            ax.errorbar(s[sk], t[f"{rk}_mean"], xerr=xerr, yerr=t.get(f"{rk}_sd") or 0,
-                        fmt="o", color=col[cidx[r["candidate"]]], ms=5, lw=0.8,
-                        label=r["candidate"])
+            c = col[cidx[r["candidate"]]]
+            ax.errorbar(s[sk], t[f"{rk}_mean"], yerr=t.get(f"{rk}_sd") or 0, fmt="o", color=c,
+                        ms=5, lw=0.8, label=r["candidate"])
+            if sk == "R_mean":
+                # the range as its own line: a mean over systems of per-system means can lie
+                # outside the mean 10–90 % range (R near 1 with a short low start), so it is
+                # not an error bar around the mean
+                ax.hlines(t[f"{rk}_mean"], s["R_p10"], s["R_p90"], color=c, lw=0.8)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.set_title(f"{title}: simulator vs real text", fontsize=9)

@@ -53,7 +53,7 @@ from .runner import (make_plan, run_study, sim_sections, simulate_cell, system_b
 NAME = "valley-repair"
 
 CONFIG = {
-    "beta_reliability": [0.1, 0.2, 0.4, 0.8],        # seed default 0.2
+    "beta_reliability": [0.1, 0.2, 0.4, 0.8],        # default 0.8 (seed 0.2)
     "eta_structural_T_local": [0.005, 0.01, 0.02, 0.04],  # seed default 0.01
     "num_systems": 8,               # seeds per (β, η)
     "systems_per_cell": None,       # systems per cell (one simulate call); None = num_systems
@@ -66,7 +66,8 @@ CONFIG = {
     "kappa": -0.3,                  # constant κ (the seed's exploitation value)
     "controller": {},               # other ControllerConfig changes (not the two axes)
     "env": {},
-    "default_cell": [0.2, 0.01],    # (β_reliability, η_local) of the example figure
+    "default_cell": [0.8, 0.01],    # (β_reliability, η_local) of the example figure:
+                                    # the ControllerConfig defaults
     # claim tolerances: filled = the share of valleys that fill within the run; estimate = the
     # allowed |median(estimate/measured) − 1|; eta_slope = the allowed distance of the log-log
     # slope of repair time vs η_local from −1 (the pure EMA picture)
@@ -74,7 +75,7 @@ CONFIG = {
 }
 
 QUICK = {"beta_reliability": [0.2, 0.8], "eta_structural_T_local": [0.01, 0.04],
-         "num_systems": 2, "collapse_tick": 401, "ticks": 1200, "default_cell": [0.2, 0.01]}
+         "num_systems": 2, "collapse_tick": 401, "ticks": 1200, "default_cell": [0.8, 0.01]}
 SECTIONS = sim_sections()
 ANALYSIS_KEYS = ("default_cell", "tolerances")
 KERNELS = ("simulate_batch", "simulate_serial")

@@ -486,11 +486,14 @@ def test_collapsed_expert_valley_fills_within_derived_bound(E, loss_ratio, s_v0,
     (1 + β_s(1 − τ_v))/(1 + β_s(1 − τ_o)) over the others); the upper end adds the lag of the
     reliability EMA. The test also checks the law against the exact D(n).
 
-    Default config (β_s 0.2, η_l 0.01, ρ 0.95, P 5, k 4), E = 8, loss ratio 10⁶, s_v0 = 1,
-    s_o0 = 0.5 (D0 = −0.1): τ_v = 6.9e−13, τ_o = 0.98201, g∞ = 0.19640, C = 0.29640,
-    μ = 0.77378: 40.95 ≤ n* ≤ 44.45, i.e. the valley is gone by micro tick 45 = fast tick 225
-    (the exact D(n) first turns positive at n = 45). The bound is not vacuous: v is a valley
-    for at least the first 40 micro ticks, and the upper and lower ends are within 10 %.
+    Default config (β_s 0.8, η_l 0.01, ρ 0.95, P 5, k 8, T_base 1: the calibrated constants),
+    E = 8, loss ratio 10⁶, s_v0 = 1, s_o0 = 0.5 (D0 = −0.4): τ_v = 4.8e−25, τ_o = 0.99966,
+    g∞ = 0.79973, C = 1.19973, μ = 0.77378: 40.35 ≤ n* ≤ 43.85, i.e. the valley is gone by
+    micro tick 44 = fast tick 220 (the exact D(n) first turns positive at n = 44). The bound is
+    not vacuous: v is a valley for at least the first 40 micro ticks, and the upper and lower
+    ends are within 10 % (8.7 %). (With the provisional β_s 0.2, k 4: D0 = −0.1, g∞ = 0.19640,
+    40.95 ≤ n* ≤ 44.45, gone at micro tick 45. D0, g∞ and C all scale with T_base·β_s, so n*
+    does not depend on β_s at all; it moved only through τ_o, which k 8 pushes to ≈ 1.)
     """
     cfg = ControllerConfig(beta_reliability=beta_s, eta_structural_T_local=eta_l,
                            usage_decay=rho, micro_period=micro, reliability_sharpness=sharp)
@@ -511,16 +514,20 @@ def test_collapsed_expert_valley_fills_within_derived_bound(E, loss_ratio, s_v0,
 
 
 def test_collapsed_expert_valley_bound_default_config_numbers():
-    """The worked example of the docstring above, with the default config."""
+    """The worked example of the docstring above, with the default config. Re-derived for the
+    calibrated defaults (β_s 0.8, k 8) on 2026-12-05: bounds (40.95, 44.45) → (40.35, 43.85),
+    τ_o 0.98201 → 0.99966, the valley gone at micro tick 45 → 44 (fast tick 225 → 220, and s_v
+    checked there)."""
     cfg = ControllerConfig()
     n_lo, n_up, D, (tau_v, tau_o, g_inf, C, D0, mu) = valley_fill_bounds(cfg, 8, 1e6, 1.0, 0.5)
-    assert (round(n_lo, 2), round(n_up, 2)) == (40.95, 44.45)
-    assert tau_v < 1e-12 and tau_o == pytest.approx(0.98201, abs=1e-5)
+    assert (round(n_lo, 2), round(n_up, 2)) == (40.35, 43.85)
+    assert tau_v < 1e-12 and tau_o == pytest.approx(0.99966, abs=1e-5)
+    assert (round(g_inf, 5), round(C, 5), D0) == (0.79973, 1.19973, -0.4)
     n_law, state = _collapse_run(cfg, 8, 3, 1e6, 1.0, 0.5, 60)
-    assert n_law == 45 == math.ceil(n_up)
-    assert state.tick == 225
+    assert n_law == 44 == math.ceil(n_up)
+    assert state.tick == 220
     # The collapsed expert's s is held near 0: s(t) = τ_v + (1 − τ_v)·ρ^t.
-    assert state.reliability_LE[0, 3] == pytest.approx(tau_v + (1 - tau_v) * 0.95 ** 225, rel=1e-9)
+    assert state.reliability_LE[0, 3] == pytest.approx(tau_v + (1 - tau_v) * 0.95 ** 220, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
