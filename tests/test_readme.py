@@ -3,9 +3,10 @@
 How blocks are run:
 * ```python blocks: saved as a script and run with ``python`` in a fresh temporary folder.
 * ```bash blocks: run with ``bash -euo pipefail`` in a fresh temporary folder, line by line as a
-  user would paste them. The set-up block (the first block of the "Set-up" section: install and
-  the main job) is what ``.ci/run`` executes on a fresh clone; ``test_ci_runs_the_readme_setup``
-  checks that the two agree instead of installing the package a second time.
+  user would paste them. The two set-up blocks (the first block of the "Set-up" section: install
+  and the main job; the next one: the test command) are what ``.ci/run`` executes on a fresh
+  clone; ``test_ci_runs_the_readme_setup`` checks that the two agree instead of installing the
+  package a second time or running the suite inside itself.
 * A block whose first line is ``# torchrun <args> FILE.py`` is saved as FILE.py and run with that
   torchrun command (the data-parallel example).
 * Any other fence (text, output examples) is not code and is not run.
@@ -64,9 +65,13 @@ def _setup_block(blocks: list[dict]) -> dict:
 
 
 def _runnable() -> list[dict]:
+    """Every python/bash block except the two set-up commands (install + main job, and the test
+    command: the suite cannot run itself; ``.ci/run`` runs both, checked below)."""
     blocks = _blocks()
     setup = _setup_block(blocks)
-    return [b for b in blocks if b["lang"] in ("python", "bash") and b is not setup]
+    tests = blocks[blocks.index(setup) + 1]
+    return [b for b in blocks if b["lang"] in ("python", "bash") and b is not setup
+            and b is not tests]
 
 
 def _env() -> dict[str, str]:
@@ -123,7 +128,8 @@ def test_the_harness_finds_every_fence():
     """The parser sees every fenced block (an unclosed fence is an error), and the README has
     the blocks the issue names: set-up, dynamics, training, attach, compare."""
     blocks = _blocks()
-    assert sum(1 for ln in README.read_text().splitlines() if _FENCE.match(ln)) == len(blocks)
+    fences = sum(1 for ln in README.read_text(encoding="utf-8").splitlines() if _FENCE.match(ln))
+    assert fences == 2 * len(blocks)                   # every opening fence and its closing one
     text = "\n".join(b["code"] for b in blocks)
     for needle in ("chronomoe-dyn study phases", "simulate(", "ChronoMoETrainer(", "attach(",
                    "chronomoe-train compare"):
