@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from chronomoe_dyn.studies.calibrate_io import default_candidates_path, load_candidates
-from chronomoe_torch.arms import BenchmarkSpec, load_arms_file, resolve_arm
+from chronomoe_torch.arms import BenchmarkSpec, builtin_arm, load_arms_file, resolve_arm
 
 
 def _agree(path):
@@ -49,3 +49,20 @@ def test_both_halves_refuse_the_same_bad_arm(tmp_path, body):
         load_candidates(f)
     with pytest.raises(ArmError, match="arm 'a'"):
         resolve_arm(load_arms_file(f)["a"], BenchmarkSpec(steps=10), seed=0)
+
+
+def test_shipped_lr_matched_baselines_resolve_to_their_base_at_the_cut_lr():
+    """studies/lr_matched_baselines.toml (the README's learning-rate-matched baselines): each arm
+    is its built-in base with only the learning rate changed, to 2.2e-3. Catches: a typo in a
+    field name (resolve raises), a base that is not the arm's name prefix, another field changed."""
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "studies" / "lr_matched_baselines.toml"
+    arms = load_arms_file(path)
+    assert set(arms) == {"plain+lr=2.2e-3", "switch+lr=2.2e-3", "aux_free+lr=2.2e-3"}
+    spec = BenchmarkSpec(steps=10)
+    for name, arm in arms.items():
+        base = builtin_arm(name.split("+")[0])
+        m, t = resolve_arm(arm, spec, seed=0)
+        m0, t0 = resolve_arm(base, spec, seed=0)
+        assert t.learning_rate == 2.2e-3 and t0.learning_rate == spec.learning_rate
+        assert m == m0 and t.replace(learning_rate=t0.learning_rate) == t0, name
