@@ -136,3 +136,28 @@ def test_the_harness_finds_every_fence():
         assert needle in text, needle
     with pytest.raises(ValueError, match="never closed"):
         readme_blocks("```python\nx = 1\n")
+
+
+def test_the_package_map_matches_the_tree():
+    """Issue 10: the README's package map names every module of both packages (and the
+    `_kernels`, `testing`, `studies` subpackages), and every module it names exists. Modules are
+    named by file (``law.py``) or, in the ``(+ ...)`` lists of private helpers, by stem
+    (``_tick``). Catches (both tried): the map's ``_rng.py`` line deleted (a module not named),
+    a ``ghost.py`` added to a line (a module that does not exist)."""
+    blocks = _blocks()
+    i = next(k for k, b in enumerate(blocks) if b["section"].lower() == "package map")
+    text = blocks[i]["code"]
+    named = set(re.findall(r"\b(_?[a-z][a-z0-9_]*)(?:\.py)?\b", text))
+    pkgs = {"chronomoe_dyn": ROOT / "chronomoe_dyn",
+            "chronomoe_torch": ROOT / "adapters" / "chronomoe_torch"}
+    stems = set()
+    for root in pkgs.values():
+        for f in root.rglob("*.py"):
+            if f.name != "__init__.py" and "__pycache__" not in f.parts:
+                stems.add(f.stem)
+    missing = sorted(s for s in stems if s not in named)
+    assert not missing, f"README package map does not name: {missing}"
+    packages_part = text.split("\ntests/")[0]          # the lines about the two packages
+    claimed = set(re.findall(r"\b(_?[a-z][a-z0-9_]*)\.py\b", packages_part))
+    ghosts = sorted(c for c in claimed if c not in stems)
+    assert not ghosts, f"README package map names modules that do not exist: {ghosts}"
