@@ -171,20 +171,6 @@ class ShardedBatchSampler:
         return _shard(self.inner, self.rank, self.world, self.even, skip)
 
 
-class _ShardedIterable:
-    """Any re-iterable of batches, sharded like ``ShardedBatchSampler`` (every batch is read)."""
-
-    def __init__(self, inner: Any, rank: int, world: int, even: bool) -> None:
-        self.inner, self.rank, self.world, self.even = inner, rank, world, even
-
-    def __len__(self) -> int:
-        n = len(self.inner)
-        return n // self.world if self.even else (n - self.rank + self.world - 1) // self.world
-
-    def __iter__(self) -> Iterator:
-        return _shard(self.inner, self.rank, self.world, self.even)
-
-
 def _resamplable(loader: Any) -> bool:
     """A plain DataLoader over a map-style dataset with automatic batching."""
     return (type(loader) is DataLoader and loader.batch_sampler is not None
@@ -209,7 +195,7 @@ def shard_batches(loader: Any, rank: int, world: int, even: bool) -> Any:
     if _resamplable(loader):
         return _with_batch_sampler(loader, ShardedBatchSampler(loader.batch_sampler, rank,
                                                                world, even))
-    return _ShardedIterable(loader, rank, world, even)
+    return ShardedBatchSampler(loader, rank, world, even)      # any re-iterable of batches
 
 
 class TrainStream:
@@ -230,11 +216,12 @@ class TrainStream:
     def __init__(self, loader: Any, group_size: int, max_epochs: int, seed: int,
                  prepare: Callable[[Any, str], Batch], rank: int = 0, world: int = 1) -> None:
         self._skipper = None
+        self._source = loader         # the user's loader (its generators, when sharded below)
         if _resamplable(loader):      # consumed batches are skipped without fetching them
             self._skipper = ShardedBatchSampler(loader.batch_sampler, rank, world, even=True)
             loader = _with_batch_sampler(loader, self._skipper)
         elif world > 1:
-            loader = _ShardedIterable(loader, rank, world, even=True)
+            loader = ShardedBatchSampler(loader, rank, world, even=True)
         self.loader, self.group_size, self.max_epochs = loader, group_size, max_epochs
         self.seed, self.prepare = seed, prepare
         self.epoch = 0
@@ -246,7 +233,7 @@ class TrainStream:
 
     def generators(self) -> dict[str, torch.Generator]:
         """The loader's shuffling generators, created (seeded) where missing."""
-        dl = self.loader
+        dl = self.loader if isinstance(self.loader, DataLoader) else self._source
         if not isinstance(dl, DataLoader):
             return {}
         gens: dict[str, torch.Generator] = {}
@@ -260,6 +247,14 @@ class TrainStream:
             dl.generator = torch.Generator().manual_seed(self.seed + 1)
         gens["loader"] = dl.generator
         return gens
+
+    def batches_per_epoch(self) -> int | None:
+        """Micro-batches per epoch of this rank's share, or None for a loader without a length
+        (an iterable dataset, a generator-backed re-iterable)."""
+        try:
+            return len(self.loader)
+        except TypeError:
+            return None
 
     def _open_epoch(self, restore: dict[str, torch.Tensor] | None = None) -> None:
         gens = self.generators()

@@ -149,7 +149,7 @@ class ChronoMoETrainer(LoggingMixin, EvaluationMixin, CheckpointingMixin, DataPa
                                   self.rank, self.world_size)
 
         G = config.gradient_accumulation_steps
-        n = len(self.stream.loader) if hasattr(self.stream.loader, "__len__") else None
+        n = self.stream.batches_per_epoch()       # None: a loader without a length
         self.steps_per_epoch = None if n is None else n // G
         if self.steps_per_epoch == 0:
             raise ValueError(f"the train loader has {n} batches, fewer than "

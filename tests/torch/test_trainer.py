@@ -772,3 +772,35 @@ def test_resume_does_not_fetch_the_consumed_batches(tmp_path):
     rc = c.train()
     assert Counting.fetched == 2 * 4                     # steps 11 and 12 only
     assert rc["loss_history"] == ra["loss_history"]
+
+
+def test_sharded_stream_over_loaders_that_cannot_be_resampled():
+    """Rank 0 of 2 over (a) a re-iterable without a length and (b) a DataLoader subclass:
+    the share is every other batch, the length is None for (a) (caught: ``len()`` on the
+    sharding wrapper raised TypeError at trainer construction), and the subclass's shuffling
+    generators are still seeded and recorded for exact resume (caught: the wrapper hid the
+    DataLoader, so ``generators()`` returned nothing)."""
+    from chronomoe_torch._batches import TrainStream, prepare_batch
+
+    def prep(raw, where):
+        return prepare_batch(raw, where, torch.device("cpu"), V)
+
+    batches = [torch.full((2, 8), i) for i in range(6)]
+
+    class NoLen:
+        def __iter__(self):
+            return iter(batches)
+
+    s = TrainStream(NoLen(), 1, 1, 0, prep, rank=0, world=2)
+    assert s.batches_per_epoch() is None and s.generators() == {}
+    got = [int(g[0].input_ids[0, 0]) for g in iter(s.next_group, None)]
+    assert got == [0, 2, 4]
+
+    class MyLoader(DataLoader):
+        pass
+
+    dl = MyLoader(torch.arange(64).view(16, 4) % V, batch_size=2, shuffle=True)
+    s = TrainStream(dl, 1, 1, 5, prep, rank=0, world=2)
+    assert s.batches_per_epoch() == 4
+    gens = s.generators()
+    assert {"sampler0", "loader"} <= set(gens) and gens["loader"] is dl.generator
