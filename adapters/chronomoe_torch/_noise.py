@@ -170,11 +170,16 @@ class NoiseKeys:
         self.start(0, 0)
 
     def start(self, seed: int, tick: int) -> None:
-        """Tick ``tick`` of seed ``seed`` begins (after a tick, a load or a device move):
-        positions restart at 0; the layout, prefixes and draws are made again on first use."""
+        """Tick ``tick`` of seed ``seed`` begins (after a tick or a load): positions restart at
+        0; the layout, prefixes and draws are made again on first use."""
         self.seed, self.tick = int(seed), int(tick)
         self.offset_L = [0] * self.num_layers
         self.last_offset_L = [0] * self.num_layers
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Drop what was made for the current device and process group (a device move, a new
+        group), keeping the tick's token positions: micro-batches after it continue them."""
         self._tick_consts: tuple | None = None   # (rank, world, prefixes, batch prefixes)
         self._draws: tuple | None = None          # (tag, rows of [L, N, E])
 

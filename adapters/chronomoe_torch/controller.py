@@ -209,7 +209,7 @@ class PxTController(ObservationMixin, DiagnosticsMixin, nn.Module):
             raise ValueError(f"set_distributed: enabled={enabled!r}: expected None, True, False")
         self.distributed, self.process_group = enabled, process_group
         self._noise.distributed, self._noise.process_group = enabled, process_group
-        self._noise.start(self._seed_host, self._tick_host)
+        self._noise.invalidate()
 
     def _reduce_observation(self) -> None:
         if self.distributed is False:
@@ -388,7 +388,7 @@ class PxTController(ObservationMixin, DiagnosticsMixin, nn.Module):
                 out = buf.to(device=out.device, dtype=want)
             self._buffers[name] = out
         self._kernel.invalidate()
-        self._noise.start(self._seed_host, self._tick_host)
+        self._noise.invalidate()
         return self
 
     def extra_repr(self) -> str:

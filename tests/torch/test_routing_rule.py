@@ -166,6 +166,20 @@ def test_noise_keys_continue_positions_over_micro_batches_and_repeat_in_recomput
     assert PxTController(2, E, ControllerConfig(exploration_tau0=0.0)).noise_key(0, 3) is None
 
 
+def test_a_device_move_or_group_change_mid_tick_keeps_the_noise_positions():
+    """``.to()`` or ``set_distributed`` between two micro-batches of one step must not restart
+    the token positions (caught: both reset them, so the second micro-batch redrew the first's
+    noise), but the device/group-dependent caches are made again."""
+    ctrl = PxTController(2, E, seed=5)
+    a = ctrl.noise_key(1, 10)
+    ctrl.to(torch.float32)
+    b = ctrl.noise_key(1, 6)
+    ctrl.set_distributed(False)
+    c = ctrl.noise_key(1, 4)
+    assert (a.offset, b.offset, c.offset) == (0, 10, 16)
+    assert a.prefix == b.prefix == c.prefix
+
+
 def _same_weights(router: Router, module: nn.Module) -> None:
     with torch.no_grad():
         module.proj.weight.copy_(router.weight)
