@@ -62,6 +62,12 @@ def load_candidates(path: str | Path) -> dict[str, Candidate]:
         raise ValueError(msg) from None
     out: dict[str, Candidate] = {}
     for name, a in specs.items():
+        if a.base not in (None, "", "pxt"):
+            # the simulator runs every candidate as pxt (schedule, fields on); another base
+            # would change the arm on real text only, silently
+            raise ValueError(f"candidates file {str(path)!r}, arm {name!r}: base {a.base!r}: "
+                             f"a calibration candidate starts from 'pxt' (the simulator "
+                             f"cannot run another base)")
         try:
             ControllerConfig.from_dict(a.controller)
         except (TypeError, ValueError) as e:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..gridstore import GridSpec
-from ..plot import new_figure, plot_run, save_figure
+from ..plot import new_figure, plot_run, save_figure, shade_band
 from .common import HEALTHY_RANGES, claim, claims_line, first_sustained, in_range_fraction
 from .runner import (constant_schedule, default_schedule_with, make_plan, run_study,
                      sim_sections, simulate_cell, system_blocks, validate_simulate)
@@ -508,7 +508,7 @@ def _fig_phases(out, tick_T, m, bounds, formation, sched, controls):
             if b > a:
                 ax.axvspan(a, b, color=_PHASE_COLORS[ph], alpha=0.07, lw=0)
         if band is not None:
-            ax.axhspan(*band, color="tab:green", alpha=0.12, lw=0, zorder=0)
+            shade_band(ax, *band, label=None)
         for key, label in series:
             _band(ax, tick_T, m[key], label)
         for name, c in controls.items():

@@ -105,6 +105,10 @@ def fields_claims(arms: dict[str, list[dict]]) -> list[dict]:
     loss = {a: stat(a, "loss") for a in arms}
     vio = {a: stat(a, "maxvio_global") for a in arms if all("maxvio_global" in r["eval"][-1]
                                                              for r in arms[a])}
+    for a in ("pxt", "pxt-fields-off"):
+        if a not in vio:
+            raise ValueError(f"does-it-help runs: arm {a!r} is missing or its runs have no "
+                             f"final maxvio_global (arms: {sorted(arms)})")
     out = []
     (lp, sp), (lo, so) = loss["pxt"], loss["pxt-fields-off"]
     out.append(_claim(
@@ -121,7 +125,7 @@ def fields_claims(arms: dict[str, list[dict]]) -> list[dict]:
             "MaxVio_global ≤ aux-free's", vio["pxt"][0] <= vio["aux_free"][0],
             f"pxt {vio['pxt'][0]:.3f} vs aux_free {vio['aux_free'][0]:.3f} ± "
             f"{vio['aux_free'][1]:.3f}", "mean pxt ≤ mean aux_free"))
-    base = [a for a in ("switch", "aux_free") if a in loss]
+    base = [a for a in ("switch", "aux_free") if a in vio]
     if base:
         best = min(base, key=lambda a: loss[a][0])
         out.append(_claim(
@@ -165,7 +169,8 @@ def kappa_claims(arms: dict[str, list[dict]]) -> tuple[list[dict], dict]:
                "strictly increasing means"),
         _claim("routing entropy increases with κ", all(np.diff(en) > 0), fmt("routing_entropy"),
                "strictly increasing means"),
-        _claim("exploration at κ = +1 ≥ 3× κ = −1", ex[-1] >= TOL["explore_ratio"] * ex[0],
+        _claim("exploration at κ = +1 ≥ 3× κ = −1",
+               ex[-1] > 0 and ex[-1] >= TOL["explore_ratio"] * ex[0],
                f"{ex[-1]:.3f} / {ex[0]:.3f} = {ex[-1] / max(ex[0], 1e-12):.1f}×",
                "ratio of means ≥ 3"),
         _claim("balance does not get worse as κ rises",
@@ -273,12 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         dih, kap, sh, lg = (load_arm_runs(x) for x in (a.does_it_help, a.kappa, a.shift, a.long))
         spec = json.loads((Path(a.shift) / "comparison.json").read_text(encoding="utf-8"))
         shift_at = int(spec["spec"]["shift_at_step"])
-    except (ValueError, OSError, KeyError) as e:
+        kc, ktable = kappa_claims(kap)
+        groups = {"fields and baselines": fields_claims(dih), "κ": kc,
+                  "R and the gate": shift_claims(sh, shift_at),
+                  "landscape": landscape_claims(lg)}
+    except (ValueError, OSError, KeyError) as e:     # a run set without the arms it needs
         print(f"real-text: error: {e}", file=sys.stderr)
         return 2
-    kc, ktable = kappa_claims(kap)
-    groups = {"fields and baselines": fields_claims(dih), "κ": kc,
-              "R and the gate": shift_claims(sh, shift_at), "landscape": landscape_claims(lg)}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Real-text claims (issue 9)", ""]

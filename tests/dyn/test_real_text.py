@@ -89,3 +89,31 @@ def test_landscape_claims(tmp_path):
 def test_an_empty_directory_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no finished compare runs"):
         rt.load_arm_runs(tmp_path)
+
+
+def test_zero_exploration_at_both_ends_is_not_a_3x_lever(tmp_path):
+    """0 ≥ 3·0 must not count as a lever (caught: the claim held vacuously when no κ arm
+    explored at all)."""
+    for k in (-1, 0, 1):
+        _run(tmp_path, f"kappa={k}", 0, expl=0.0)
+    got = {c["claim"]: c["holds"] for c in rt.kappa_claims(rt.load_arm_runs(tmp_path))[0]}
+    assert not got["exploration at κ = +1 ≥ 3× κ = −1"]
+
+
+def test_runs_without_the_needed_arm_or_metric_are_a_one_line_error(tmp_path, capsys):
+    """A does-it-help directory without pxt-fields-off (or whose runs lack maxvio_global) is
+    refused with a message naming the arm (caught: a KeyError traceback from main)."""
+    dirs = {}
+    for name in ("dih", "kappa", "shift", "long"):
+        dirs[name] = tmp_path / name
+    _run(dirs["dih"], "pxt", 0)
+    for k in (-1, 1):
+        _run(dirs["kappa"], f"kappa={k}", 0)
+    _run(dirs["shift"], "pxt", 0, steps=300)
+    (dirs["shift"] / "comparison.json").write_text(json.dumps({"spec": {"shift_at_step": 150}}))
+    _run(dirs["long"], "pxt", 0, tvar=np.linspace(0, 0.02, 100))
+    rc = rt.main([str(dirs[n]) for n in ("dih", "kappa", "shift", "long")]
+                 + ["--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert "'pxt-fields-off' is missing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

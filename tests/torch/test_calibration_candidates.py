@@ -66,3 +66,14 @@ def test_shipped_lr_matched_baselines_resolve_to_their_base_at_the_cut_lr():
         m0, t0 = resolve_arm(base, spec, seed=0)
         assert t.learning_rate == 2.2e-3 and t0.learning_rate == spec.learning_rate
         assert m == m0 and t.replace(learning_rate=t0.learning_rate) == t0, name
+
+
+def test_a_candidate_from_another_base_is_refused(tmp_path):
+    """The simulator runs every candidate as pxt; a base such as pxt-fields-off would change the
+    arm on real text only (caught: the base was silently ignored by the simulator's reader)."""
+    f = tmp_path / "c.toml"
+    f.write_text('[arms."x"]\nbase = "pxt-fields-off"\ncontroller = { lens_rate = 0.1 }\n',
+                 encoding="utf-8")
+    with pytest.raises(ValueError, match="base 'pxt-fields-off'"):
+        load_candidates(f)
+    load_arms_file(f)                       # compare itself accepts the arm
