@@ -138,26 +138,51 @@ def test_the_harness_finds_every_fence():
         readme_blocks("```python\nx = 1\n")
 
 
+def _map_entries(part: str) -> list[str]:
+    """The entries of one package's part of the map: a line indented by two spaces starts an
+    entry, deeper-indented lines continue it."""
+    entries: list[str] = []
+    for ln in part.splitlines()[1:]:
+        if ln.startswith("  ") and not ln.startswith("   "):
+            entries.append(ln)
+        elif ln.strip() and entries:
+            entries[-1] += " " + ln.strip()
+    return entries
+
+
+def _mapped_modules(part: str) -> set[str]:
+    """Module paths (relative, without .py) one package's part of the map names: ``x.py`` and
+    the ``(+ a, b)`` lists for top-level modules; every word of a ``sub/`` entry for the
+    modules of that subpackage."""
+    out: set[str] = set()
+    for entry in _map_entries(part):
+        head = entry.split()[0]
+        if head.endswith("/"):
+            out |= {f"{head}{w}" for w in re.findall(r"\b[a-z_][a-z0-9_]*\b", entry)}
+        else:
+            out |= set(re.findall(r"\b(_?[a-z][a-z0-9_]*)\.py\b", entry))
+            for lst in re.findall(r"\(\+ ([^)]*)\)", entry):
+                out |= {w.strip() for w in lst.split(",")}
+    return out
+
+
 def test_the_package_map_matches_the_tree():
-    """Issue 10: the README's package map names every module of both packages (and the
-    `_kernels`, `testing`, `studies` subpackages), and every module it names exists. Modules are
-    named by file (``law.py``) or, in the ``(+ ...)`` lists of private helpers, by stem
-    (``_tick``). Catches (both tried): the map's ``_rng.py`` line deleted (a module not named),
-    a ``ghost.py`` added to a line (a module that does not exist)."""
+    """Issue 10: the README's package map names every module of each package in that package's
+    part (top-level modules as ``x.py`` or in a ``(+ ...)`` list, subpackage modules on the
+    subpackage's entry), and every ``x.py`` it names exists. Catches (all tried): the map's
+    ``_rng.py`` line deleted; ``law.py`` removed from its line (``law`` still appears as a word
+    elsewhere in the map); a ``ghost.py`` added to a line."""
     blocks = _blocks()
     i = next(k for k, b in enumerate(blocks) if b["section"].lower() == "package map")
     text = blocks[i]["code"]
-    named = set(re.findall(r"\b(_?[a-z][a-z0-9_]*)(?:\.py)?\b", text))
-    pkgs = {"chronomoe_dyn": ROOT / "chronomoe_dyn",
-            "chronomoe_torch": ROOT / "adapters" / "chronomoe_torch"}
-    stems = set()
-    for root in pkgs.values():
-        for f in root.rglob("*.py"):
-            if f.name != "__init__.py" and "__pycache__" not in f.parts:
-                stems.add(f.stem)
-    missing = sorted(s for s in stems if s not in named)
-    assert not missing, f"README package map does not name: {missing}"
-    packages_part = text.split("\ntests/")[0]          # the lines about the two packages
-    claimed = set(re.findall(r"\b(_?[a-z][a-z0-9_]*)\.py\b", packages_part))
-    ghosts = sorted(c for c in claimed if c not in stems)
-    assert not ghosts, f"README package map names modules that do not exist: {ghosts}"
+    dyn_part, rest = text.split("\nadapters/chronomoe_torch/", 1)
+    torch_part = "adapters/chronomoe_torch/" + rest.split("\ntests/", 1)[0]
+    for part, root in ((dyn_part, ROOT / "chronomoe_dyn"),
+                       (torch_part, ROOT / "adapters" / "chronomoe_torch")):
+        modules = {f.relative_to(root).with_suffix("").as_posix() for f in root.rglob("*.py")
+                   if f.name != "__init__.py" and "__pycache__" not in f.parts}
+        named = _mapped_modules(part)
+        missing = sorted(modules - named)
+        assert not missing, f"README package map ({root.name}) does not name: {missing}"
+        ghosts = sorted(m for m in named if "/" not in m and m not in modules)
+        assert not ghosts, f"README package map ({root.name}) names missing modules: {ghosts}"

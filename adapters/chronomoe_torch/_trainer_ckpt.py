@@ -64,7 +64,7 @@ class CheckpointingMixin:
             ckpt.save_state(path, self.state_dict(), kind="trainer")
             logger.info(f"Step {self.global_step} | saved checkpoint {path}")
             return path
-        key = (self.global_step, len(self.eval_history), self._loads)
+        key = (self.global_step, len(self.eval_history))
         target = self._last_save[1] if self._last_save and self._last_save[0] == key else None
         if target is None or not (target / ckpt.MANIFEST_FILE).is_file():
             base = name if _STEP_NAME.match(name) else f"step_{self.global_step}"
@@ -192,7 +192,6 @@ class CheckpointingMixin:
         """Identifies the run (config.json, checkpoints); a resumed run keeps its own."""
         self._resumed_step: int | None = None   # set by load_state_dict: this is a resume
         self._claimed = False                   # run directories checked (and cleared)
-        self._loads = 0                         # load_state_dict calls (state identity)
         self._last_save: tuple | None = None    # (state key, directory) of the last save
 
     def prepare_run_dirs(self) -> None:
@@ -222,8 +221,7 @@ class CheckpointingMixin:
         self._claimed = True
 
     def _resumed(self, configs: dict[str, Any]) -> None:
-        self._loads += 1
-        self._last_save = None
+        self._last_save = None                  # a load makes another state
         self._resumed_step = self.global_step
         self.run_id = configs.get("run_id") or self.run_id
         self._claimed = False    # checked again: the directory must be this run's

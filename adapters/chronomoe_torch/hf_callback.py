@@ -159,9 +159,9 @@ class ChronoMoECallback(TrainerCallback):
                              "this callback has a knob")
 
     def save(self, checkpoint_dir: str | os.PathLike) -> Path:
-        from .checkpoint import remove_dir, save_state
+        from .checkpoint import MANIFEST_FILE, remove_dir, save_state
         path = Path(checkpoint_dir) / STATE_DIRNAME
-        if (path / "manifest.json").is_file():
+        if (path / MANIFEST_FILE).is_file():
             # The Trainer is writing this checkpoint folder again (a new run into the same
             # output_dir): our part of it follows. Checkpoints are never overwritten in place,
             # so the old one is removed first.

@@ -21,6 +21,7 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import dist_attach_worker as W  # noqa: E402
+from _trees import tree_diff as _diff  # noqa: E402
 from chronomoe_torch import distributed as cdist  # noqa: E402
 from chronomoe_torch.checkpoint import load_state  # noqa: E402
 
@@ -159,13 +160,6 @@ def _ranks(out: Path, scenario: str) -> list[dict]:
     return [load_state(out / f"rank{r}" / scenario, kind="result") for r in range(TW.WORLD)]
 
 
-def _diff(a, b, path="tree") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        extra = [f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}"] if set(a) != set(b) else []
-        return extra + [d for k in a if k in b for d in _diff(a[k], b[k], f"{path}[{k!r}]")]
-    if isinstance(a, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{path}[{i}]")]
-    return [] if ckpt.trees_equal(a, b) else [path]
 
 
 @pytest.mark.slow

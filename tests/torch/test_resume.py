@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _trees import tree_diff as _diff
 
 from chronomoe_torch import checkpoint as ckpt
 
@@ -139,18 +140,6 @@ for variant in sys.argv[3:]:
 VARIANTS = ("default", "accum", "aux_free")
 
 
-def _diff(a, b, path="tree") -> list[str]:
-    """Paths where two trees differ (for a readable failure)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}: keys {sorted(map(str, set(a) ^ set(b)))} differ"] if set(a) != set(b) else []
-        for k in a:
-            if k in b:
-                out += _diff(a[k], b[k], f"{path}[{k!r}]")
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) \
-            and type(a) is type(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{path}[{i}]")]
-    return [] if ckpt.trees_equal(a, b) else [path]
 
 
 @pytest.fixture(scope="module")

@@ -117,13 +117,13 @@ def test_the_guard_does_not_count(what):
 
 def test_pause_and_restore():
     g = SyncGuard()
+    real = torch.cuda.synchronize                # the guard patches it while active
     with g:
         g.paused = True
         t.tolist()
         g.paused = False
         t.tolist()
     assert g.syncs == ["tolist"]
-    real = torch.cuda.synchronize
     assert torch.cuda.synchronize is real        # restored on exit
     t.tolist()
     assert g.syncs == ["tolist"]                 # nothing recorded outside the block
