@@ -30,7 +30,10 @@ are then routed by the v2 rule, ``chronomoe_dyn.routing.route`` (the controller'
 Gumbel noise u from ``rng.STREAM_GUMBEL`` at index (l·T + t)·E + e, gates renormalised over the
 top-k from the raw logits; ``controller_fields=False``: plain top-k of z). The environment
 reports per layer the counts, gate-weight sums, token-loss sums, the logit scale (mean over
-tokens of the std across experts of z) and the explored slots.
+tokens of the std across experts of z), the explored slots and the noiseless counts (the slots
+of the top-k of the noiseless score s, the router's choice before the Gumbel noise: what law
+v2.1's usage reads; equal to the counts when the routing has no noise, ``controller_fields``
+off or τ = 0).
 
 Determinism: every random number is a counter-RNG draw keyed by the system's seed, a stream of
 the registry in ``rng`` (never ``rng.STREAM_PHASE``), the tick and an index. Domains are drawn by
@@ -63,7 +66,7 @@ from .law import RoutingFields
 from .rng import (STREAM_BATCH, STREAM_DOMAIN, STREAM_GUMBEL, STREAM_HOME, STREAM_LOSS,
                   STREAM_QUALITY, STREAM_TOKEN)
 from .routing import route as route_layer
-from .routing import sum_experts
+from .routing import sum_experts, topk_stable
 
 __all__ = ["EnvConfig", "Event", "EnvState", "init_env", "apply_event", "route", "learn",
            "domain_cumulative", "make_quality", "raw_logits", "RoutedTick", "EVENT_KINDS"]
@@ -141,6 +144,14 @@ class RoutedTick:
     """Slots per (layer, domain, expert)."""
     mean_loss: float
     """Mean token loss over layers and tokens."""
+    noiseless_counts_LE: np.ndarray | None = None
+    """[L, E] slots of the noiseless top-k (top-k of the score s without the Gumbel noise, the
+    router's choice; same tokens, one slot each as ``counts_LE``). Equal to ``counts_LE`` (the
+    same array) when the routing has no noise; None at construction means that."""
+
+    def __post_init__(self) -> None:
+        if self.noiseless_counts_LE is None:
+            object.__setattr__(self, "noiseless_counts_LE", self.counts_LE)
 
 
 def raw_logits(env: EnvConfig, es: EnvState, seed: int, tick: int
@@ -159,7 +170,9 @@ def raw_logits(env: EnvConfig, es: EnvState, seed: int, tick: int
 
 def route(env: EnvConfig, es: EnvState, fields: RoutingFields, seed: int, tick: int,
           controller_fields: bool = True) -> RoutedTick:
-    """One tick of routing in NumPy: the reference the Numba kernel reproduces."""
+    """One tick of routing in NumPy: the reference the Numba kernel reproduces. With noise
+    (``controller_fields`` and τ > 0) the noiseless counts are those of the top-k of each
+    token's noiseless score; without, they are ``counts_LE`` itself."""
     L, E, D, T, K = (env.num_layers, env.num_experts, env.num_domains, env.tokens_per_tick,
                      env.top_k)
     dom_T, z_LTE = raw_logits(env, es, seed, tick)
@@ -170,6 +183,7 @@ def route(env: EnvConfig, es: EnvState, fields: RoutingFields, seed: int, tick: 
     g_LTK = np.zeros((L, T, K))
     scale_L = np.zeros(L)
     explored_L = np.zeros(L)
+    best_LTK = np.zeros((L, T, K), dtype=np.int64) if noisy else None
     for li in range(L):
         r = route_layer(z_LTE[li], fields.layer(li), K, None if u_LTE is None else u_LTE[li],
                         renormalize=True, controller_fields=controller_fields)
@@ -177,6 +191,8 @@ def route(env: EnvConfig, es: EnvState, fields: RoutingFields, seed: int, tick: 
         # mean over tokens, summed in token order (the kernel's loop)
         scale_L[li] = np.add.accumulate(r.logit_std_N)[-1] / T
         explored_L[li] = float(r.explored_NK.sum())
+        if noisy:                   # the noiseless top-k (the one the explored slots are out of)
+            best_LTK[li] = topk_stable(r.score_NE, K)
     u_LTK = rng.uniform(seed, STREAM_LOSS, tick, np.arange(L * T * K)).reshape(L, T, K)
     q_LTK = es.quality_LED[np.arange(L)[:, None, None], sel_LTK, dom_T[None, :, None]]
     x_LTK = env.loss_floor + env.loss_range * (1.0 - q_LTK) + env.loss_noise * (2.0 * u_LTK - 1.0)
@@ -192,8 +208,13 @@ def route(env: EnvConfig, es: EnvState, fields: RoutingFields, seed: int, tick: 
     kd_LTK = (np.arange(L)[:, None, None] * D + dom_T[None, :, None]) * E + sel_LTK
     sumx = np.bincount(kd_LTK.ravel(), weights=x_LTK.ravel(), minlength=L * D * E)
     cnt = np.bincount(kd_LTK.ravel(), minlength=L * D * E).astype(np.float64)
+    if noisy:
+        key_best = (np.arange(L)[:, None, None] * E + best_LTK).ravel()
+        clean_LE = np.bincount(key_best, minlength=L * E).reshape(L, E).astype(np.float64)
+    else:
+        clean_LE = counts_LE
     return RoutedTick(counts_LE, wsum_LE, loss_LE, scale_L, explored_L, sumx.reshape(L, D, E),
-                      cnt.reshape(L, D, E), float(tl_LT.mean()))
+                      cnt.reshape(L, D, E), float(tl_LT.mean()), clean_LE)
 
 
 def learn(env: EnvConfig, es: EnvState, routed: RoutedTick) -> None:

@@ -9,10 +9,12 @@ Per tick t = 1..ticks of each system:
      ticks from R and the whole-model T̄ variance, the mean over layers of var(T̄_local[l]));
   3. the environment routes its tokens by the v2 rule with ``routing_fields`` of the controller
      (at the κ this tick's step puts in effect) and returns counts, gate-weight sums, token
-     losses, the logit scale per layer and the explored slots; ``controller_fields=False``
-     routes by the plain top-k of the raw logits (the ablation: the controller still observes
-     and ticks);
-  4. ``step`` (the reference law; in Numba, a line-by-line port) with κ_t;
+     losses, the logit scale per layer, the explored slots and the noiseless counts (the
+     slots of the top-k of the score without the Gumbel noise; = counts without noise);
+     ``controller_fields=False`` routes by the plain top-k of the raw logits (the ablation:
+     the controller still observes and ticks);
+  4. ``step`` (the reference law v2.1; in Numba, a line-by-line port) with κ_t: usage, drift
+     and pressure read the noiseless counts, reliability the routed counts and losses;
   5. the router learns from the slot losses it saw;
   6. every ``record_every`` ticks the trajectory (``trajectory.Trajectory``) records the state.
 
@@ -164,7 +166,8 @@ def _run_numpy(config, env, schedule, seeds, ticks, record_every, events, rec, b
                                     float(smooth_kappa(state.kappa, k_in, config.kappa_smoothing)))
             routed = route(env, es, fields, sb, t, controller_fields)
             state = step(state, config, RoutingObservation(
-                routed.counts_LE, routed.wsum_LE, routed.loss_LE, routed.logit_scale_L), k_in)
+                routed.counts_LE, routed.wsum_LE, routed.loss_LE, routed.logit_scale_L,
+                noiseless_counts=routed.noiseless_counts_LE), k_in)
             learn(env, es, routed)
             if adaptive and state.tick % config.macro_period == 0:
                 var_m = float(state.Tbar_local_LE.var(axis=1).mean())

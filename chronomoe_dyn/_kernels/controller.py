@@ -70,18 +70,19 @@ def _clip(x, lo, hi):
 
 
 @helper
-def _usage_and_scale(cp, counts_LE, usage_LE, delta_LE, logit_scale_L, scale_obs_L, has_scale):
-    """law.step item 2: z-scored drift against u before the update, the usage EMA, and σ_L."""
+def _usage_and_scale(cp, choice_LE, usage_LE, delta_LE, logit_scale_L, scale_obs_L, has_scale):
+    """law.step item 2 on the router's choice (the noiseless counts, law v2.1): z-scored drift
+    against u before the update, the usage EMA, and σ_L (layers whose choice has slots)."""
     L, E = usage_LE.shape
     rate_u = 1.0 - cp.usage_decay
     eps = 1.0 / (E * E)
     for l in range(L):
         tot = 0.0
         for e in range(E):
-            tot += counts_LE[l, e]
+            tot += choice_LE[l, e]
         if tot > 0:
             for e in range(E):
-                f = counts_LE[l, e] / tot
+                f = choice_LE[l, e] / tot
                 u = usage_LE[l, e]
                 var = max(u * (1.0 - u), eps)
                 delta_LE[l, e] = (f - u) / math.sqrt(var / tot)
@@ -97,7 +98,8 @@ def _usage_and_scale(cp, counts_LE, usage_LE, delta_LE, logit_scale_L, scale_obs
 
 @helper
 def _reliability(cp, counts_LE, loss_LE, has_loss, usage_LE, rel_LE):
-    """law.step item 3: experts without tokens keep theirs."""
+    """law.step item 3 on the routed counts (the losses belong to the routed slots): experts
+    without tokens keep theirs."""
     L, E = usage_LE.shape
     rate_u = 1.0 - cp.usage_decay
     for l in range(L):
@@ -195,16 +197,20 @@ def _temperatures(cp, R, usage_LE, rel_LE, pressure_LE, T_fast_LE, Tbar_local_LE
 @kernel
 def controller_step(cp, seed, tick, theta_LE, omega_LE, usage_LE, rel_LE, delta_LE,
                     pressure_LE, lens_LE, T_fast_LE, Tbar_local_LE, T_eff_LE, logit_scale_L,
-                    scal_5, counts_LE, loss_LE, has_loss, scale_obs_L, has_scale, kappa_in, d_E):
+                    scal_5, counts_LE, noiseless_LE, loss_LE, has_loss, scale_obs_L, has_scale,
+                    kappa_in, d_E):
     """law.step in place on one system's arrays; returns the new tick.
-    scal_5 = (R, ψ, ΔR, κ, T̄_global); ``d_E`` is scratch."""
+    scal_5 = (R, ψ, ΔR, κ, T̄_global); ``d_E`` is scratch. ``noiseless_LE``: the observation's
+    noiseless counts (usage, drift and so pressure read them; pass ``counts_LE`` itself when
+    the observation has none); reliability reads ``counts_LE`` and ``loss_LE``."""
     L, E = theta_LE.shape
     tick = tick + 1
     micro = tick % cp.micro_period == 0
     macro = tick % cp.macro_period == 0
     lens_tick = macro if cp.lens_clock == 0 else micro
     kap = _ema(scal_5[3], kappa_in, cp.kappa_smoothing)          # law.smooth_kappa
-    _usage_and_scale(cp, counts_LE, usage_LE, delta_LE, logit_scale_L, scale_obs_L, has_scale)
+    _usage_and_scale(cp, noiseless_LE, usage_LE, delta_LE, logit_scale_L, scale_obs_L,
+                     has_scale)
     _reliability(cp, counts_LE, loss_LE, has_loss, usage_LE, rel_LE)
     R0 = scal_5[0]
     R, psi = _phases(cp, seed, tick, theta_LE, omega_LE, delta_LE, R0, scal_5[1])

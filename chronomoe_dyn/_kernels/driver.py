@@ -1,5 +1,8 @@
 """The batch driver: per system and tick, events, κ, the controller's fields, the environment's
 routing, ``controller_step``, the router's learning, the adaptive κ rule, the records.
+``controller_step`` gets the routing's noiseless counts (law v2.1: usage and drift read the
+router's choice) besides the routed counts and losses (reliability); the records' MaxVio reads
+the routed counts (the load the experts got).
 
 Systems are independent and each runs sequentially, so results do not depend on the number of
 threads. ONE body, ``_simulate``, compiled twice: ``simulate_batch`` with ``parallel=True``
@@ -90,6 +93,7 @@ def _run_system(b, t_start, t_stop, record_every, controller_fields, cp, ep, ap,
     T, K = ep.tokens, ep.top_k
     seed = seed_B[b]
     counts_LE = np.zeros((L, E))
+    noiseless_LE = np.zeros((L, E))
     loss_LE = np.zeros((L, E))
     bias_LE = np.zeros((L, E))
     temp_LE = np.ones((L, E))
@@ -117,14 +121,14 @@ def _run_system(b, t_start, t_stop, record_every, controller_fields, cp, ep, ap,
                                   bias_LE, temp_LE, scale_L)
         mean_loss, explored = env_route(
             ep, seed, t, controller_fields, quality_LED, est_BLDE[b], cum_D, bias_LE, temp_LE,
-            scale_L, tau, counts_LE, loss_LE, scale_obs_L, sumx_LDE, cnt_LDE, dom_T, base_LDE,
-            z_ET, m_T, v_T, s_T, g_T, b_T, top_KT, sel_KT, best_KT, bsel_KT, w_KT, x_KT, tl_T,
-            bits_T)
+            scale_L, tau, counts_LE, noiseless_LE, loss_LE, scale_obs_L, sumx_LDE, cnt_LDE,
+            dom_T, base_LDE, z_ET, m_T, v_T, s_T, g_T, b_T, top_KT, sel_KT, best_KT, bsel_KT,
+            w_KT, x_KT, tl_T, bits_T)
         tick_B[b] = controller_step(
             cp, seed, tick_B[b], theta_BLE[b], omega_BLE[b], usage_BLE[b], rel_BLE[b],
             delta_BLE[b], pressure_BLE[b], lens_BLE[b], T_fast_BLE[b], Tbar_local_BLE[b],
-            T_eff_BLE[b], logit_scale_BL[b], scal_5, counts_LE, loss_LE, True, scale_obs_L, True,
-            k_in, d_E)
+            T_eff_BLE[b], logit_scale_BL[b], scal_5, counts_LE, noiseless_LE, loss_LE, True,
+            scale_obs_L, True, k_in, d_E)
         env_learn(ep, est_BLDE[b], nobs_BLDE[b], sumx_LDE, cnt_LDE)
         if ap.enabled and tick_B[b] % cp.macro_period == 0:
             # whole-model T̄ variance: mean over layers of var(T̄_local[l])

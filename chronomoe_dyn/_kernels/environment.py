@@ -149,13 +149,15 @@ def _centre(z_ET, m_T, v_T):
 
 @kernel
 def env_route(ep, seed, tick, controller_fields, quality_LED, est_LDE, cum_D, bias_LE, temp_LE,
-              scale_L, tau, counts_LE, loss_LE, scale_obs_L, sumx_LDE, cnt_LDE,
+              scale_L, tau, counts_LE, noiseless_LE, loss_LE, scale_obs_L, sumx_LDE, cnt_LDE,
               dom_T, base_LDE, z_ET, m_T, v_T, s_T, g_T, b_T, top_KT, sel_KT, best_KT, bsel_KT,
               w_KT, x_KT, tl_T, bits_T):
-    """env.route: fills counts/loss [L, E], the observed logit scale [L] and the router's
-    sums/counts [L, D, E]; returns (mean token loss, explored slots). From ``dom_T`` on the
-    arguments are scratch (``route_scratch``). The gate-weight sums are not formed: the control
-    law reads counts, losses and the logit scale only."""
+    """env.route: fills counts/loss [L, E], the noiseless counts [L, E] (slots of the top-k
+    of the noiseless score, ``bsel_KT``, when noisy; a copy of counts otherwise), the observed
+    logit scale [L] and the router's sums/counts [L, D, E]; returns (mean token loss, explored
+    slots). From ``dom_T`` on the arguments are scratch (``route_scratch``). The gate-weight
+    sums are not formed: the control law reads counts, noiseless counts, losses and the logit
+    scale only."""
     L, E, D = quality_LED.shape
     T = ep.tokens
     K = ep.top_k
@@ -218,6 +220,13 @@ def env_route(ep, seed, tick, controller_fields, quality_LED, est_LDE, cum_D, bi
                     for i in range(K):
                         hit = hit | (sel_KT[j, t] == bsel_KT[i, t])
                     explored += 0 if hit else 1
+            # the router's choice: slots of the noiseless top-k (integer sums: exact)
+            nl_E = noiseless_LE[l]
+            for e in range(E):
+                nl_E[e] = 0.0
+            for t in range(T):
+                for j in range(K):
+                    nl_E[np.uint64(bsel_KT[j, t])] += 1.0
         for j in range(K):
             for t in range(T):                     # vectorises: the noise term alone
                 u = _uniform_at(h_loss, (l * T + t) * K + j)
@@ -263,6 +272,8 @@ def env_route(ep, seed, tick, controller_fields, quality_LED, est_LDE, cum_D, bi
             for d in range(D):
                 c += cnt_LDE[l, d, e]
             counts_LE[l, e] = c
+            if not noisy:                          # no noise: the choice is the routing
+                noiseless_LE[l, e] = c
     return total / (L * T), explored
 
 

@@ -200,12 +200,19 @@ def _check_observation_response(v: list, state: ControllerState, cfg: Controller
                                 prev: ControllerState, obs: RoutingObservation) -> None:
     E = state.num_experts
     counts = np.asarray(obs.counts, dtype=np.float64)
-    tot = counts.sum(axis=1, keepdims=True)
+    # law v2.1: usage, drift and σ_L read the router's choice (the noiseless counts, when the
+    # observation has them); reliability reads the routed counts its losses belong to.
+    choice = counts if obs.noiseless_counts is None else \
+        np.asarray(obs.noiseless_counts, dtype=np.float64)
+    tot = choice.sum(axis=1, keepdims=True)
     active = (tot > 0)[:, 0]
     for i in np.flatnonzero(~active):
-        for name in ("usage_LE", "reliability_LE", "logit_scale_L"):
+        for name in ("usage_LE", "logit_scale_L"):
             if not np.array_equal(getattr(state, name)[i], getattr(prev, name)[i]):
                 v.append(f"{name}[{i}] changed although layer {i} saw no tokens")
+        if counts[i].sum() == 0 and not np.array_equal(state.reliability_LE[i],
+                                                       prev.reliability_LE[i]):
+            v.append(f"reliability_LE[{i}] changed although layer {i} saw no tokens")
         if np.any(state.delta_LE[i] != 0.0):
             v.append(f"delta_LE[{i}] is nonzero although layer {i} saw no tokens")
     if obs.logit_scale is None and not np.array_equal(state.logit_scale_L, prev.logit_scale_L):
@@ -222,18 +229,18 @@ def _check_observation_response(v: list, state: ControllerState, cfg: Controller
     if not np.any(active):
         return
     n = tot[active]
-    frac = counts[active] / n
+    frac = choice[active] / n
     u_old, u_new = prev.usage_LE[active], state.usage_LE[active]
-    _range(v, "usage_LE (hull of old value and routed fractions)", u_new,
+    _range(v, "usage_LE (hull of old value and chosen fractions)", u_new,
            np.minimum(u_old, frac), np.maximum(u_old, frac))
     # z-scored drift, written from DESIGN.md §3.2 independently of the law's code
     want = (frac - u_old) / np.sqrt(np.maximum(u_old * (1.0 - u_old), 1.0 / E**2) / n)
     if not np.allclose(state.delta_LE[active], want, rtol=1e-12, atol=_TOL):
         v.append("delta_LE != (frac − u_old)/sqrt(max(u_old(1 − u_old), 1/E²)/n) on the layers "
-                 "that saw tokens")
+                 "that saw tokens (frac, n: the noiseless counts when given)")
 
-    # Reliability: experts without tokens keep s; the others move toward the target of
-    # DESIGN.md §3.3 and stay in the hull of the old s and that target.
+    # Reliability: experts without (routed) tokens keep s; the others move toward the target
+    # of DESIGN.md §3.3 and stay in the hull of the old s and that target.
     seen = counts > 0
     s_old, s_new = prev.reliability_LE, state.reliability_LE
     if np.any((~seen) & (s_new != s_old)):

@@ -23,7 +23,7 @@ from ..state import ControllerState, RoutingObservation, init_state
 __all__ = ["configs", "shapes", "seeds", "kappas", "invalid_kappas", "observations",
            "invalid_observations", "random_observation", "states", "config_and_state",
            "observations_for", "schedules", "adaptive_rules", "adaptive_states",
-           "invalid_config_values"]
+           "invalid_config_values", "split_totals"]
 
 # ----------------------------------------------------------------------------------------------
 # Strategies
@@ -130,14 +130,49 @@ def invalid_kappas() -> SearchStrategy:
     )
 
 
+def split_totals(counts_LE: np.ndarray, weights_LE: np.ndarray) -> np.ndarray:
+    """[L, E] non-negative integers with the row sums of ``counts_LE`` (integer-valued), split
+    in proportion to ``weights_LE`` (>= 0) by largest remainders (ties to the lower index); a
+    row with zero weight keeps its counts. A different routing of the same slots: what the
+    noiseless top-k makes of the tokens the noisy top-k routed (law v2.1)."""
+    counts = np.asarray(counts_LE, dtype=np.float64)
+    w = np.asarray(weights_LE, dtype=np.float64)
+    out = counts.copy()
+    for i in range(counts.shape[0]):
+        n, ws = int(round(counts[i].sum())), w[i].sum()
+        if n == 0 or not ws > 0:
+            continue
+        share = w[i] / ws * n
+        base = np.floor(share)
+        rest = n - int(base.sum())
+        order = np.argsort(-(share - base), kind="stable")
+        base[order[:rest]] += 1.0
+        out[i] = base
+    return out
+
+
+@st.composite
+def _noiseless_counts(draw, counts: np.ndarray, max_count: int) -> np.ndarray:
+    """Noiseless counts for ``counts``: the same array's values (no noise moved a choice) or a
+    different integer split of each layer's slots (``split_totals``), skewed or not."""
+    if draw(st.booleans()):
+        return counts.copy()
+    w = draw(hnp.arrays(np.float64, counts.shape,
+                        elements=st.integers(0, max_count).map(float)))
+    return split_totals(counts, w)
+
+
 @st.composite
 def observations(draw, num_layers: int, num_experts: int, with_loss: bool | None = None,
                  max_count: int = 1000, allow_empty_layers: bool = True,
-                 with_scale: bool | None = None) -> RoutingObservation:
+                 with_scale: bool | None = None, with_noiseless: bool | None = None
+                 ) -> RoutingObservation:
     """One valid ``RoutingObservation`` of shape [L, E]: integer token counts (zeros likely, so
     zero-token experts appear), possibly whole empty layers, gate-weight sums ≤ counts,
-    (when ``with_loss`` is True, or drawn when None) per-expert loss sums, and (``with_scale``
-    likewise) a logit scale per layer (zeros included)."""
+    (when ``with_loss`` is True, or drawn when None) per-expert loss sums, (``with_scale``
+    likewise) a logit scale per layer (zeros included), and (``with_noiseless`` likewise)
+    noiseless counts: equal to the counts or another integer split of each layer's slots
+    (None: the field left None, which means counts)."""
     L, E = num_layers, num_experts
     counts = draw(hnp.arrays(np.float64, (L, E),
                              elements=st.integers(0, max_count).map(float)))
@@ -155,19 +190,28 @@ def observations(draw, num_layers: int, num_experts: int, with_loss: bool | None
         with_scale = draw(st.booleans())
     scale = draw(hnp.arrays(np.float64, (L,), elements=st.one_of(st.just(0.0), _f(0.0, 50.0)))
                  ) if with_scale else None
+    if with_noiseless is None:
+        with_noiseless = draw(st.booleans())
+    noiseless = draw(_noiseless_counts(counts, max_count)) if with_noiseless else None
     return RoutingObservation(counts=counts, weight_sum=counts * w, loss_sum=loss,
-                              logit_scale=scale)
+                              logit_scale=scale, noiseless_counts=noiseless)
 
 
 def random_observation(rng: np.random.Generator, num_layers: int, num_experts: int, *,
                        tokens: int = 256, prefs_LE: np.ndarray | None = None,
                        p_empty_layer: float = 0.0, p_zero_expert: float = 0.0,
-                       with_loss: bool = True, with_scale: bool = True) -> RoutingObservation:
+                       with_loss: bool = True, with_scale: bool = True,
+                       noiseless: bool = False, noiseless_prefs_LE: np.ndarray | None = None
+                       ) -> RoutingObservation:
     """An observation drawn with NumPy (for long sequences: cheap, and reproducible from the
     generator). Tokens per layer are multinomial over ``prefs_LE`` (rows summing to 1; uniform
     when None); experts are zeroed with probability ``p_zero_expert``, whole layers with
     ``p_empty_layer``; per-token losses are expert-dependent, so reliabilities differ; the logit
-    scale of each layer is uniform in [0.5, 3] (``with_scale``)."""
+    scale of each layer is uniform in [0.5, 3] (``with_scale``). ``noiseless``: also draw
+    noiseless counts, each layer's slots (the counts' total) multinomial over
+    ``noiseless_prefs_LE`` (default ``prefs_LE``): the router's choice, routed apart from the
+    counts by the noise. The draws for the other fields come first, so an observation without
+    noiseless counts is the one the same generator gave before the option existed."""
     L, E = num_layers, num_experts
     if prefs_LE is None:
         prefs_LE = np.full((L, E), 1.0 / E)
@@ -177,7 +221,13 @@ def random_observation(rng: np.random.Generator, num_layers: int, num_experts: i
     wsum = counts * rng.uniform(0.2, 1.0, (L, E))
     loss = counts * rng.uniform(0.5, 5.0, (L, E)) if with_loss else None
     scale = rng.uniform(0.5, 3.0, L) if with_scale else None
-    return RoutingObservation(counts=counts, weight_sum=wsum, loss_sum=loss, logit_scale=scale)
+    clean = None
+    if noiseless:
+        p = prefs_LE if noiseless_prefs_LE is None else noiseless_prefs_LE
+        n_L = counts.sum(axis=1).astype(np.int64)
+        clean = np.stack([rng.multinomial(n_L[i], p[i]) for i in range(L)]).astype(np.float64)
+    return RoutingObservation(counts=counts, weight_sum=wsum, loss_sum=loss, logit_scale=scale,
+                              noiseless_counts=clean)
 
 
 @st.composite
@@ -186,8 +236,9 @@ def states(draw, config: ControllerConfig | SearchStrategy | None = None,
            max_steps: int = 60) -> ControllerState:
     """Reachable states: ``init_state`` followed by up to ``max_steps`` ticks of a random run
     (skewed routing so landscapes and lenses form, empty layers, zero-token experts, loss on or
-    off, κ constant or a random walk). Hypothesis draws the run's structure and a NumPy seed
-    for its details, which keeps examples small and shrinkable."""
+    off, noiseless counts apart from the counts or none, κ constant or a random walk).
+    Hypothesis draws the run's structure and a NumPy seed for its details, which keeps examples
+    small and shrinkable."""
     cfg = _resolve_config(draw, config)
     L = num_layers if num_layers is not None else draw(st.integers(1, 4))
     E = num_experts if num_experts is not None else draw(st.integers(1, 8))
@@ -203,11 +254,15 @@ def states(draw, config: ControllerConfig | SearchStrategy | None = None,
     kappa = draw(kappas())
     kappa_walk = draw(st.booleans())
     prefs = rng.dirichlet(np.full(E, 1.0 / skew), size=L) if skew > 0 else None
+    # the router's choice (noiseless counts), when drawn: more skewed than the noisy routing
+    noiseless = draw(st.booleans())
+    clean_prefs = rng.dirichlet(np.full(E, 0.5), size=L) if noiseless else None
     for _ in range(n):
         with_loss = loss_mode == "loss" or (loss_mode == "mixed" and rng.random() < 0.5)
         obs = random_observation(rng, L, E, prefs_LE=prefs, p_empty_layer=p_empty,
                                  p_zero_expert=p_zero, with_loss=with_loss,
-                                 tokens=int(rng.integers(1, 512)))
+                                 tokens=int(rng.integers(1, 512)), noiseless=noiseless,
+                                 noiseless_prefs_LE=clean_prefs)
         if kappa_walk:
             kappa = float(np.clip(kappa + rng.normal(0.0, 0.2), -1.0, 1.0))
         state = step(state, cfg, obs, kappa)
@@ -242,17 +297,30 @@ def observations_for(case: tuple[ControllerConfig, ControllerState], **kw) -> Se
 def invalid_observations(draw, num_layers: int, num_experts: int
                          ) -> tuple[RoutingObservation, str]:
     """(observation, field) where ``field`` is the one made invalid: a NaN or ±inf entry, a
-    negative entry, a wrong shape, or a missing (None) ``counts``/``weight_sum``."""
+    negative entry, a wrong shape, a missing (None) ``counts``/``weight_sum``, or noiseless
+    counts whose layer total is not the counts' (by at least half a slot)."""
     L, E = num_layers, num_experts
-    good = draw(observations(L, E, with_loss=True, with_scale=True))
+    good = draw(observations(L, E, with_loss=True, with_scale=True, with_noiseless=True))
     arrays = {"counts": good.counts.copy(), "weight_sum": good.weight_sum.copy(),
-              "loss_sum": good.loss_sum.copy(), "logit_scale": good.logit_scale.copy()}
+              "loss_sum": good.loss_sum.copy(), "logit_scale": good.logit_scale.copy(),
+              "noiseless_counts": good.noiseless_counts.copy()}
+    optional_fields = ("loss_sum", "logit_scale", "noiseless_counts")
     name = draw(st.sampled_from(sorted(arrays)))
-    optional = name in ("loss_sum", "logit_scale")
-    kind = draw(st.sampled_from(["nonfinite", "negative", "shape"] if optional
-                                else ["nonfinite", "negative", "shape", "none"]))
+    optional = name in optional_fields
+    kinds = ["nonfinite", "negative", "shape"] if optional else \
+        ["nonfinite", "negative", "shape", "none"]
+    if name == "noiseless_counts":
+        kinds.append("total")
+    kind = draw(st.sampled_from(kinds))
     if kind == "none":
         arrays[name] = None
+    elif kind == "total":
+        # one layer's slots off by >= half a slot (1e6 slots at most: far above rtol 1e-6),
+        # up or down (down only where that entry can go without turning negative)
+        i, j = draw(st.integers(0, L - 1)), draw(st.integers(0, E - 1))
+        d = draw(st.sampled_from([0.5, 1.0, 7.0]))
+        down = draw(st.booleans()) and arrays[name][i, j] >= d
+        arrays[name][i, j] += -d if down else d
     elif kind == "shape":
         if name == "logit_scale":
             shape = draw(st.sampled_from([(L + 1,), (L, 1), (L, E) if E != 1 else (L, 2), ()]))
@@ -268,10 +336,12 @@ def invalid_observations(draw, num_layers: int, num_experts: int
             arrays[name][i] = bad
         else:
             arrays[name][i, j] = bad
-    keep = {n: (draw(st.booleans()) if n != name else True) for n in ("loss_sum", "logit_scale")}
+    keep = {n: (draw(st.booleans()) if n != name else True) for n in optional_fields}
     return (RoutingObservation(arrays["counts"], arrays["weight_sum"],
                                arrays["loss_sum"] if keep["loss_sum"] else None,
-                               arrays["logit_scale"] if keep["logit_scale"] else None), name)
+                               arrays["logit_scale"] if keep["logit_scale"] else None,
+                               arrays["noiseless_counts"] if keep["noiseless_counts"] else None),
+            name)
 
 
 @st.composite

@@ -236,6 +236,114 @@ def test_reliability_without_losses_uses_the_usage_proxy():
     np.testing.assert_allclose(new.reliability_LE, [0.475 + 0.05 * u / u.max()], atol=1e-15)
 
 
+# --- law v2.1: usage reads the router's choice (noiseless counts), reliability the routing ------
+
+def test_usage_drift_and_pressure_read_the_noiseless_counts_reliability_the_counts():
+    """One layer, E = 2, u = s = (.5, .5), θ = 0, drive α = 0.5 only. The noise routed (3, 1)
+    slots with losses (3, 3), the router chose (1, 3) (noiseless counts, the same 4 slots).
+    Usage side (from the choice): frac = (.25, .75), δ = (−.25, .25)/sqrt(.25/4) = (−1, 1),
+    u ← .95·.5 + .05·frac = (.4875, .5125), θ ← dt·α·δ = (−.25, .25) mod 2π, and on this micro
+    tick P = 2(1/2 − u) = (.025, −.025), d̂ = (1, 1).
+    Reliability side (from the routed counts): m = loss/counts = (1, 3), m̄ = 6/4 = 1.5,
+    target σ(4·(1.5 − m)/1.5) = (σ(4/3), σ(−4)), s ← .95·.5 + .05·target.
+    Read the other way round (usage from counts, or m = loss/noiseless) every one of these
+    would differ: δ = (1, −1), P = (−.025, .025), m = (3, 1)."""
+    cfg = frozen_phases(drift_gain=0.5)
+    s = hand_state(cfg, usage=[0.5, 0.5], reliability=[0.5, 0.5])
+    c = np.array([[3.0, 1.0]])
+    obs = RoutingObservation(c, 0.5 * c, np.array([[3.0, 3.0]]),
+                             noiseless_counts=np.array([[1.0, 3.0]]))
+    new = step(s, cfg, obs)
+    np.testing.assert_allclose(new.delta_LE, [[-1.0, 1.0]], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(new.usage_LE, [[0.4875, 0.5125]], rtol=0, atol=1e-15)
+    dt = cfg.dt
+    np.testing.assert_allclose(new.theta_LE, [[2 * math.pi - dt * 0.5, dt * 0.5]], rtol=0,
+                               atol=1e-14)
+    np.testing.assert_allclose(new.pressure_LE, [[0.025, -0.025]], rtol=0, atol=1e-15)
+    target = np.array([sigmoid(4.0 / 3.0), sigmoid(-4.0)])
+    np.testing.assert_allclose(new.reliability_LE, [0.475 + 0.05 * target], rtol=0, atol=1e-15)
+    # T_fast: R after the update = cos(dt·α) (phases ±0.25), d̂ = 1 for both, the updated s
+    assert new.R == pytest.approx(math.cos(dt * 0.5), rel=1e-14)
+    want_T = (1 + 0.5 * (1 - math.cos(dt * 0.5))) * (1 + 0.3) \
+        * (1 + 0.2 * (1 - new.reliability_LE[0]))
+    np.testing.assert_allclose(new.T_fast_LE, [want_T], rtol=1e-14)
+
+
+def test_noiseless_counts_drive_the_pressure_tick_after_tick():
+    """The routing stays balanced, (2, 2), while the router's choice keeps preferring expert 0,
+    (3, 1): usage converges on the choice, u₀ = .75 − .25·.95ⁿ, so pressure pushes against
+    expert 0 (P₀ = 2(.5 − u₀) < 0) although the load the experts got is even. Without the
+    noiseless counts (v2) the usage and pressure would stay at (.5, .5) and 0."""
+    cfg = frozen_phases()
+    s = hand_state(cfg, usage=[0.5, 0.5])
+    even = np.array([[2.0, 2.0]])
+    for n in range(1, 31):
+        s = step(s, cfg, RoutingObservation(even, even, None,
+                                            noiseless_counts=np.array([[3.0, 1.0]])))
+        u0 = 0.75 - 0.25 * 0.95 ** n
+        np.testing.assert_allclose(s.usage_LE, [[u0, 1 - u0]], rtol=0, atol=1e-14)
+        np.testing.assert_allclose(s.pressure_LE, [[2 * (0.5 - u0), -2 * (0.5 - u0)]], rtol=0,
+                                   atol=1e-14)
+    assert s.pressure_LE[0, 0] < -0.3
+
+
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_noiseless_counts_none_is_counts_bit_for_bit(state_2x4, cfg, with_loss):
+    """``noiseless_counts=None`` means the counts: the same state, bit for bit, as passing the
+    counts (a copy) explicitly, over a few ticks with an empty layer and zero-token experts."""
+    r = np.random.default_rng(4)
+    a = b = state_2x4
+    for t in range(12):
+        c = r.integers(0, 9, (2, 4)).astype(float)
+        c[t % 2] = 0.0 if t % 5 == 0 else c[t % 2]
+        loss = c * r.uniform(0.5, 2.0, (2, 4)) if with_loss else None
+        scale = r.uniform(0.5, 2.0, 2)
+        a = step(a, cfg, RoutingObservation(c, 0.5 * c, loss, scale), 0.2)
+        b = step(b, cfg, RoutingObservation(c, 0.5 * c, loss, scale, noiseless_counts=c.copy()),
+                 0.2)
+        for name, v in a.to_dict().items():
+            got = getattr(b, name)
+            assert np.array_equal(got, v) if isinstance(v, np.ndarray) else got == v, name
+
+
+@pytest.mark.parametrize("noiseless, what", [
+    (np.ones((2, 4)), "shape"), (np.ones((3, 2)), "shape"), (np.ones(6), "shape"),
+    ([[np.nan, 2.0, 2.0], [1.0, 1.0, 1.0]], "non-finite"),
+    ([[np.inf, 2.0, 2.0], [1.0, 1.0, 1.0]], "non-finite"),
+    ([[-1.0, 3.0, 2.0], [1.0, 1.0, 1.0]], "negative"),
+    ([["x", 2.0, 2.0], [1.0, 1.0, 1.0]], "numeric"),
+    # layer 1 routed 3 slots: 4 (or 2.99) counted without the noise is not the same slots
+    ([[1.0, 1.0, 2.0], [2.0, 1.0, 1.0]], r"layer 1 sums to .*?4\.0.*?counts to .*?3\.0"),
+    ([[1.0, 1.0, 2.0], [1.0, 1.0, 0.99]], r"layer 1 sums to .*?2\.99"),
+    ([[0.0, 0.0, 3.0], [0.0, 0.0, 3.0]], r"layer 0 sums to .*?3\.0.*?counts to .*?4\.0"),
+])
+def test_bad_noiseless_counts_are_rejected_and_the_state_untouched(noiseless, what):
+    """RoutingObservation.noiseless_counts: [L, E] finite, >= 0, each layer summing to the
+    counts' slots (relative 1e-6); the error names the field (and the layer), nothing moves."""
+    cfg = ControllerConfig()
+    s = init_state(cfg, 2, 3)
+    snap = s.to_dict()
+    c = np.array([[1.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    obs = RoutingObservation(c, c, None, None, noiseless_counts=noiseless)
+    with pytest.raises(ValueError, match=rf"RoutingObservation\.noiseless_counts\b.*{what}"):
+        step(s, cfg, obs)
+    for name, v in snap.items():
+        got = getattr(s, name)
+        assert np.array_equal(got, v) if isinstance(v, np.ndarray) else got == v
+
+
+def test_noiseless_totals_within_the_tolerance_are_accepted():
+    """The totals are sums of the same slot weights in another order: a relative difference
+    up to 1e-6 passes (and the choice is what usage reads), 1e-5 does not."""
+    cfg = ControllerConfig()
+    s = init_state(cfg, 1, 2)
+    c = np.array([[600.0, 400.0]])
+    ok = step(s, cfg, RoutingObservation(c, c, noiseless_counts=np.array([[200.0, 800.0005]])))
+    assert ok.usage_LE[0, 0] < 0.5 < ok.usage_LE[0, 1]           # the choice, not (.6, .4)
+    with pytest.raises(ValueError, match=r"noiseless_counts: layer 0"):
+        step(s, cfg, RoutingObservation(c, c, noiseless_counts=np.array([[200.0, 800.01]])))
+
+
 # --- phases ----------------------------------------------------------------------------------
 
 def test_kuramoto_update_one_tick_by_hand():

@@ -15,6 +15,7 @@ from chronomoe_dyn import _kernels, rng
 from chronomoe_dyn.env import EnvConfig, Event, init_env, learn, raw_logits, route
 from chronomoe_dyn.law import RoutingFields
 from chronomoe_dyn.rng import STREAM_LOSS
+from chronomoe_dyn.routing import route as route_layer
 from chronomoe_dyn.routing import topk_stable
 from chronomoe_dyn.schedule import AdaptiveRule, KnobSchedule
 from chronomoe_dyn.simulate import Trajectory, default_schedule, simulate
@@ -73,9 +74,15 @@ _STATE_ARRAYS = ["theta_LE", "omega_disorder_LE", "usage_LE", "reliability_LE", 
                  "logit_scale_L"]
 
 
-@pytest.mark.parametrize("with_loss, with_scale, lens_clock", [
-    (True, True, "macro"), (False, True, "micro"), (True, False, "macro")])
-def test_controller_step_kernel_follows_law_step(with_loss, with_scale, lens_clock):
+@pytest.mark.parametrize("with_loss, with_scale, lens_clock, with_noiseless", [
+    (True, True, "macro", True), (False, True, "micro", True), (True, False, "macro", False),
+    (True, True, "micro", False)])
+def test_controller_step_kernel_follows_law_step(with_loss, with_scale, lens_clock,
+                                                 with_noiseless):
+    """The kernel against law.step tick by tick; with noiseless counts that differ from the
+    counts (another split of the same slots, law v2.1) the kernel's usage/drift must read
+    them and its reliability the counts. Mutation caught: the kernel's usage reading counts
+    (or its reliability reading the noiseless counts)."""
     cfg = ControllerConfig(phase_noise=0.2, kappa_smoothing=0.3, micro_period=2, macro_period=3,
                            lens_max=0.05, drift_gain=0.7, lens_clock=lens_clock)
     L, E = 3, 6
@@ -90,8 +97,16 @@ def test_controller_step_kernel_follows_law_step(with_loss, with_scale, lens_clo
         loss = counts * r.uniform(0.5, 3.0, (L, E)) if with_loss else None
         scale = r.uniform(0.0, 3.0, L) if with_scale else None
         kappa = float(np.clip(np.sin(t / 5.0), -1, 1))
-        ref = step(ref, cfg, RoutingObservation(counts, 0.5 * counts, loss, scale), kappa)
+        clean = None
+        if with_noiseless:      # the same slots, chosen more skewed (towards expert t % E)
+            prefs = np.full(E, 0.5 / (E - 1))
+            prefs[t % E] = 0.5
+            clean = np.stack([r.multinomial(int(n), prefs) for n in counts.sum(axis=1)]
+                             ).astype(float)
+        ref = step(ref, cfg, RoutingObservation(counts, 0.5 * counts, loss, scale,
+                                                noiseless_counts=clean), kappa)
         tick = _kernels.controller_step(_ctrl_params(cfg), 17, tick, *arrs, sc, counts,
+                                        counts if clean is None else clean,
                                         np.zeros((L, E)) if loss is None else loss, with_loss,
                                         np.zeros(L) if scale is None else scale, with_scale,
                                         kappa, np.zeros(E))
@@ -124,12 +139,13 @@ def _route_kernel(env, es, fields, seed, tick, controller_fields=True):
     L, E, D, T, K = (env.num_layers, env.num_experts, env.num_domains, env.tokens_per_tick,
                      env.top_k)
     counts, loss, scale = np.zeros((L, E)), np.zeros((L, E)), np.zeros(L)
+    clean = np.full((L, E), np.nan)                  # every entry must be written
     sumx, cnt = np.zeros((L, D, E)), np.zeros((L, D, E))
     mean, explored = _kernels.env_route(
         _kernels.env_params(env), seed, tick, controller_fields, es.quality_LED, es.est_LDE,
         es.cum_D, fields.bias_LE, fields.temperature_LE, fields.scale_L, fields.tau, counts,
-        loss, scale, sumx, cnt, *_kernels.route_scratch(L, D, E, T, K))
-    return counts, loss, sumx, cnt, mean, scale, explored
+        clean, loss, scale, sumx, cnt, *_kernels.route_scratch(L, D, E, T, K))
+    return counts, loss, sumx, cnt, mean, scale, explored, clean
 
 
 def _fields(bias, temp, scale=None, tau=0.0):
@@ -141,9 +157,9 @@ def _fields(bias, temp, scale=None, tau=0.0):
                          [(1, 3, True), (2, 3, True), (4, 3, True), (2, 6, True), (3, 5, True),
                           (2, 3, False), (2, 6, False)])
 def test_env_route_kernel_makes_the_numpy_choices(top_k, num_domains, controller_fields):
-    """Counts, explored slots and the observed logit scale equal the NumPy reference bit for
-    bit, with Gumbel noise, for every top-k path and both domain paths of the kernel (D ≤ 4:
-    selects; D > 4: masked passes)."""
+    """Counts, noiseless counts, explored slots and the observed logit scale equal the NumPy
+    reference bit for bit, with Gumbel noise, for every top-k path and both domain paths of
+    the kernel (D ≤ 4: selects; D > 4: masked passes)."""
     env = EnvConfig(num_layers=3, num_experts=6, top_k=top_k, tokens_per_tick=64,
                     num_domains=num_domains, router_prior_count=2.0, batch_noise=0.5)
     es = init_env(env, seed=4)
@@ -154,9 +170,10 @@ def test_env_route_kernel_makes_the_numpy_choices(top_k, num_domains, controller
     explored_any = 0
     for tick in (1, 2, 99):
         ref = route(env, es, f, 4, tick, controller_fields)
-        counts, loss, sumx, cnt, mean, scale, explored = _route_kernel(env, es, f, 4, tick,
-                                                                       controller_fields)
+        counts, loss, sumx, cnt, mean, scale, explored, clean = _route_kernel(
+            env, es, f, 4, tick, controller_fields)
         np.testing.assert_array_equal(counts, ref.counts_LE)      # the same discrete choices
+        np.testing.assert_array_equal(clean, ref.noiseless_counts_LE)
         np.testing.assert_array_equal(cnt, ref.cnt_LDE)
         assert explored == ref.explored_L.sum()
         np.testing.assert_array_equal(scale, ref.logit_scale_L)
@@ -166,6 +183,72 @@ def test_env_route_kernel_makes_the_numpy_choices(top_k, num_domains, controller
         assert counts.sum() == 3 * 64 * top_k
         explored_any += explored
     assert (explored_any > 0) == (controller_fields and top_k < 6)   # the noise did act
+
+
+def _noisy_env_and_fields(tau):
+    env = EnvConfig(num_layers=3, num_experts=6, top_k=2, tokens_per_tick=64, num_domains=3,
+                    router_prior_count=2.0, batch_noise=0.5)
+    es = init_env(env, seed=8)
+    r = np.random.default_rng(3)
+    es.est_LDE = r.uniform(1.0, 4.0, es.est_LDE.shape)
+    return env, es, _fields(r.uniform(-0.3, 0.3, (3, 6)), r.uniform(0.2, 3.0, (3, 6)),
+                            r.uniform(0.5, 3.0, 3), tau=tau)
+
+
+def test_env_noiseless_counts_are_the_routers_choice_without_the_noise():
+    """Law v2.1: with noise (fields on, τ > 0) the NumPy environment's noiseless counts are
+    the slots of the routing of the same tokens without the Gumbel noise (routing.route with
+    no uniforms: what eval mode picks), its counts those of the noisy routing; they differ (the
+    noise moves choices) over the same slots per layer. Mutations caught: noiseless counts
+    taken from the noisy selection, or from the top-k of the raw logits."""
+    env, es, f = _noisy_env_and_fields(tau=1.0)
+    L, E, T, K = 3, 6, 64, 2
+    moved = 0
+    for tick in (1, 2, 3):
+        got = route(env, es, f, 8, tick)
+        _, z_LTE = raw_logits(env, es, 8, tick)
+        u_LTE = rng.uniform(8, rng.STREAM_GUMBEL, tick, np.arange(L * T * E)).reshape(L, T, E)
+        for li in range(L):
+            clean = route_layer(z_LTE[li], f.layer(li), K).selected_NK
+            noisy = route_layer(z_LTE[li], f.layer(li), K, u_LTE[li]).selected_NK
+            np.testing.assert_array_equal(got.noiseless_counts_LE[li],
+                                          np.bincount(clean.ravel(), minlength=E))
+            np.testing.assert_array_equal(got.counts_LE[li],
+                                          np.bincount(noisy.ravel(), minlength=E))
+        np.testing.assert_array_equal(got.noiseless_counts_LE.sum(axis=1), T * K)
+        assert got.noiseless_counts_LE is not got.counts_LE
+        moved += int(np.abs(got.noiseless_counts_LE - got.counts_LE).sum())
+    assert moved > 0
+
+
+@pytest.mark.parametrize("controller_fields, tau", [(False, 1.0), (True, 0.0)])
+def test_noiseless_counts_are_the_counts_without_noise(controller_fields, tau):
+    """No exploration noise (fields off, or τ = 0): the noiseless counts are the counts, in
+    NumPy and in the kernel (which must write every entry)."""
+    env, es, f = _noisy_env_and_fields(tau=tau)
+    for tick in (1, 5):
+        ref = route(env, es, f, 8, tick, controller_fields)
+        np.testing.assert_array_equal(ref.noiseless_counts_LE, ref.counts_LE)
+        counts, *_, clean = _route_kernel(env, es, f, 8, tick, controller_fields)
+        np.testing.assert_array_equal(clean, counts)
+        np.testing.assert_array_equal(clean, ref.counts_LE)
+
+
+def test_kernel_noiseless_counts_follow_numpy_over_a_run_and_differ_from_counts():
+    """A short closed run of the environment (the router learning from each tick) with strong
+    noise: the kernel's noiseless counts equal NumPy's every tick, have the counts' totals, and
+    the noise moves choices (they differ from the counts somewhere in the run)."""
+    env, es, f = _noisy_env_and_fields(tau=0.7)
+    moved = 0
+    for tick in range(1, 21):
+        ref = route(env, es, f, 8, tick)
+        counts, *_, clean = _route_kernel(env, es, f, 8, tick)
+        np.testing.assert_array_equal(clean, ref.noiseless_counts_LE, err_msg=f"tick {tick}")
+        np.testing.assert_array_equal(counts, ref.counts_LE)
+        np.testing.assert_array_equal(clean.sum(axis=1), counts.sum(axis=1))
+        moved += int((clean != counts).sum())
+        learn(env, es, ref)
+    assert moved > 0
 
 
 def _slot_experts(env, es, fields, seed, tick, kernel):
@@ -364,10 +447,11 @@ def test_trajectory_shapes_and_derived_fields():
 
 
 def test_trajectory_records_the_ticks_routing_by_hand():
-    """Re-run the reference tick by tick (env.route + step) and compare what the trajectory
-    records at each tick: MaxVio of the tick's counts (max/mean − 1 per layer), the explored
-    share of its slots, its observed logit scale; and the env's logit scale is the mean over
-    tokens of the std across experts of env.raw_logits."""
+    """Re-run the reference tick by tick (env.route + step with the tick's noiseless counts)
+    and compare what the trajectory records at each tick: MaxVio of the tick's (routed) counts
+    (max/mean − 1 per layer), the explored share of its slots, its observed logit scale; the
+    env's logit scale is the mean over tokens of the std across experts of env.raw_logits; and
+    the final states are equal (mutation caught: simulate not passing the noiseless counts)."""
     from chronomoe_dyn.simulate import _kappa_inputs
     cfg = ControllerConfig()
     tr = simulate(cfg, SMALL, num_systems=1, ticks=12, seed=3, record_every=1,
@@ -388,9 +472,13 @@ def test_trajectory_records_the_ticks_routing_by_hand():
         assert tr.exploration_BT[0, t - 1] == got.explored_L.sum() / (SMALL.num_layers * T * K)
         np.testing.assert_array_equal(tr.logit_scale_BTL[0, t - 1], got.logit_scale_L)
         state = step(state, cfg, RoutingObservation(c, got.wsum_LE, got.loss_LE,
-                                                    got.logit_scale_L), float(kappa_T[t - 1]))
+                                                    got.logit_scale_L,
+                                                    noiseless_counts=got.noiseless_counts_LE),
+                     float(kappa_T[t - 1]))
         learn(SMALL, es, got)
     assert tr.exploration_BT.max() > 0                       # τ₀ = 0.1: some slots explore
+    # the simulator's controller is the one fed the noiseless counts (law v2.1), bit for bit
+    assert state.allclose(tr.final_states[0])
 
 
 def test_controller_fields_false_routes_by_the_plain_top_k_and_still_ticks():

@@ -137,8 +137,9 @@ def test_checker_reports_broken_transitions(case):
     assert check_invariants(new, cfg, prev=state, obs=obs, kappa=0.0) == []
     # The clock must advance by exactly one tick.
     assert check_invariants(dataclasses.replace(new, tick=new.tick + 1), cfg, prev=state)
-    # Usage that jumps past the routed fractions leaves the EMA hull (when anything can move).
-    counts = np.asarray(obs.counts)
+    # Usage that jumps past the chosen fractions leaves the EMA hull (when anything can move);
+    # law v2.1: usage follows the noiseless counts when the observation has them.
+    counts = np.asarray(obs.counts if obs.noiseless_counts is None else obs.noiseless_counts)
     active = counts.sum(axis=1) > 0
     if np.any(active) and state.num_experts > 1:
         u = new.usage_LE.copy()
@@ -152,6 +153,54 @@ def test_checker_reports_broken_transitions(case):
             u[i, (e + 1) % state.num_experts] -= gap
             assert check_invariants(dataclasses.replace(new, usage_LE=u), cfg, prev=state,
                                     obs=obs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Law v2.1: usage reads the router's choice (noiseless counts), reliability the routed counts
+# ---------------------------------------------------------------------------------------------
+
+_USAGE_SIDE = ("usage_LE", "delta_LE", "theta_LE", "R", "psi", "dR", "logit_scale_L", "kappa")
+"""What step derives from the usage side alone (frac, δ, the Kuramoto drive, σ_L, κ)."""
+
+
+def _same_field(a, b, name):
+    x, y = getattr(a, name), getattr(b, name)
+    return np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+
+
+@given(config_and_state(), st.data())
+def test_usage_side_follows_the_noiseless_counts_and_reliability_the_counts(case, data):
+    """A step with counts c (losses l) and noiseless counts c° is, bit for bit, a step with
+    counts c° on its usage side (usage, drift, phases, σ_L) and a step with counts c on its
+    reliability (losses given: the target does not read the usage); on a micro tick the
+    pressure is the one of the c° step. Mutations caught: the law reading c for usage, or c°
+    for reliability (m = l/c° or the seen mask c° > 0)."""
+    cfg, state = case
+    L, E = state.num_layers, state.num_experts
+    obs = data.draw(observations(L, E, with_loss=True, with_noiseless=True))
+    kappa = data.draw(kappas())
+    both = step(state, cfg, obs, kappa)
+    choice = step(state, cfg, RoutingObservation(obs.noiseless_counts, obs.weight_sum, None,
+                                                 obs.logit_scale), kappa)
+    routed = step(state, cfg, RoutingObservation(obs.counts, obs.weight_sum, obs.loss_sum,
+                                                 obs.logit_scale), kappa)
+    for name in _USAGE_SIDE:
+        assert _same_field(both, choice, name), name
+    assert _same_field(both, routed, "reliability_LE")
+    if both.tick % cfg.micro_period == 0:
+        assert _same_field(both, choice, "pressure_LE")
+
+
+@given(config_and_state(), st.data())
+def test_noiseless_counts_equal_to_the_counts_change_nothing(case, data):
+    """Noiseless counts equal to the counts (a copy: no noise moved a choice) give the state
+    of ``noiseless_counts=None``, bit for bit."""
+    cfg, state = case
+    obs = data.draw(observations(state.num_layers, state.num_experts, with_noiseless=False))
+    kappa = data.draw(kappas())
+    a = step(state, cfg, obs, kappa)
+    b = step(state, cfg, dataclasses.replace(obs, noiseless_counts=obs.counts.copy()), kappa)
+    assert _bits(a) == _bits(b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +221,9 @@ def _permute(state, perm):
 def _permute_obs(obs, perm):
     return RoutingObservation(obs.counts[:, perm], obs.weight_sum[:, perm],
                               None if obs.loss_sum is None else obs.loss_sum[:, perm],
-                              obs.logit_scale)                       # per layer: unpermuted
+                              obs.logit_scale,                       # per layer: unpermuted
+                              None if obs.noiseless_counts is None
+                              else obs.noiseless_counts[:, perm])
 
 
 def _assert_permuted(a, b, perm, atol):
@@ -227,7 +278,8 @@ def test_permutation_symmetry_holds_along_a_trajectory(state, data):
     rng = np.random.default_rng(rng_seed)
     a, b = state, _permute(state, perm)
     for _ in range(n):
-        obs = random_observation(rng, state.num_layers, E, p_zero_expert=0.2, p_empty_layer=0.1)
+        obs = random_observation(rng, state.num_layers, E, p_zero_expert=0.2, p_empty_layer=0.1,
+                                 noiseless=bool(rng_seed % 2))
         a = step(a, cfg, obs, 0.3)
         b = step(b, cfg, _permute_obs(obs, perm), 0.3)
     _assert_permuted(a, b, perm, atol=1e-10)

@@ -231,12 +231,14 @@ def test_gates_come_from_the_raw_logits_and_explored_slots_are_outside_the_noise
 @st.composite
 def extreme_observations(draw, L, E):
     """Valid observations at the edges of float64: counts and losses from 0 to 1e300 (per-layer
-    sums just finite), tiny counts, logit scales from 0 to 1e300."""
+    sums just finite), tiny counts, logit scales from 0 to 1e300; noiseless counts (when drawn)
+    the counts of each layer reversed (the same slots, another expert for each)."""
     big = st.one_of(st.just(0.0), _finite(0.0, 1e-300), _finite(0.0, 1.0), _finite(1.0, 1e300))
     counts = draw(hnp.arrays(np.float64, (L, E), elements=big))
     loss = draw(hnp.arrays(np.float64, (L, E), elements=big)) if draw(st.booleans()) else None
     scale = draw(hnp.arrays(np.float64, (L,), elements=big)) if draw(st.booleans()) else None
-    return RoutingObservation(counts, counts, loss, scale)
+    clean = counts[:, ::-1].copy() if draw(st.booleans()) else None
+    return RoutingObservation(counts, counts, loss, scale, noiseless_counts=clean)
 
 
 @settings(max_examples=200, deadline=None)

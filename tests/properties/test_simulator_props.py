@@ -302,11 +302,12 @@ _ARRAYS_LE = ["theta_LE", "omega_disorder_LE", "usage_LE", "reliability_LE", "de
 def test_controller_kernel_equals_the_law_for_any_config(case, data):
     """controller_step and routing_fields_into against law.step and routing_fields for configs
     drawn over every ControllerConfig field (the kit's ``configs()``), 12 ticks of random
-    observations with and without losses and logit scales. dt·K ≤ 0.25 keeps the growth of
-    rounding differences in the phases (≤ 1 + dt·K per tick) far below the tolerance over the
-    ≤ 17 ticks. Mutations caught: a kernel ignoring
-    a field (e.g. reading 1.0 for pressure_gain, or the macro clock for lens_clock="micro"), a
-    field read under another field's name in the derived record."""
+    observations with and without losses, logit scales and noiseless counts (law v2.1).
+    dt·K ≤ 0.25 keeps the growth of rounding differences in the phases (≤ 1 + dt·K per tick)
+    far below the tolerance over the ≤ 17 ticks. Mutations caught: a kernel ignoring a field
+    (e.g. reading 1.0 for pressure_gain, or the macro clock for lens_clock="micro"), a field
+    read under another field's name in the derived record, the kernel's usage reading the
+    counts instead of the noiseless counts."""
     cfg, ref = case
     L, E = ref.num_layers, ref.num_experts
     cp = _kernels.ctrl_params(cfg)
@@ -319,6 +320,7 @@ def test_controller_kernel_equals_the_law_for_any_config(case, data):
         ref = step(ref, cfg, obs, kappa)
         tick = _kernels.controller_step(
             cp, ref.seed, tick, *arrs, sc, obs.counts,
+            obs.counts if obs.noiseless_counts is None else obs.noiseless_counts,
             np.zeros((L, E)) if obs.loss_sum is None else obs.loss_sum, obs.loss_sum is not None,
             np.zeros(L) if obs.logit_scale is None else obs.logit_scale,
             obs.logit_scale is not None, kappa, np.zeros(E))
