@@ -1,14 +1,18 @@
 """The P×T control law, version 2: the NumPy reference every backend must match (DESIGN.md §3).
 
-Per tick, given counts_LE, wsum_LE, optionally loss_LE and logit_scale_L (σ observed):
+Per tick, given counts_LE, wsum_LE, optionally loss_LE, logit_scale_L (σ observed) and the
+noiseless counts c°_LE (top-k slots of the score without exploration noise; = counts without
+noise):
 
 1. clocks: tick += 1; micro when tick % micro_period == 0, macro when tick % macro_period == 0.
-2. usage (layers with n = Σ_e counts > 0): frac = counts/n;
+2. usage (layers with n = Σ_e c° > 0): frac = c°/n (the router's choice: pressure corrects the
+   router, not the balance the noise lends it; version 2.1, docs/CONTRACTS.md);
    δ = (frac − u)/sqrt(max(u(1−u), 1/E²)/n)  (u before the update: a z-score against
    multinomial sampling noise, |δ| ~ 1 for stable routing whatever n);  u ← ρu + (1−ρ)frac;
    σ_L ← observed σ on the layer's first observation (σ_L == 0), else ρσ_L + (1−ρ)σ.
-3. reliability target: σ(sharp·(m̄ − m_e)/m̄) from mean token losses m_e (m̄: the layer's
-   token-weighted mean), else u/max(u); s ← ρs + (1−ρ)target for experts that got tokens.
+3. reliability target: σ(sharp·(m̄ − m_e)/m̄) from mean token losses m_e = loss/counts (m̄:
+   the layer's token-weighted mean; the routed counts), else u/max(u); s ← ρs + (1−ρ)target
+   for experts that got tokens (counts > 0).
 4. Kuramoto over all L·E oscillators: Z = mean(e^{iθ}) = R e^{iψ};
    θ ← θ + dt·(ω₀ + ω_dis + α·δ + K·R·sin(ψ − θ)) + σ_θ·sqrt(dt)·ξ  (mod 2π); ΔR = R_new − R_old.
 5. micro tick: T̄_g ← (1−η_g)T̄_g + η_g·mean_{L,E}(T_fast)  (a scalar; T_fast of the last micro
@@ -172,6 +176,10 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
     """One controller tick. Pure: returns a new state; raises on bad input, touching nothing."""
     L, E = state.num_layers, state.num_experts
     counts, _wsum, loss, scale_obs = validate_observation(obs, L, E)
+    # The router's choice (top-k of the noiseless score): usage, drift and pressure read it;
+    # reliability reads the routed counts its losses belong to. Validated above.
+    choice = counts if obs.noiseless_counts is None else \
+        np.asarray(obs.noiseless_counts, dtype=np.float64)
     k_in = check_kappa(kappa)
     cfg = config
 
@@ -186,9 +194,9 @@ def step(state: ControllerState, config: ControllerConfig, obs: RoutingObservati
 
     # 2. usage, z-scored drift, logit scale
     rho = cfg.usage_decay
-    tot = counts.sum(axis=1, keepdims=True)                     # [L, 1] slots n
+    tot = choice.sum(axis=1, keepdims=True)                     # [L, 1] slots n
     active = tot > 0                                            # [L, 1]
-    frac = np.divide(counts, tot, out=np.zeros_like(counts), where=active)
+    frac = np.divide(choice, tot, out=np.zeros_like(choice), where=active)
     delta = np.where(active, drift_zscore(frac, state.usage_LE, np.where(active, tot, 1.0)), 0.0)
     usage = np.where(active, ema(state.usage_LE, frac, 1.0 - rho), state.usage_LE)
     sigma = state.logit_scale_L

@@ -18,6 +18,7 @@ import numpy as np
 from .config import ControllerConfig
 
 __all__ = ["ControllerState", "RoutingObservation", "init_state", "validate_observation",
+           "noiseless_counts_of", "NOISELESS_TOTAL_RTOL",
            "order_parameter"]
 
 _ARRAY_FIELDS = (
@@ -156,12 +157,19 @@ class RoutingObservation:
     logit_scale: optional [L] mean over the tick's (non-padding) tokens of the population
         standard deviation across experts of the raw router logits z; finite, >= 0. None (or a
         layer without tokens) leaves σ_L unchanged.
+    noiseless_counts: optional [L, E] top-k slots of the *noiseless* score (the router's choice
+        before the exploration noise: what eval-mode routing would pick for the same tokens),
+        >= 0, each layer summing to the same slots as ``counts``. Usage, drift and pressure
+        read it (the controller corrects the router, not the noise's balance); reliability
+        reads ``counts`` (the losses belong to the routed slots). None: equal to ``counts``
+        (no exploration noise: eval mode, τ = 0, fields off).
     """
 
     counts: np.ndarray
     weight_sum: np.ndarray
     loss_sum: np.ndarray | None = None
     logit_scale: np.ndarray | None = None
+    noiseless_counts: np.ndarray | None = None
 
 
 def _as_array(name: str, v: Any, want: tuple[int, ...], what: str) -> np.ndarray:
@@ -189,7 +197,8 @@ def _as_array(name: str, v: Any, want: tuple[int, ...], what: str) -> np.ndarray
 def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: int
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Return (counts, weight_sum, loss_sum, logit_scale) as float64 arrays (the optional ones
-    may be None), or raise ValueError naming the field and what is wrong."""
+    may be None), or raise ValueError naming the field and what is wrong. The noiseless counts
+    are checked too (``noiseless_counts_of`` returns them)."""
     if not isinstance(obs, RoutingObservation):
         raise TypeError(f"expected a RoutingObservation, got {type(obs).__name__}")
     want = (num_layers, num_experts)
@@ -223,7 +232,36 @@ def validate_observation(obs: RoutingObservation, num_layers: int, num_experts: 
                              "(loss_sum / counts) overflows float64")
     scale = None if obs.logit_scale is None else \
         _as_array("logit_scale", obs.logit_scale, (num_layers,), "(layer,)")
+    noiseless_counts_of(obs, num_layers, num_experts, counts)
     return out[0], out[1], out[2], scale
+
+
+NOISELESS_TOTAL_RTOL = 1e-6
+"""Relative tolerance of the check that a layer's noiseless counts and counts sum to the same
+slots (both are sums of the same token weights, in different orders)."""
+
+
+def noiseless_counts_of(obs: RoutingObservation, num_layers: int, num_experts: int,
+                        counts: np.ndarray) -> np.ndarray:
+    """``obs.noiseless_counts`` as a float64 array (``counts`` itself when None), or ValueError:
+    wrong shape, non-finite or negative entries, or a layer whose total differs from the
+    ``counts`` total (they count the same slots, chosen with and without the noise)."""
+    if obs.noiseless_counts is None:
+        return counts
+    a = _as_array("noiseless_counts", obs.noiseless_counts, (num_layers, num_experts),
+                  "(layer, expert)")
+    with np.errstate(over="ignore"):
+        tot, ref = a.sum(axis=1), counts.sum(axis=1)
+    if not np.all(np.isfinite(tot)):
+        raise ValueError("RoutingObservation.noiseless_counts: the sum over a layer's experts "
+                         "overflows float64")
+    off = np.abs(tot - ref) > NOISELESS_TOTAL_RTOL * np.maximum(np.maximum(tot, ref), 1.0)
+    if np.any(off):
+        i = int(np.argmax(off))
+        raise ValueError(f"RoutingObservation.noiseless_counts: layer {i} sums to "
+                         f"{float(tot[i])!r} slots but counts to {float(ref[i])!r}; both count "
+                         f"the same slots (chosen without and with the exploration noise)")
+    return a
 
 
 def init_state(config: ControllerConfig, num_layers: int, num_experts: int, seed: int = 0
