@@ -1,21 +1,25 @@
 """The observation side of ``PxTController`` (mixed into it): what the routers and the loss add
 to the controller between two ticks.
 
-One flat device buffer ``_obs_LF`` [L, 3E + 2] per controller (layout: ``_tick.obs_views``):
-top-k slot counts [E] | gate-weight sums [E] | Σ logit std | tokens | token-loss sums [E]. The
-routers add a row of ``routing.route`` (``observe_stats``, its first 2E + 2 entries) or their
-counts and sums (``observe``, ``observe_all``); the loss adds per-expert token-loss sums
+One flat device buffer ``_obs_LF`` [L, 4E + 2] per controller (layout: ``_tick.obs_views``):
+top-k slot counts [E] | gate-weight sums [E] | Σ logit std | tokens | noiseless counts [E] |
+token-loss sums [E]. The noiseless counts (law v2.1) are the top-k slots of the score without
+the exploration noise, counted like the counts: usage, drift and pressure read them,
+reliability reads the counts; without noise they equal the counts. The routers add a row of
+``routing.route`` (``observe_stats``, its first 3E + 2 entries) or their counts and sums
+(``observe``, ``observe_all``); the loss adds per-expert token-loss sums
 (``observe_loss``, ``observe_loss_all``), which switches that layer's reliability to the loss
 path at the next tick. Everything is detached and stays on the device (no host sync); the buffer
 is the one tensor the data-parallel all-reduce sums before a tick, which then clears it.
 
 Bad input: a wrong shape, dtype or layer index raises ``ValueError`` before anything is added (a
-bad call accumulates nothing); values are checked by the tick, on the device.
+bad call accumulates nothing); values are checked by the tick, on the device (including that
+each layer's noiseless counts sum to its counts' total).
 
 Uses the controller's ``num_layers``, ``num_experts``, ``dtype``, ``_check_layer`` and the
 buffers ``_obs_LF`` and ``_has_loss_L``.
 
-Shape legend: L layers, E experts, F = 3E + 2 observation entries per layer.
+Shape legend: L layers, E experts, F = 4E + 2 observation entries per layer.
 """
 
 from __future__ import annotations
@@ -46,13 +50,13 @@ class ObservationMixin:
 
     def observation_views(self) -> dict[str, torch.Tensor]:
         """Named views of the observation buffer: counts_LE, wsum_LE, logit_std_sum_L,
-        tokens_L, loss_LE."""
+        tokens_L, noiseless_LE, loss_LE."""
         return _tick.obs_views(self._obs_LF, self.num_experts)
 
     def observe_stats(self, layer: int, stats_F: torch.Tensor) -> None:
-        """Add a router call's stats row (``routing.route``; its first 2E + 2 entries: counts,
-        gate sums, Σ logit std, tokens). Not counted when called inside backward (an
-        activation-checkpoint recompute repeats a forward already observed)."""
+        """Add a router call's stats row (``routing.route``; its first 3E + 2 entries: counts,
+        gate sums, Σ logit std, tokens, noiseless counts). Not counted when called inside
+        backward (an activation-checkpoint recompute repeats a forward already observed)."""
         li = self._check_layer(layer)
         if in_backward():
             return
@@ -68,16 +72,21 @@ class ObservationMixin:
 
     def observe(self, layer: int, counts_E: torch.Tensor, weight_sum_E: torch.Tensor,
                 loss_sum_E: torch.Tensor | None = None, logit_std_sum: Any = None,
-                tokens: Any = None) -> None:
+                tokens: Any = None, noiseless_counts_E: torch.Tensor | None = None) -> None:
         """Add one layer's routing of one micro-batch: top-k slots per expert, the sum of their
         gate weights, optionally their token-loss sums and, together, the sum over tokens of
-        the std across experts of the raw logits and the token count (for σ_L)."""
+        the std across experts of the raw logits and the token count (for σ_L).
+        ``noiseless_counts_E``: the top-k slots per expert of the score without the exploration
+        noise, over the same tokens (the same total as ``counts_E``; a tick whose totals differ
+        is skipped); None: equal to ``counts_E`` (a routing without noise)."""
         li = self._check_layer(layer)
         E = self.num_experts
         c = self._as_obs(counts_E, f"observe(layer={li}): counts_E", (E,))
         w = self._as_obs(weight_sum_E, f"observe(layer={li}): weight_sum_E", (E,))
         lo = None if loss_sum_E is None else \
             self._as_obs(loss_sum_E, f"observe(layer={li}): loss_sum_E", (E,))
+        nc = None if noiseless_counts_E is None else \
+            self._as_obs(noiseless_counts_E, f"observe(layer={li}): noiseless_counts_E", (E,))
         if (logit_std_sum is None) != (tokens is None):
             raise ValueError(f"observe(layer={li}): logit_std_sum and tokens go together")
         st = None
@@ -86,7 +95,8 @@ class ObservationMixin:
                               self._as_obs(tokens, "observe: tokens", ())])
         # Validated before anything is added: a bad call accumulates nothing.
         v = self.observation_views()
-        v["counts_LE"][li].add_(c)
+        pair = _tick.counts_pair(self._obs_LF, E)[li]            # [2, E]: counts, noiseless
+        pair.add_(c if nc is None else torch.stack([c, nc]))
         v["wsum_LE"][li].add_(w)
         if st is not None:
             self._obs_LF[li, 2 * E:2 * E + 2].add_(st)
@@ -120,18 +130,23 @@ class ObservationMixin:
 
     def observe_all(self, counts_LE: torch.Tensor, wsum_LE: torch.Tensor,
                     loss_LE: torch.Tensor | None = None,
-                    logit_scale_L: torch.Tensor | None = None) -> None:
+                    logit_scale_L: torch.Tensor | None = None,
+                    noiseless_counts_LE: torch.Tensor | None = None) -> None:
         """Add the routing of every layer at once ([L, E] each). ``logit_scale_L`` [L] (the
         mean per-token logit std) is weighted by the layer's slot count (so one call per tick
-        gives the reference's ``RoutingObservation.logit_scale``)."""
+        gives the reference's ``RoutingObservation.logit_scale``). ``noiseless_counts_LE``: the
+        reference's ``RoutingObservation.noiseless_counts`` (None: the counts)."""
         LE = (self.num_layers, self.num_experts)
         c = self._as_obs(counts_LE, "observe_all: counts_LE", LE)
         w = self._as_obs(wsum_LE, "observe_all: wsum_LE", LE)
         lo = None if loss_LE is None else self._as_obs(loss_LE, "observe_all: loss_LE", LE)
         sc = None if logit_scale_L is None else \
             self._as_obs(logit_scale_L, "observe_all: logit_scale_L", (self.num_layers,))
+        nc = None if noiseless_counts_LE is None else \
+            self._as_obs(noiseless_counts_LE, "observe_all: noiseless_counts_LE", LE)
         v = self.observation_views()
-        v["counts_LE"].add_(c)
+        pair = _tick.counts_pair(self._obs_LF, self.num_experts)   # [L, 2, E]
+        pair.add_(c.unsqueeze(1) if nc is None else torch.stack([c, nc], dim=1))
         v["wsum_LE"].add_(w)
         if sc is not None:
             n_L = c.sum(dim=1)
@@ -149,6 +164,6 @@ class ObservationMixin:
             self._loss_layers.clear()
 
     def observation_buffer(self) -> torch.Tensor:
-        """The observation [L, 3E + 2] (views: ``observation_views``), the one tensor the
+        """The observation [L, 4E + 2] (views: ``observation_views``), the one tensor the
         data-parallel all-reduce sums."""
         return self._obs_LF

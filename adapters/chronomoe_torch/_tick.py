@@ -12,7 +12,12 @@ where on each side, idle rows left unchanged by the EMA's hull clamp instead of 
 views, and the same few operators throughout. Buffers are read from ``ctrl._buffers``: through
 ``Module.__getattr__`` each read costs ~0.7 µs, and a tick reads ~40.
 
-Shape legend: L layers, E experts, F = 3E + 2 observation entries per layer.
+Law v2.1 (docs/CONTRACTS.md): usage, drift and pressure read the noiseless counts c° (the
+router's choice before the exploration noise), reliability the routed counts; a layer whose c°
+total differs from its counts total (relative 1e-6, ``state.NOISELESS_TOTAL_RTOL``) makes the
+observation bad, as the reference's ValueError.
+
+Shape legend: L layers, E experts, F = 4E + 2 observation entries per layer.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from chronomoe_dyn.law import DRIFT_EPS, LENS_DR_GAIN, TWO_PI
 from chronomoe_dyn.rng import STREAM_PHASE
+from chronomoe_dyn.state import NOISELESS_TOTAL_RTOL
 
 from . import _rng
 
@@ -32,11 +38,20 @@ _BELOW_TWO_PI = float(np.nextafter(TWO_PI, 0.0))   # x ≥ 2π ⟺ x > this
 
 
 def obs_views(obs_LF: torch.Tensor, E: int) -> dict[str, torch.Tensor]:
-    """Named views of an observation buffer [L, 3E + 2] (layout: counts, gate sums, Σ logit
-    std, tokens, loss sums; the first 2E + 2 are ``routing``'s stats-row prefix)."""
+    """Named views of an observation buffer [L, 4E + 2] (layout: counts, gate sums, Σ logit
+    std, tokens, noiseless counts, loss sums; the first 3E + 2 are ``routing``'s stats-row
+    prefix, ``routing.obs_width``)."""
     return {"counts_LE": obs_LF[:, :E], "wsum_LE": obs_LF[:, E:2 * E],
             "logit_std_sum_L": obs_LF[:, 2 * E], "tokens_L": obs_LF[:, 2 * E + 1],
-            "loss_LE": obs_LF[:, 2 * E + 2:]}
+            "noiseless_LE": obs_LF[:, 2 * E + 2:3 * E + 2], "loss_LE": obs_LF[:, 3 * E + 2:]}
+
+
+def counts_pair(obs_LF: torch.Tensor, E: int) -> torch.Tensor:
+    """[L, 2, E] view of an observation buffer: [:, 0] the counts, [:, 1] the noiseless counts
+    (one op adds, or sums, both)."""
+    col = obs_LF.stride(1)
+    return obs_LF.as_strided((obs_LF.shape[0], 2, E), (obs_LF.stride(0), (2 * E + 2) * col, col),
+                             obs_LF.storage_offset())
 
 
 def _ema(old: torch.Tensor, new: torch.Tensor, rate: float | torch.Tensor) -> torch.Tensor:
@@ -84,13 +99,15 @@ class TickKernel:
         self._drive0_key = None
 
     def _obs(self) -> tuple:
-        """(buffer, counts, wsum, std sum, tokens, loss) views, cached per buffer object."""
+        """(buffer, counts, noiseless counts, [L, 2, E] counts pair, std sum, tokens, loss)
+        views, cached per buffer object."""
         obs = self.ctrl._buffers["_obs_LF"]
         v = self._views
         if v is None or v[0] is not obs:
-            d = obs_views(obs, self.ctrl.num_experts)
-            v = self._views = (obs, d["counts_LE"], d["wsum_LE"], d["logit_std_sum_L"],
-                               d["tokens_L"], d["loss_LE"])
+            E = self.ctrl.num_experts
+            d = obs_views(obs, E)
+            v = self._views = (obs, d["counts_LE"], d["noiseless_LE"], counts_pair(obs, E),
+                               d["logit_std_sum_L"], d["tokens_L"], d["loss_LE"])
         return v
 
     # ------------------------------------------------------------------ the step
@@ -103,7 +120,7 @@ class TickKernel:
         micro = t % cfg.micro_period == 0
         macro = t % cfg.macro_period == 0
         lens_now = micro if cfg.lens_clock == "micro" else macro
-        obs, counts, _wsum, std_sum, tokens, loss = self._obs()
+        obs, counts, noiseless, pair, std_sum, tokens, loss = self._obs()
         # Bad observation (non-finite, negative, or ≥ max_entry so that a layer's sum could
         # overflow: what the reference rejects): the clamp moves it (NaN − NaN is NaN, nonzero).
         bad = (torch.clamp(obs, 0.0, self.max_entry_incl) - obs).any()
@@ -113,7 +130,10 @@ class TickKernel:
         kap_old, kap_in = b["kappa"], b["kappa_target"]
         kap = kap_in if r == 1.0 else _ema(kap_old, kap_in, r)
 
-        frac, delta, active_L1 = self._usage_step(counts)
+        # Usage reads the router's choice c° (law v2.1); a c° total that is not the counts
+        # total is a bad observation too.
+        frac, delta, bad_total = self._usage_step(noiseless, pair)
+        bad = bad | bad_total
         usage = _ema(b["usage_LE"], frac, rho)
         # σ_L: the first observation sets it (σ_L = 0 means "not observed yet"), later ones take
         # the EMA with ρ; a layer without tokens keeps it (its input is σ_L itself).
@@ -121,10 +141,11 @@ class TickKernel:
         sig_obs = torch.where(tokens > 0, std_sum / tokens, sig)
         scale = torch.where(sig == 0, sig_obs, _ema(sig, sig_obs, rho))
 
-        # Reliability: experts that got tokens move; the others get target = s, which the EMA's
-        # hull clamp keeps exactly (the reference's where(counts > 0, ·, s)).
+        # Reliability (the routed counts): experts that got tokens move; the others get
+        # target = s, which the EMA's hull clamp keeps exactly (the reference's
+        # where(counts > 0, ·, s)).
         seen = counts > 0
-        target, bad_target = self._reliability_target(counts, loss, seen, active_L1, usage)
+        target, bad_target = self._reliability_target(counts, loss, seen, usage)
         if bad_target is not None:
             bad = bad | bad_target
         s = b["reliability_LE"]
@@ -155,19 +176,23 @@ class TickKernel:
         b["meta_knob_history"][slot] = b["kappa"]
         return micro or lens_now or r != 1.0
 
-    def _usage_step(self, counts: torch.Tensor
+    def _usage_step(self, noiseless: torch.Tensor, pair: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(frac, δ, active_L1) in float64 (the counts promoted exactly); the usage EMA's input
-        is frac. δ is the z-scored drift (frac − u)/sqrt(max(u(1−u), 1/E²)/n), n the layer's
-        slots. An idle layer (n = 0) gets frac = u: its EMA stays at u (the hull of u and u) and
-        δ = 0/sqrt(var/0) = 0/∞ = 0 exactly (var ≥ 1/E² > 0)."""
+        """(frac, δ, bad) in float64 (the counts promoted exactly) from the noiseless counts c°
+        (``pair``: the [L, 2, E] view of counts and c°); the usage EMA's input is frac. δ is
+        the z-scored drift (frac − u)/sqrt(max(u(1−u), 1/E²)/n), n = Σ_e c° the layer's slots.
+        An idle layer (n = 0) gets frac = u: its EMA stays at u (the hull of u and u) and
+        δ = 0/sqrt(var/0) = 0/∞ = 0 exactly (var ≥ 1/E² > 0). ``bad`` (0-d): some layer's c°
+        total and counts total differ by more than NOISELESS_TOTAL_RTOL·max(both, 1)."""
         u = self.ctrl._buffers["usage_LE"]                         # float64 (phase input)
-        n_L1 = counts.sum(dim=1, keepdim=True, dtype=torch.float64)
-        active_L1 = n_L1 > 0
-        frac = torch.where(active_L1, counts / n_L1, u)
+        tot_L2 = pair.sum(dim=2, dtype=torch.float64)             # [L, 2]: counts, c° totals
+        lo, hi = torch.aminmax(tot_L2, dim=1, keepdim=True)
+        bad = ((hi - lo) > torch.clamp(hi, min=1.0) * NOISELESS_TOTAL_RTOL).any()
+        n_L1 = tot_L2[:, 1:]
+        frac = torch.where(n_L1 > 0, noiseless / n_L1, u)
         var = torch.clamp(u * (1.0 - u), min=self.drift_eps)
         delta = (frac - u) / torch.sqrt(var / n_L1)
-        return frac, delta, active_L1
+        return frac, delta, bad
 
     def _phase_step(self, delta: torch.Tensor, t: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,8 +247,7 @@ class TickKernel:
                           (b["T_eff_LE"], T_eff)]
 
     def _reliability_target(self, counts: torch.Tensor, loss: torch.Tensor, seen: torch.Tensor,
-                            active_L1: torch.Tensor, usage: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            usage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[L, E] target reliability (read where ``seen``): loss-based for layers that got
         losses, else u / max(u).
 
@@ -243,7 +267,7 @@ class TickKernel:
         tot_c = counts.sum(dim=1, keepdim=True)
         tot_l = loss.sum(dim=1, keepdim=True)
         # Guarded divisions, x/∞ = 0 where the reference's safe division gives 0.
-        mbar = tot_l / torch.where(active_L1, tot_c, inf)          # token-weighted mean loss
+        mbar = tot_l / torch.where(tot_c > 0, tot_c, inf)          # token-weighted mean loss
         m = loss / torch.where(seen, counts, inf)                   # per-expert mean loss
         rel = (mbar - m) / torch.where(mbar > 0, mbar, inf)
         bad = (rel * 0.0).any()                                     # inf·0 = NaN: not finite

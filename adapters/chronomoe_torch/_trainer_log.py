@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .metrics import (controller_record, controller_tensors, format_landscape_line,
                       format_skip_line, format_step_line, routing_metrics)
+from .routing import stats_experts, stats_width
 
 __all__ = ["LoggingMixin", "NonFiniteTrainingError", "LOSS_KEYS", "LANDSCAPE_EVERY_N_LOGS"]
 
@@ -81,12 +82,14 @@ class LoggingMixin:
             L, F = rows.shape
             a = np.asarray(take(L * F)).reshape(L, F)
             if out.routing_LF is None:              # counts only (a model without stats)
-                a = np.concatenate([a, np.zeros((L, F + 4))], axis=1)
-                a[:, 2 * F + 1] = a[:, :F].sum(axis=1)
+                counts = a
+                a = np.zeros((L, stats_width(F)))
+                a[:, :F] = a[:, 2 * F + 2:3 * F + 2] = counts   # no noise known: c° = counts
+                a[:, 2 * F + 1] = counts.sum(axis=1)
             m = routing_metrics(a)
             if out.routing_LF is None:
                 m = {k: m[k] for k in ("load_LE", "maxvio_L", "maxvio") if k in m}
-            rec.update(m, load_LE=a[:, :(a.shape[1] - 4) // 2])     # raw slot counts
+            rec.update(m, load_LE=a[:, :stats_experts(a.shape[1])])     # raw slot counts
         ls = None
         if c is not None:
             L, E = c.num_layers, c.num_experts

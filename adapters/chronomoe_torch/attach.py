@@ -16,10 +16,11 @@ leaves the router's output untouched (plain top-k of z) and only observes. The r
 softmax/top-k still runs (a hook cannot skip it): the attachment costs one more top-k per layer.
 
 Observation: in training mode each hook adds the layer's routing stats (top-k slot counts, gate
-sums, Σ logit std, tokens) to the controller's observation buffer (``observe_stats``: on device,
-no host sync); the loss adds per-expert token-loss sums. Padding is excluded when the model was
-called with a 2-D ``attention_mask`` (read by a forward pre-hook on the model). A forward re-run
-inside backward (activation checkpointing) is not observed twice and redraws the same noise.
+sums, Σ logit std, tokens, noiseless counts) to the controller's observation buffer
+(``observe_stats``: on device, no host sync); the loss adds per-expert token-loss sums. Padding
+is excluded when the model was called with a 2-D ``attention_mask`` (read by a forward pre-hook
+on the model). A forward re-run inside backward (activation checkpointing) is not observed twice
+and redraws the same noise.
 
 Tick: once per optimizer step. ``attach(..., optimizer=opt)`` registers ``handle.tick`` as the
 optimizer's step pre-hook (it runs after every micro-batch's backward, so gradient accumulation
@@ -173,7 +174,7 @@ class AttachHandle:
     # -- tick --------------------------------------------------------------------------------------
     @property
     def observation_buffer(self) -> torch.Tensor:
-        """The pending observation [L, 3E + 2] the next tick uses (``PxTController``)."""
+        """The pending observation [L, 4E + 2] the next tick uses (``PxTController``)."""
         return self.controller.observation_buffer()
 
     def tick(self) -> None:

@@ -2,7 +2,7 @@
 docs/CONTRACTS.md "Version 2 contracts").
 
 Shape legend: L layers, E experts, N = L·E oscillators, H history length, F the width of one
-layer's observation row (3E + 2). Suffixes name shapes.
+layer's observation row (4E + 2). Suffixes name shapes.
 
 The law is the NumPy reference's (``chronomoe_dyn.law.step``), ported op for op so that the same
 observation sequence gives the same state (float64 ≤ 1e-10, float32 ≤ 1e-5; tested). The state is
@@ -16,8 +16,11 @@ pieces with their own idea live beside it: the tick (``_tick``), the observation
 Training-loop contract (one path for the native model and attached models):
   * router calls add their routing (``observe_stats``: the row of ``routing.route``; or
     ``observe``/``observe_all``) and the loss adds token-loss sums (``observe_loss*``) to ONE flat
-    device buffer [L, F] per layer: counts [E] | gate sums [E] | Σ logit std | tokens | loss
-    sums [E] (detached, no host sync);
+    device buffer [L, F] per layer: counts [E] | gate sums [E] | Σ logit std | tokens |
+    noiseless counts [E] | loss sums [E] (detached, no host sync). The noiseless counts (law
+    v2.1) are the top-k slots of the score without the exploration noise: usage, drift and
+    pressure read them (the controller corrects the router's choice, not the balance the noise
+    lends it), reliability reads the routed counts; without noise they equal the counts;
   * ``tick()`` runs once per optimizer step (``register_on``: an optimizer step pre-hook). It
     first sums the buffer over the data-parallel ranks when a process group with more than one
     rank is initialised (one ``all_reduce`` of the whole buffer; ``set_distributed`` disables it
@@ -38,8 +41,9 @@ Diagnostics (``get_*``, ``to_reference_state``) do sync: call them on the loggin
 Bad input: wrong shapes or layer indices raise ``ValueError`` at ``observe*`` time. Values
 cannot be inspected on the host without a sync, so ``tick()`` checks the accumulated observation
 on the device: if any value is non-finite or negative, or large enough that a layer's sum or a
-mean loss per token would overflow (what ``chronomoe_dyn.validate_observation`` rejects; the
-bounds are those of ``dtype``), the tick leaves the law state (phases, usage, reliability, σ_L,
+mean loss per token would overflow, or a layer's noiseless counts do not sum to its counts'
+total (relative 1e-6; what ``chronomoe_dyn.validate_observation`` rejects; the bounds are those
+of ``dtype``), the tick leaves the law state (phases, usage, reliability, σ_L,
 temperatures, lens, κ) untouched and increments ``skipped_ticks``. The clock (``tick_counter``)
 still advances: it counts optimizer steps, and the host mirror must equal it without a sync. A
 skipped tick is therefore the reference state with ``tick + 1``.
@@ -144,7 +148,7 @@ class PxTController(ObservationMixin, DiagnosticsMixin, nn.Module):
         self.register_buffer("meta_knob_history", torch.zeros(history_length, **fkw))
 
         # The observation: one flat buffer (one all-reduce), not checkpointed.
-        self.register_buffer("_obs_LF", torch.zeros((L, 3 * E + 2), **fkw), persistent=False)
+        self.register_buffer("_obs_LF", torch.zeros((L, 4 * E + 2), **fkw), persistent=False)
         self.register_buffer("_has_loss_L", torch.zeros(L, dtype=torch.bool, device=device),
                              persistent=False)
         # Router fields, float32, updated in place by _refresh_fields.

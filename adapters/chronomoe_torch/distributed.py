@@ -3,12 +3,12 @@
 Under data parallelism (DDP, FSDP, plain ``torch.distributed``) every rank routes its own shard
 of the global batch. The controller must see the *global* routing, so once per optimizer step,
 at the start of ``PxTController.tick`` (the one tick path of the native model, the trainer and
-``attach``), each rank's accumulated observation ([L, 3E + 2] per layer: top-k slot counts,
-gate-weight sums, Σ logit std, tokens, token-loss sums) is summed over the ranks with a single
-``all_reduce(SUM)`` of the flattened buffer. Every rank then runs the same deterministic tick on
-the same numbers, so the controllers stay bitwise identical without ever broadcasting their state,
-and they equal one process that routed the whole global batch (up to the summation order of the
-floating-point sums).
+``attach``), each rank's accumulated observation ([L, 4E + 2] per layer: top-k slot counts,
+gate-weight sums, Σ logit std, tokens, noiseless counts, token-loss sums) is summed over the
+ranks with a single ``all_reduce(SUM)`` of the flattened buffer. Every rank then runs the same
+deterministic tick on the same numbers, so the controllers stay bitwise identical without ever
+broadcasting their state, and they equal one process that routed the whole global batch (up to
+the summation order of the floating-point sums).
 
 The controller's state is a few [L, E] buffers: replicate it on every rank (never shard it under
 FSDP), checkpoint it from rank 0 only, and load the same file on every rank.

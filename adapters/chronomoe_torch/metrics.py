@@ -159,14 +159,16 @@ def _entropy_rows(p_LE: np.ndarray) -> np.ndarray:
 
 
 def routing_metrics(acc_LF: np.ndarray) -> dict[str, Any]:
-    """Metrics of accumulated routing stats rows [L, 2E + 4] (``routing.RoutingStats``):
-    ``load_LE`` (slot shares), ``maxvio_L`` (max load / mean load − 1; NaN for a layer without
-    slots), ``maxvio`` (their mean), ``load_entropy`` (mean over layers of the entropy of the
-    slot shares, nats), ``routing_entropy`` (mean over tokens and layers of the entropy of the
-    selection softmax, nats), ``exploration_rate`` (explored / routed slots) and
-    ``logit_scale_L`` (Σ logit std / tokens). Empty dict when nothing was routed."""
+    """Metrics of accumulated routing stats rows [L, 3E + 4] (``routing.RoutingStats``; layout
+    in the ``routing`` module docstring), from the routed counts (the load the experts really
+    got, not the noiseless choice the controller reads): ``load_LE`` (slot shares),
+    ``maxvio_L`` (max load / mean load − 1; NaN for a layer without slots), ``maxvio`` (their
+    mean), ``load_entropy`` (mean over layers of the entropy of the slot shares, nats),
+    ``routing_entropy`` (mean over tokens and layers of the entropy of the selection softmax,
+    nats), ``exploration_rate`` (explored / routed slots) and ``logit_scale_L`` (Σ logit std /
+    tokens). Empty dict when nothing was routed."""
     a = np.asarray(acc_LF, dtype=np.float64)
-    E = (a.shape[-1] - 4) // 2
+    E = (a.shape[-1] - 4) // 3                  # routing.stats_width(E) = 3E + 4 (torch-free)
     counts_LE = a[:, :E]
     slots_L = counts_LE.sum(axis=-1)
     tokens_L = a[:, 2 * E + 1]
@@ -179,8 +181,8 @@ def routing_metrics(acc_LF: np.ndarray) -> dict[str, Any]:
         scale_L = np.where(tokens_L > 0, a[:, 2 * E] / tokens_L, np.nan)
     return {"load_LE": share_LE, "maxvio_L": maxvio_L, "maxvio": float(np.nanmean(maxvio_L)),
             "load_entropy": float(np.mean(_entropy_rows(share_LE[has]))),
-            "routing_entropy": float(a[:, 2 * E + 3].sum() / max(tokens_L.sum(), 1.0)),
-            "exploration_rate": float(a[:, 2 * E + 2].sum() / slots_L.sum()),
+            "routing_entropy": float(a[:, 3 * E + 3].sum() / max(tokens_L.sum(), 1.0)),
+            "exploration_rate": float(a[:, 3 * E + 2].sum() / slots_L.sum()),
             "logit_scale_L": scale_L}
 
 

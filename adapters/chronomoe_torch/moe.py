@@ -56,7 +56,7 @@ class RouterOutput(NamedTuple):
     gate_NK: torch.Tensor
     """Gate weights of the selected experts from softmax(z) (float32; renormalised if asked)."""
     stats_F: torch.Tensor
-    """[2E + 4] detached routing stats of this call (``routing`` module docstring)."""
+    """[3E + 4] detached routing stats of this call (``routing`` module docstring)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,7 +220,7 @@ class SparseMoE(nn.Module):
             # An activation-checkpoint recompute repeats a forward already counted.
             return out_NH.to(x_NH.dtype), r
         if self.training:
-            self.router.load_E.add_(r.stats_F[:E])
+            self.router.load_E.add_(r.stats_F[:E])       # the routed counts (the real load)
             if controller is not None:
                 controller.observe_stats(layer, r.stats_F)
         if full:

@@ -24,19 +24,25 @@ Noise: g is the Gumbel draw of the call's ``NoiseKey`` (``_noise``: a pure funct
 tick, layer, token position), so exact resume, gradient accumulation, activation-checkpoint
 recompute and data-parallel ranks need no generator state).
 
-Per call the function also returns a detached row ``stats_F`` [2E + 4] (float32, or float64 for a
+Per call the function also returns a detached row ``stats_F`` [3E + 4] (float32, or float64 for a
 float64 z), on device and without a host sync:
-    [0, E)      counts: top-k slots per expert (padding excluded)
-    [E, 2E)     gate-weight sums per expert
-    2E          Σ over tokens of the population std across experts of z (for σ_L)
-    2E + 1      tokens (non-padding)
-    2E + 2      explored slots               (only with ``full_stats``; else 0)
-    2E + 3      Σ over tokens of the entropy (nats) of softmax(s) with fields, softmax(z)
-                without                      (only with ``full_stats``; else 0)
-The first ``OBS_WIDTH(E)`` = 2E + 2 entries are the controller's per-layer observation; the rest
-feed the run metrics (``RoutingStats``).
+    [0, E)          counts: top-k slots per expert (padding excluded), the routed choice
+    [E, 2E)         gate-weight sums per expert
+    2E              Σ over tokens of the population std across experts of z (for σ_L)
+    2E + 1          tokens (non-padding)
+    [2E + 2, 3E + 2) noiseless counts c°: top-k slots per expert of the noiseless score (s, plus
+                    the aux-free bias if any; z without fields), over the same tokens with the
+                    same weights as counts: the router's choice before the exploration noise
+                    (law v2.1, docs/CONTRACTS.md). Equal to counts without noise (eval mode,
+                    τ = 0, no fields). Filled on every call (the controller reads it each tick).
+    3E + 2          explored slots               (only with ``full_stats``; else 0)
+    3E + 3          Σ over tokens of the entropy (nats) of softmax(s) with fields, softmax(z)
+                    without                      (only with ``full_stats``; else 0)
+The first ``obs_width(E)`` = 3E + 2 entries are the controller's per-layer observation (its
+usage reads c°, its reliability the routed counts); the rest feed the run metrics
+(``RoutingStats``), which read the routed counts (the load the experts really got).
 
-Shape legend: N tokens, E experts, K top-k, L layers, F a stats row (2E + 4).
+Shape legend: N tokens, E experts, K top-k, L layers, F a stats row (3E + 4).
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ import torch.nn.functional as F
 from ._noise import NoiseKey, gumbel_from_uniform, gumbel_NE, in_backward
 
 __all__ = ["LayerFields", "NoiseKey", "Routing", "route", "gumbel_NE", "gumbel_from_uniform",
-           "obs_width", "stats_width", "stats_row", "explored_slots", "RoutingStats",
+           "obs_width", "stats_width", "stats_experts", "stats_row", "explored_slots",
+           "RoutingStats",
            "in_backward", "FAST_CPU_SOFTMAX_BELOW"]
 
 # On CPU, torch's last-dim softmax kernel is not vectorised for rows shorter than this: for E = 8
@@ -61,13 +68,22 @@ FAST_CPU_SOFTMAX_BELOW = 16
 
 
 def obs_width(E: int) -> int:
-    """Entries of a stats row the controller observes: counts, gate sums, std sum, tokens."""
-    return 2 * E + 2
+    """Entries of a stats row the controller observes: counts, gate sums, std sum, tokens,
+    noiseless counts (3E + 2)."""
+    return 3 * E + 2
 
 
 def stats_width(E: int) -> int:
     """Entries of a full stats row (the controller's part + explored slots + entropy sum)."""
-    return 2 * E + 4
+    return 3 * E + 4
+
+
+def stats_experts(F: int) -> int:
+    """E of a stats row of ``F`` = ``stats_width(E)`` entries."""
+    E, rem = divmod(int(F) - 4, 3)
+    if rem or E < 1:
+        raise ValueError(f"a stats row has 3E + 4 entries (E >= 1), got {F}")
+    return E
 
 
 class LayerFields(NamedTuple):
@@ -94,7 +110,7 @@ class Routing(NamedTuple):
     probs_NE: torch.Tensor | None
     """softmax(z) in float32 (differentiable; for the Switch loss), or None if not asked."""
     stats_F: torch.Tensor
-    """[2E + 4] detached per-call accumulations (module docstring)."""
+    """[3E + 4] detached per-call accumulations (module docstring)."""
     explored_NK: torch.Tensor | None = None
     """bool, the slot's expert is not in the noiseless top-k (with ``full_stats`` and noise;
     None otherwise)."""
@@ -165,6 +181,9 @@ def route(z_NE: torch.Tensor, top_k: int, *, fields: LayerFields | None = None,
                     g_NE = gumbel_NE(noise, N, E, z_NE.device)
                 sel_NE = torch.addcmul(clean_NE, fields.tau.to(cdt), g_NE.to(cdt))
         idx_NK = sel_NE.topk(K, dim=-1).indices
+        # The router's choice before the noise (law v2.1): the controller's noiseless counts,
+        # and what "explored" is measured against. Without noise it is the selection itself.
+        clean_NK = clean_NE.topk(K, dim=-1).indices if noisy else idx_NK
 
     # Gates from the raw logits, with autograd.
     if probs_NE is None and renormalize and _fast_cpu(x_NE):
@@ -177,17 +196,20 @@ def route(z_NE: torch.Tensor, top_k: int, *, fields: LayerFields | None = None,
     if gate_dtype is not None and gate_NK.dtype != gate_dtype:
         gate_NK = gate_NK.to(gate_dtype)
 
-    explored_NK = explored_slots(idx_NK, clean_NE) if full_stats and noisy else None
+    explored_NK = explored_slots(idx_NK, clean_NE, clean_NK) if full_stats and noisy else None
     stats_F = stats_row(idx_NK, gate_NK, xd_NE, valid_N, full=full_stats,
                         std_N=std_N, explored_NK=explored_NK,
-                        entropy_of_NE=xd_NE if s_NE is None else s_NE)
+                        entropy_of_NE=xd_NE if s_NE is None else s_NE, noiseless_NK=clean_NK)
     return Routing(idx_NK, gate_NK, probs_NE, stats_F, explored_NK)
 
 
 @torch.no_grad()
-def explored_slots(idx_NK: torch.Tensor, clean_NE: torch.Tensor) -> torch.Tensor:
-    """[N, K] bool: the selected expert is not in the top-k of the noiseless score."""
-    clean_NK = clean_NE.topk(idx_NK.shape[1], dim=-1).indices
+def explored_slots(idx_NK: torch.Tensor, clean_NE: torch.Tensor,
+                   clean_NK: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] bool: the selected expert is not in the top-k of the noiseless score ``clean_NE``
+    (``clean_NK``: that top-k, if already taken)."""
+    if clean_NK is None:
+        clean_NK = clean_NE.topk(idx_NK.shape[1], dim=-1).indices
     in_clean_NE = torch.zeros_like(clean_NE, dtype=torch.bool).scatter_(1, clean_NK, True)
     return ~in_clean_NE.gather(1, idx_NK)
 
@@ -196,8 +218,10 @@ _CONSTS: dict = {}
 
 
 def _const(kind: str, n, like: torch.Tensor) -> torch.Tensor:
-    """Cached constant tensors (no allocation per router call; never written): "ones" [n],
-    "value" (0-d n), or "index" for n = (N, E): N entries 2E then N entries 2E + 1."""
+    """Cached constant tensors (no allocation per router call; never written), of ``like``'s
+    dtype and device: "ones" [n], "zeros" [n], "value" (0-d n), or "offsets" for n = (N, K, E):
+    the index offsets of ``stats_row``'s pieces, M = N·K entries 0, M entries 2E + 2, M entries
+    E, N entries 2E, N entries 2E + 1."""
     key = (kind, n, like.device, like.dtype)
     t = _CONSTS.get(key)
     if t is None:
@@ -206,13 +230,15 @@ def _const(kind: str, n, like: torch.Tensor) -> torch.Tensor:
         kw = {"dtype": like.dtype, "device": like.device}
         if kind == "ones":
             t = torch.ones(n, **kw)
+        elif kind == "zeros":
+            t = torch.zeros(n, **kw)
         elif kind == "value":
             t = torch.full((), float(n), **kw)
         else:
-            N, E = n
-            t = torch.full((2, N), 2 * E, **kw)
-            t[1] += 1
-            t = t.reshape(-1)
+            N, K, E = n
+            M = N * K
+            t = torch.cat([torch.full((M,), v, **kw) for v in (0, 2 * E + 2, E)]
+                          + [torch.full((N,), v, **kw) for v in (2 * E, 2 * E + 1)])
         _CONSTS[key] = t
     return t
 
@@ -221,15 +247,18 @@ def _const(kind: str, n, like: torch.Tensor) -> torch.Tensor:
 def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
               valid_N: torch.Tensor | None = None, *, full: bool = False,
               std_N: torch.Tensor | None = None, explored_NK: torch.Tensor | None = None,
-              entropy_of_NE: torch.Tensor | None = None) -> torch.Tensor:
-    """The [2E + 4] stats row of a routing (module docstring) from its selection ``idx_NK``,
-    its gates and the raw logits z. With ``full``: the explored slots (``explored_NK``; 0 when
-    not given: no noise) and the entropy of softmax(``entropy_of_NE``) (default z).
-    ``std_N``: the per-token population std of z across experts, if known.
+              entropy_of_NE: torch.Tensor | None = None,
+              noiseless_NK: torch.Tensor | None = None) -> torch.Tensor:
+    """The [3E + 4] stats row of a routing (module docstring) from its selection ``idx_NK``,
+    its gates and the raw logits z. ``noiseless_NK``: the top-k of the noiseless score (the
+    noiseless counts' slots; None: the selection, a routing without noise). With ``full``: the
+    explored slots (``explored_NK``; 0 when not given: no noise) and the entropy of
+    softmax(``entropy_of_NE``) (default z). ``std_N``: the per-token population std of z
+    across experts, if known.
 
-    One ``index_add_`` fills counts, gate sums, Σ std and tokens: slot m adds 1 at idx_m and
-    its gate at E + idx_m, token n adds its std at 2E and 1 at 2E + 1 (each weighted by the
-    token's validity)."""
+    One ``index_add_`` fills counts, noiseless counts, gate sums, Σ std and tokens: slot m
+    adds 1 at idx_m, 1 at 2E + 2 + noiseless_m and its gate at E + idx_m, token n adds its std
+    at 2E and 1 at 2E + 1 (each weighted by the token's validity)."""
     N, K = idx_NK.shape
     E = z_NE.shape[-1]
     dtype = torch.float64 if z_NE.dtype == torch.float64 else torch.float32
@@ -238,16 +267,19 @@ def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
         std_N = torch.linalg.vector_norm(zf - zf.mean(dim=-1, keepdim=True), dim=-1) * E ** -0.5
     M = N * K
     idx_M = idx_NK.reshape(-1)
-    at_2N = _const("index", (N, E), idx_M)                # [2E]*N then [2E+1]*N (cached)
-    index = torch.cat([idx_M, idx_M + E, at_2N])
+    clean_M = idx_M if noiseless_NK is None else noiseless_NK.reshape(-1)
+    # [idx | clean | idx | 0 (2N)] + the pieces' offsets (cached): two ops for the whole index.
+    index = torch.cat([idx_M, clean_M, idx_M, _const("zeros", 2 * N, idx_M)]
+                      ).add_(_const("offsets", (N, K, E), idx_M))
     gate_M = gate_NK.reshape(-1).to(dtype)
     if valid_N is None:
-        src = torch.cat([_const("ones", M, gate_M), gate_M, std_N, _const("ones", N, gate_M)])
+        src = torch.cat([_const("ones", 2 * M, gate_M), gate_M, std_N,
+                         _const("ones", N, gate_M)])
     else:
         w_N = valid_N.to(dtype)
         w_M = w_N.repeat_interleave(K)
-        src = torch.cat([w_M, gate_M * w_M, std_N * w_N, w_N])
-    row = torch.zeros(2 * E + 4, dtype=dtype, device=z_NE.device).index_add_(0, index, src)
+        src = torch.cat([w_M, w_M, gate_M * w_M, std_N * w_N, w_N])
+    row = torch.zeros(3 * E + 4, dtype=dtype, device=z_NE.device).index_add_(0, index, src)
     if full:
         w_N = None if valid_N is None else valid_N.to(dtype)
         explored = _const("value", 0, std_N)
@@ -257,12 +289,12 @@ def stats_row(idx_NK: torch.Tensor, gate_NK: torch.Tensor, z_NE: torch.Tensor,
         x_NE = (z_NE if entropy_of_NE is None else entropy_of_NE).to(dtype)
         logp_NE = F.log_softmax(x_NE, dim=-1)
         h_N = -(logp_NE.exp() * logp_NE).sum(dim=-1)
-        row[2 * E + 2:] = torch.stack([explored, h_N.sum() if w_N is None else h_N @ w_N])
+        row[3 * E + 2:] = torch.stack([explored, h_N.sum() if w_N is None else h_N @ w_N])
     return row
 
 
 class RoutingStats:
-    """Per-layer accumulation of stats rows for the run metrics ([L, 2E + 4], on device).
+    """Per-layer accumulation of stats rows for the run metrics ([L, 3E + 4], on device).
 
     Off by default (``enabled``): the trainer / callback turns it on for the steps it logs and
     for evaluations, so ordinary steps pay nothing for the explored-slot and entropy entries.

@@ -67,6 +67,7 @@ from .knob import KnobScheduler
 from .loss import ChronoMoELoss
 from .metrics import MetricsWriter
 from .optim import CoherenceGatedOptimizer, LrGatedAdamW  # LrGatedAdamW: re-exported
+from .routing import stats_experts
 
 # TrainingConfig is re-exported: this module plays the seed's ``chronomoe.training``.
 __all__ = ["ChronoMoETrainer", "TrainingConfig", "StepOutput", "NonFiniteTrainingError",
@@ -99,7 +100,7 @@ class StepOutput:
     load_LE: torch.Tensor | None
     """[L, E] top-k slot counts of the step's tokens (log steps only)."""
     routing_LF: torch.Tensor | None = None
-    """[L, 2E + 4] the step's routing stats rows (log steps, models with ``routing_stats``)."""
+    """[L, 3E + 4] the step's routing stats rows (log steps, models with ``routing_stats``)."""
     tokens: int = 0
     """Tokens in the step's micro-batches (B·S summed; host value, no sync)."""
 
@@ -292,7 +293,7 @@ class ChronoMoETrainer(LoggingMixin, EvaluationMixin, CheckpointingMixin, DataPa
             # one all-reduce of what the log step reads (every rank's micro-batches)
             self._all_reduce_logged(sums, routing_LF if routing_LF is not None else load_LE)
         if routing_LF is not None:
-            load_LE = routing_LF[:, :routing_LF.shape[1] // 2 - 2]
+            load_LE = routing_LF[:, :stats_experts(routing_LF.shape[1])]     # routed counts
         grad_norm = self._clip_gradients()
         ok = cdist.all_true(ok & grad_norm.isfinite())    # skipped on every rank, or on none
         gate = self._optimizer_step(ok)

@@ -82,7 +82,7 @@ def all_hooks(model: nn.Module) -> dict[str, tuple]:
 class FixedFields(nn.Module):
     """Controller double with constant v2 fields per layer (bias, temperature, scale σ; τ = 0:
     no noise). It keeps the controller's observation interface (``observe_stats``,
-    ``observe_loss``, ``observation_buffer`` [L, 3E + 2], ``tick``) and records the observation
+    ``observe_loss``, ``observation_buffer`` [L, 4E + 2], ``tick``) and records the observation
     each tick consumed in ``fed``."""
 
     def __init__(self, num_layers: int, num_experts: int, bias_LE=None, temperature_LE=None,

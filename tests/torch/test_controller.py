@@ -1,5 +1,5 @@
-"""PxTController (law v2): equivalence with the NumPy reference law, bad input, state, hooks,
-diagnostics."""
+"""PxTController (law v2.1): equivalence with the NumPy reference law (noiseless counts ≠ counts
+on most ticks), bad input, state, hooks, diagnostics."""
 
 from __future__ import annotations
 
@@ -24,10 +24,14 @@ L, E = 3, 8
 
 def _obs_sequence(ticks: int, seed: int, with_loss: str, num_layers: int = L,
                   num_experts: int = E):
-    """Random observations: some empty layers, losses always / never / on some ticks, a logit
-    scale on most ticks (None on some: σ_L then stays)."""
+    """Random observations (counts, wsum, loss, κ, logit scale, noiseless counts): some empty
+    layers, losses always / never / on some ticks, a logit scale on most ticks (None on some:
+    σ_L then stays), noiseless counts c° (law v2.1) on most ticks (None on some: = counts),
+    drawn with the counts' totals from a skewed choice, so they differ from the counts and may
+    fall on experts the counts left empty."""
     rng = np.random.default_rng(seed)
     out = []
+    skew = np.linspace(0.2, 2.0, num_experts) ** 2
     for t in range(ticks):
         counts = rng.integers(0, 40, (num_layers, num_experts)).astype(np.float64)
         counts[:, rng.integers(num_experts)] = 0.0                # an expert with no tokens
@@ -40,14 +44,19 @@ def _obs_sequence(ticks: int, seed: int, with_loss: str, num_layers: int = L,
         loss = counts * rng.uniform(0.5, 4.0, counts.shape) if use_loss else None
         kappa = float(np.clip(1.2 * math.sin(t / 17.0), -1.0, 1.0))
         scale = None if t % 5 == 2 else rng.uniform(0.2, 3.0, num_layers)
-        out.append((counts, wsum, loss, kappa, scale))
+        noiseless = None
+        if t % 4 != 1:
+            noiseless = np.stack([rng.multinomial(int(n), rng.permutation(skew) / skew.sum())
+                                  for n in counts.sum(axis=1)]).astype(np.float64)
+        out.append((counts, wsum, loss, kappa, scale, noiseless))
     return out
 
 
-def _observe(ctrl: PxTController, counts, wsum, loss, scale) -> None:
+def _observe(ctrl: PxTController, counts, wsum, loss, scale, noiseless=None) -> None:
     ctrl.observe_all(torch.from_numpy(counts), torch.from_numpy(wsum),
                      None if loss is None else torch.from_numpy(loss),
-                     None if scale is None else torch.from_numpy(scale))
+                     None if scale is None else torch.from_numpy(scale),
+                     None if noiseless is None else torch.from_numpy(noiseless))
 
 
 def _max_diffs(a: ControllerState, b: ControllerState) -> dict[str, float]:
@@ -92,9 +101,11 @@ def test_equivalence_with_reference(dtype, cfg_name, with_loss):
     ref = init_state(cfg, L, E, seed=11)
     tol = TOL[dtype]
     _assert_state_close(ctrl, ref, tol, "init")
-    for t, (counts, wsum, loss, kappa, scale) in enumerate(_obs_sequence(ticks, 3, with_loss)):
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
-        _observe(ctrl, counts, wsum, loss, scale)
+    seq = _obs_sequence(ticks, 3, with_loss)
+    assert sum(x[5] is not None and not np.array_equal(x[5], x[0]) for x in seq) > ticks // 2
+    for t, (counts, wsum, loss, kappa, scale, noiseless) in enumerate(seq):
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale, noiseless), kappa)
+        _observe(ctrl, counts, wsum, loss, scale, noiseless)
         ctrl.set_knob(kappa)
         ctrl.tick()
         _assert_state_close(ctrl, ref, tol, f"tick {t + 1}")
@@ -136,7 +147,7 @@ def test_observe_loss_on_some_layers_only():
     cfg = ControllerConfig()
     ctrl = PxTController(L, E, cfg, seed=4, dtype=torch.float64)
     ref_loss, ref_proxy = init_state(cfg, L, E, 4), init_state(cfg, L, E, 4)
-    for counts, wsum, loss, kappa, _ in _obs_sequence(40, 9, "always"):
+    for counts, wsum, loss, kappa, _, _ in _obs_sequence(40, 9, "always"):
         for layer in range(L):
             ctrl.observe(layer, torch.from_numpy(counts[layer]), torch.from_numpy(wsum[layer]))
         ctrl.observe_loss(1, torch.from_numpy(loss[1]))
@@ -169,27 +180,28 @@ def test_rng_port_bitwise():
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, 1e308])
-@pytest.mark.parametrize("where", ["counts", "wsum", "loss", "scale"])
+@pytest.mark.parametrize("where", ["counts", "wsum", "loss", "scale", "noiseless"])
 def test_bad_observation_leaves_state_untouched(bad, where):
     cfg = ControllerConfig(phase_noise=0.1)
     ctrl = PxTController(L, E, cfg, seed=1, dtype=torch.float64)
     ref = init_state(cfg, L, E, 1)
     seq = _obs_sequence(25, 5, "always")
-    for counts, wsum, loss, kappa, scale in seq[:19]:    # stop before a micro and a macro tick
-        _observe(ctrl, counts, wsum, loss, scale)
+    for counts, wsum, loss, kappa, scale, nl in seq[:19]:   # stop before a micro and a macro tick
+        _observe(ctrl, counts, wsum, loss, scale, nl)
         ctrl.set_knob(kappa)
         ctrl.tick()
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale, nl), kappa)
     before = {k: v.clone() for k, v in ctrl.state_dict().items()}
     fields_before = [f.clone() for f in ctrl.routing_fields()]
-    counts, wsum, loss, _, scale = seq[19]
+    counts, wsum, loss, _, scale, nl = seq[19]
+    assert nl is not None
     arrays = {"counts": counts.copy(), "wsum": wsum.copy(), "loss": loss.copy(),
-              "scale": np.full(L, 1.5)}
+              "scale": np.full(L, 1.5), "noiseless": nl.copy()}
     if where == "scale":
         arrays["scale"][1] = bad
     else:
         arrays[where][1, 2] = bad
-    _observe(ctrl, *(arrays[k] for k in ("counts", "wsum", "loss", "scale")))
+    _observe(ctrl, *(arrays[k] for k in ("counts", "wsum", "loss", "scale", "noiseless")))
     ctrl.tick()                                   # tick 20: micro and macro
     after = ctrl.state_dict()
     for k, v in before.items():
@@ -201,13 +213,119 @@ def test_bad_observation_leaves_state_untouched(bad, where):
         assert torch.equal(f0, f1)
     # The next good tick continues from the untouched state with the clock advanced.
     ref = ControllerState(**{**ref.to_dict(), "tick": ref.tick + 1})
-    counts, wsum, loss, kappa, scale = seq[20]
-    _observe(ctrl, counts, wsum, loss, scale)
+    counts, wsum, loss, kappa, scale, nl = seq[20]
+    _observe(ctrl, counts, wsum, loss, scale, nl)
     ctrl.set_knob(kappa)
     ctrl.tick()
-    ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
+    ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale, nl), kappa)
     _assert_state_close(ctrl, ref, 1e-10, "after the skipped tick")
     assert int(ctrl.skipped_ticks) == 1
+
+
+def _skewed_run(ctrl: PxTController, ticks: int = 19):
+    """Drive a float64 controller and the reference over ``ticks`` ticks of ``_obs_sequence``
+    (noiseless counts on most); returns the reference state and the rest of the sequence."""
+    cfg = ctrl.config
+    ref = init_state(cfg, L, E, int(ctrl.seed))
+    seq = _obs_sequence(ticks + 5, 5, "always")
+    for counts, wsum, loss, kappa, scale, nl in seq[:ticks]:
+        _observe(ctrl, counts, wsum, loss, scale, nl)
+        ctrl.set_knob(kappa)
+        ctrl.tick()
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale, nl), kappa)
+    return ref, seq[ticks:]
+
+
+@pytest.mark.parametrize("total", [1e2, 4e6])
+def test_noiseless_total_mismatch_skips_the_tick_like_the_reference_raises(total):
+    """Law v2.1: a layer whose noiseless counts do not sum to its counts' total (relative 1e-6
+    of max(totals, 1), ``state.NOISELESS_TOTAL_RTOL``) is a bad observation: the reference
+    raises ValueError, the tick is skipped with the law state untouched and ``skipped_ticks``
+    + 1; just inside the tolerance both accept it. Catches a tick that never compares the
+    totals, one that compares them without the relative scale (rejecting rounding), and one
+    that reads the usage from the routed counts (the accepted tick then differs)."""
+    cfg = ControllerConfig(phase_noise=0.1)
+    ctrl = PxTController(L, E, cfg, seed=1, dtype=torch.float64)
+    ref, rest = _skewed_run(ctrl)
+    counts, wsum, loss, kappa, scale, nl = rest[0]
+    counts = np.full((L, E), total / E)
+    wsum, loss = 0.5 * counts, 2.0 * counts
+    inside = 0.5e-6 * total if total > 1 else 0.5e-6
+    for off, bad in ((1e-6 * total * 2.0, True), (inside, False)):
+        nl = counts.copy()
+        nl[1] = np.linspace(0.5, 1.5, E) * total / E             # the same total, skewed
+        nl[1, 3] += off
+        obs = RoutingObservation(counts, wsum, loss, scale, nl)
+        before = {k: v.clone() for k, v in ctrl.state_dict().items()}
+        _observe(ctrl, counts, wsum, loss, scale, nl)
+        ctrl.set_knob(kappa)
+        ctrl.tick()
+        if bad:
+            with pytest.raises(ValueError, match="noiseless_counts: layer 1"):
+                step(ref, cfg, obs, kappa)
+            ref = ControllerState(**{**ref.to_dict(), "tick": ref.tick + 1})
+            after = ctrl.state_dict()
+            for k, v in before.items():
+                if k not in ("tick_counter", "skipped_ticks", "coherence_history",
+                             "meta_knob_history"):
+                    assert torch.equal(after[k], v), f"{k} changed on a bad tick"
+        else:
+            ref = step(ref, cfg, obs, kappa)
+        assert int(ctrl.skipped_ticks) == 1
+        _assert_state_close(ctrl, ref, 1e-10, f"offset {off}")
+
+
+def test_observe_with_noiseless_counts_matches_the_reference():
+    """``observe(..., noiseless_counts_E=)`` per layer and micro-batch equals one reference step
+    on the sums with ``RoutingObservation(noiseless_counts=)``; None adds the counts there.
+    Usage follows c° (the pressure corrects the router's choice), reliability the routed counts.
+    Catches c° dropped (usage from the counts) and c° added to the counts' slots."""
+    cfg = ControllerConfig(micro_period=2)
+    ctrl = PxTController(L, E, cfg, seed=2, dtype=torch.float64)
+    ref = init_state(cfg, L, E, seed=2)
+    ref_counts = init_state(cfg, L, E, seed=2)          # the same run reading the routed counts
+    rng = np.random.default_rng(8)
+    choice = np.linspace(1.0, 3.0, E) / np.linspace(1.0, 3.0, E).sum()   # a skewed router
+    for t in range(30):
+        parts = [rng.integers(0, 20, (L, E)).astype(np.float64) for _ in range(2)]
+        clean = [np.stack([rng.multinomial(int(n), choice) for n in p.sum(axis=1)]
+                          ).astype(np.float64) for p in parts]
+        losses = [p * rng.uniform(1, 3, p.shape) for p in parts]
+        for i, (p, c, lo) in enumerate(zip(parts, clean, losses)):
+            for layer in range(L):
+                ctrl.observe(layer, torch.from_numpy(p[layer]), torch.from_numpy(0.5 * p[layer]),
+                             torch.from_numpy(lo[layer]),
+                             noiseless_counts_E=None if i == 1 and layer == 2 else
+                             torch.from_numpy(c[layer]))
+        clean[1][2] = parts[1][2]                        # the None: c° = counts
+        args = (sum(parts), 0.5 * sum(parts), sum(losses))
+        ref = step(ref, cfg, RoutingObservation(*args, noiseless_counts=sum(clean)))
+        ref_counts = step(ref_counts, cfg, RoutingObservation(*args))
+        ctrl.tick()
+    _assert_state_close(ctrl, ref, 1e-10, "after 30 ticks with noiseless counts")
+    assert np.abs(ref.usage_LE - ref_counts.usage_LE).max() > 1e-2
+    v = ctrl.observation_views()
+    assert set(v) == {"counts_LE", "wsum_LE", "logit_std_sum_L", "tokens_L", "noiseless_LE",
+                      "loss_LE"} and ctrl.observation_buffer().shape == (L, 4 * E + 2)
+    with pytest.raises(ValueError, match=r"observe\(layer=0\): noiseless_counts_E has shape"):
+        ctrl.observe(0, torch.ones(E), torch.ones(E), noiseless_counts_E=torch.ones(E + 1))
+    with pytest.raises(ValueError, match="observe_all: noiseless_counts_LE has shape"):
+        ctrl.observe_all(torch.ones(L, E), torch.ones(L, E), noiseless_counts_LE=torch.ones(E))
+    assert torch.count_nonzero(ctrl.observation_buffer()) == 0
+
+
+def test_observe_stats_reads_the_noiseless_counts_of_the_row():
+    """``observe_stats`` adds the row's first obs_width(E) = 3E + 2 entries: the noiseless
+    counts land in ``noiseless_LE``, the row's explored/entropy entries nowhere."""
+    from chronomoe_torch.routing import obs_width, stats_width
+    ctrl = PxTController(2, 4, dtype=torch.float64)
+    row = torch.arange(1.0, stats_width(4) + 1, dtype=torch.float64)
+    ctrl.observe_stats(1, row)
+    v = ctrl.observation_views()
+    assert v["noiseless_LE"][1].tolist() == row[10:14].tolist() and obs_width(4) == 14
+    assert v["counts_LE"][1].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert float(v["tokens_L"][1]) == 10.0 and float(v["loss_LE"].abs().sum()) == 0.0
+    assert float(ctrl.observation_buffer()[0].abs().sum()) == 0.0
 
 
 def test_overflowing_mean_loss_is_skipped():
@@ -322,8 +440,8 @@ def test_eta_parameters_exposed():
 # ---------------------------------------------------------------- state and histories
 
 def _drive(ctrl: PxTController, seq) -> None:
-    for counts, wsum, loss, kappa, scale in seq:
-        _observe(ctrl, counts, wsum, loss, scale)
+    for counts, wsum, loss, kappa, scale, nl in seq:
+        _observe(ctrl, counts, wsum, loss, scale, nl)
         ctrl.set_knob(kappa)
         ctrl.tick()
 
@@ -368,15 +486,15 @@ def test_load_state_dict_through_a_parent_module_resyncs_the_clock():
 def test_reference_state_roundtrip():
     cfg = ControllerConfig(phase_noise=0.1)
     ref = init_state(cfg, L, E, 6)
-    for counts, wsum, loss, kappa, scale in _obs_sequence(33, 4, "always"):
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
+    for counts, wsum, loss, kappa, scale, nl in _obs_sequence(33, 4, "always"):
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale, nl), kappa)
     ctrl = PxTController(L, E, cfg, seed=0, dtype=torch.float64)
     ctrl.load_reference_state(ref)
     assert ctrl.to_reference_state().allclose(ref)          # exact
     assert ctrl.num_ticks == 33 and int(ctrl.seed) == 6
     seq = _obs_sequence(30, 12, "always")
-    for counts, wsum, loss, kappa, scale in seq:
-        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale), kappa)
+    for counts, wsum, loss, kappa, scale, nl in seq:
+        ref = step(ref, cfg, RoutingObservation(counts, wsum, loss, scale, nl), kappa)
     _drive(ctrl, seq)
     _assert_state_close(ctrl, ref, 1e-10, "after load_reference_state")
     with pytest.raises(ValueError, match="layers, experts"):
@@ -513,10 +631,11 @@ def test_cuda_matches_cpu():
     cpu = PxTController(L, E, cfg, dtype=torch.float64)
     gpu = PxTController(L, E, cfg, dtype=torch.float64, device="cuda")
     _drive(cpu, seq)
-    for counts, wsum, loss, kappa, scale in seq:
+    for counts, wsum, loss, kappa, scale, nl in seq:
         gpu.observe_all(torch.from_numpy(counts).cuda(), torch.from_numpy(wsum).cuda(),
                         None if loss is None else torch.from_numpy(loss).cuda(),
-                        None if scale is None else torch.from_numpy(scale).cuda())
+                        None if scale is None else torch.from_numpy(scale).cuda(),
+                        None if nl is None else torch.from_numpy(nl).cuda())
         gpu.set_knob(torch.tensor(kappa, device="cuda"))
         gpu.tick()
     d = _max_diffs(cpu.to_reference_state(), gpu.to_reference_state())

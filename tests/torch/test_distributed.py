@@ -69,8 +69,8 @@ def test_ranks_are_bitwise_identical_and_tick_once_per_step(ddp_run):
     for c in checks:
         assert c["ticks"] == W.STEPS
         assert c["replicated"] is True
-        # One all-reduce per optimizer step, of the whole [L, 3E + 2] observation, flattened.
-        assert c["all_reduce_calls"] == [[2 * (3 * 4 + 2)]] * W.STEPS
+        # One all-reduce per optimizer step, of the whole [L, 4E + 2] observation, flattened.
+        assert c["all_reduce_calls"] == [[2 * (4 * 4 + 2)]] * W.STEPS
         assert c["router_names"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
@@ -110,7 +110,7 @@ def test_native_model_controller_reduces_in_its_own_tick(ddp_run, name):
     for r in range(W.WORLD):
         c = json.loads((ddp_run / f"rank{r}" / "checks.json").read_text())[name]
         assert c["ticks"] == W.STEPS and c["replicated"] is True
-        assert c["all_reduce_calls"] == [[2 * (3 * 4 + 2)]] * W.STEPS
+        assert c["all_reduce_calls"] == [[2 * (4 * 4 + 2)]] * W.STEPS
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
     if name == "native":

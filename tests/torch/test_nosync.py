@@ -113,6 +113,33 @@ def test_training_step_has_no_sync(inner_name, strength):
     assert ctrl.num_ticks == 21 and not counter.paused
 
 
+@pytest.mark.parametrize("full_stats", [False, True])
+def test_noiseless_counts_and_their_tick_check_add_no_sync(full_stats):
+    """Law v2.1: the noiseless top-k of every noisy router call (with and without the run
+    metrics' ``full_stats``), its counts in the observation and the tick's comparison of the
+    noiseless and routed totals (a bad-observation flag on the device) make no host sync."""
+    E, N = 8, 256
+    ctrl = PxTController(2, E, ControllerConfig(exploration_tau0=0.5, micro_period=1))
+    z = torch.randn(N, E, generator=torch.Generator().manual_seed(0)) * 2.0
+
+    def step():
+        rows = []
+        for li in range(2):
+            r = route(z, 2, fields=ctrl.layer_fields(li), training=True,
+                      noise=ctrl.noise_key(li, N), full_stats=full_stats)
+            ctrl.observe_stats(li, r.stats_F)
+            rows.append(r.stats_F)
+        ctrl.tick()
+        return rows
+
+    step()                                            # warm-up outside the counter
+    with SyncCounter() as c:
+        rows = [step() for _ in range(6)]
+    assert c.syncs == [], c.report()
+    assert any(not torch.equal(r[:E], r[2 * E + 2:3 * E + 2]) for rs in rows for r in rs)
+    assert int(ctrl.skipped_ticks) == 0 and ctrl.num_ticks == 7
+
+
 def test_adamw_syncs_are_only_inside_the_wrapped_step():
     """Control: without pausing, the syncs seen are AdamW's own (same count as plain AdamW)."""
     def count(gated_or_plain):

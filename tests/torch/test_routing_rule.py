@@ -1,6 +1,7 @@
 """routing.route: the v2 routing rule in torch. Equivalence with the NumPy reference
 (chronomoe_dyn.routing) for the same uniforms, the Gumbel noise key, one rule for the native
-router and attach(), κ as an exploration lever, the stats row, eval mode."""
+router and attach(), κ as an exploration lever, the stats row (with the noiseless counts of law
+v2.1), eval mode."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from chronomoe_dyn import ControllerConfig
 from chronomoe_dyn import rng as ref_rng
 from chronomoe_dyn.law import LayerFields as RefLayerFields
 from chronomoe_dyn.routing import route as ref_route
+from chronomoe_dyn.routing import topk_stable
 from chronomoe_torch import _rng
 from chronomoe_torch.controller import PxTController
 from chronomoe_torch.moe import Router
-from chronomoe_torch.routing import (LayerFields, NoiseKey, gumbel_NE, route, stats_row,
-                                     stats_width)
+from chronomoe_torch.routing import (LayerFields, NoiseKey, gumbel_NE, obs_width, route,
+                                     stats_experts, stats_row, stats_width)
 
 N, E, K = 512, 8, 2
 
@@ -46,8 +48,10 @@ def _torch_fields(f: RefLayerFields, dtype=torch.float64) -> LayerFields:
 def test_route_matches_the_numpy_reference(renormalize, controller_fields, seed):
     """Same logits, fields and uniforms (float64): the same selection in the same order, the
     same explored slots and gates, and stats rows that sum the reference's logit std, slot
-    counts and gate weights. Catches: the v1 order (z̃ + b)/T, gates from the score instead of
-    the raw z, explored slots measured against the noisy top-k (``clean_NK = idx_NK``)."""
+    counts and gate weights, and count the top-k of its noiseless score (law v2.1's c°; the
+    selection itself without fields). Catches: the v1 order (z̃ + b)/T, gates from the score
+    instead of the raw z, explored slots measured against the noisy top-k
+    (``clean_NK = idx_NK``), noiseless counts of the noisy selection."""
     z, f, u = _case(seed)
     ref = ref_route(z, f, K, u, renormalize=renormalize, controller_fields=controller_fields)
     got = route(torch.from_numpy(z), K, fields=_torch_fields(f) if controller_fields else None,
@@ -66,9 +70,16 @@ def test_route_matches_the_numpy_reference(renormalize, controller_fields, seed)
     np.testing.assert_array_equal(row[:E], counts)
     np.testing.assert_allclose(row[E:2 * E], wsum, rtol=1e-12)
     np.testing.assert_allclose(row[2 * E], ref.logit_std_N.sum(), rtol=1e-12)
-    assert row[2 * E + 1] == N and row[2 * E + 2] == ref.explored_NK.sum()
+    noiseless = np.bincount(topk_stable(ref.score_NE, K).ravel(), minlength=E)
+    np.testing.assert_array_equal(row[2 * E + 2:3 * E + 2], noiseless)
+    if controller_fields:
+        assert not np.array_equal(noiseless, counts)   # the noise moved the load: not vacuous
+    else:
+        np.testing.assert_array_equal(noiseless, counts)
+    assert row.shape == (stats_width(E),) and stats_experts(row.shape[0]) == E
+    assert row[2 * E + 1] == N and row[3 * E + 2] == ref.explored_NK.sum()
     p = torch.softmax(torch.from_numpy(ref.score_NE), -1)
-    np.testing.assert_allclose(row[2 * E + 3], float(-(p * p.log()).sum()), rtol=1e-10)
+    np.testing.assert_allclose(row[3 * E + 3], float(-(p * p.log()).sum()), rtol=1e-10)
 
 
 def test_float32_route_agrees_with_the_reference_on_clear_choices():
@@ -218,7 +229,9 @@ def test_native_router_and_attach_route_alike():
     torch.testing.assert_close(r.gate_NK, rec.gate_weights[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(r.stats_F.double(), handle.routing_stats.take()[0],
                                rtol=1e-6, atol=1e-5)
-    assert r.stats_F[2 * E + 2] > 0                        # the noise explored: not vacuous
+    assert r.stats_F[3 * E + 2] > 0                        # the noise explored: not vacuous
+    # ... and moved the load: the noiseless counts (compared above) are not the counts.
+    assert not torch.equal(r.stats_F[:E], r.stats_F[2 * E + 2:3 * E + 2])
     handle.detach()
 
 
@@ -238,8 +251,8 @@ def test_kappa_raises_exploration_and_routing_entropy_monotonically():
         ctrl.set_knob(kappa)
         r = route(z, K, fields=ctrl.layer_fields(0), training=True,
                   noise=ctrl.noise_key(0, z.shape[0]), full_stats=True)
-        rates.append(float(r.stats_F[2 * E + 2] / (K * z.shape[0])))
-        entropies.append(float(r.stats_F[2 * E + 3] / z.shape[0]))
+        rates.append(float(r.stats_F[3 * E + 2] / (K * z.shape[0])))
+        entropies.append(float(r.stats_F[3 * E + 3] / z.shape[0]))
     assert all(a < b for a, b in zip(rates, rates[1:])), rates
     assert all(a < b for a, b in zip(entropies, entropies[1:])), entropies
     assert rates[-1] >= 3 * rates[0]
@@ -258,8 +271,14 @@ def test_eval_mode_draws_no_noise_but_applies_the_fields():
     assert (r.expert_idx_NK[:, 0] == 5).all()             # the fields apply in eval
     clean = router(x, f, None)
     assert torch.equal(r.expert_idx_NK, clean.expert_idx_NK)   # the key is ignored in eval
+    assert torch.equal(r.stats_F[:E], r.stats_F[2 * E + 2:3 * E + 2])   # no noise: c° = counts
     noisy = router.train()(x, f, key, full_stats=True)
-    assert noisy.stats_F[2 * E + 2] > 0
+    assert noisy.stats_F[3 * E + 2] > 0
+    # Training with noise: c° is the eval-mode choice of the same tokens (the noise is the only
+    # difference), over the same slots.
+    torch.testing.assert_close(noisy.stats_F[2 * E + 2:3 * E + 2], r.stats_F[:E], rtol=0,
+                               atol=0)
+    assert not torch.equal(noisy.stats_F[:E], r.stats_F[:E])
 
 
 def test_stats_row_masks_padding():
@@ -267,12 +286,110 @@ def test_stats_row_masks_padding():
     gates = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]])
     z = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0], [3.0, 1.0, 1.0, 1.0]])
     row = stats_row(idx, gates, z, torch.tensor([True, False, True]), full=True)
-    assert row.shape == (stats_width(4),)
+    assert row.shape == (stats_width(4),) == (3 * 4 + 4,) and obs_width(4) == 3 * 4 + 2
     assert row[:4].tolist() == [2.0, 2.0, 0.0, 0.0] and row[2 * 4 + 1] == 2.0
     torch.testing.assert_close(row[4:8], torch.tensor([0.9, 1.1, 0.0, 0.0]))
     std = z.var(-1, unbiased=False).sqrt()
     torch.testing.assert_close(row[8], std[0] + std[2])
-    assert row[2 * 4 + 2] == 0.0                          # no noise: nothing explored
+    assert row[10:14].tolist() == [2.0, 2.0, 0.0, 0.0]    # no noiseless top-k given: = counts
+    assert row[3 * 4 + 2] == 0.0                          # no noise: nothing explored
+    clean = torch.tensor([[3, 1], [0, 0], [2, 1]])        # the padded token's slots not counted
+    row2 = stats_row(idx, gates, z, torch.tensor([1.0, 0.0, 1.0]), full=True,
+                     noiseless_NK=clean)
+    assert row2[10:14].tolist() == [0.0, 2.0, 1.0, 1.0]
+    torch.testing.assert_close(torch.cat([row2[:10], row2[14:]]),
+                               torch.cat([row[:10], row[14:]]))
+    assert stats_experts(stats_width(4)) == 4
+    with pytest.raises(ValueError, match="3E \\+ 4"):
+        stats_experts(2 * 4 + 4)                          # a version-2.0 row
     with pytest.raises(ValueError, match="logit_std_sum and tokens"):
         PxTController(1, 4).observe(0, torch.ones(4), torch.ones(4), logit_std_sum=1.0)
     assert math.isfinite(float(row[-1]))
+
+
+@pytest.mark.parametrize("full_stats", [False, True])
+def test_noiseless_counts_are_the_top_k_of_the_noiseless_score(full_stats):
+    """Law v2.1's c° in the stats row [2E + 2, 3E + 2): the top-k slots of the score without the
+    noise (s + the aux-free bias), weighted by the tokens' validity like the counts, on every
+    call (not only with ``full_stats``: the controller reads it each tick); its total is the
+    counts' total; with τ = 0 (a key, but no noise to speak of) it equals the counts. Catches
+    c° filled only with ``full_stats``, c° counting padding, the aux-free bias left out of the
+    noiseless score."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(256, E, generator=g, dtype=torch.float64) * 2.0
+    bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.3
+    temp = torch.rand(E, generator=g, dtype=torch.float64) + 0.5
+    aux = torch.zeros(E, dtype=torch.float64)
+    aux[3] = 0.8
+    valid = torch.rand(256, generator=g) > 0.25
+    u = torch.rand(256, E, generator=g, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
+    f = LayerFields(bias, temp, torch.tensor(1.3, dtype=torch.float64),
+                    torch.tensor(0.6, dtype=torch.float64))
+    r = route(z, K, fields=f, aux_free_bias_E=aux, training=True, valid_N=valid, noise=u,
+              full_stats=full_stats)
+    s = (z - z.mean(-1, keepdim=True)) / 1.3 / temp + bias + aux
+    top = topk_stable(s.numpy(), K)[valid.numpy()]
+    want = np.bincount(top.ravel(), minlength=E)
+    row = r.stats_F.numpy()
+    np.testing.assert_array_equal(row[2 * E + 2:3 * E + 2], want)
+    counts = np.bincount(r.expert_idx_NK[valid].numpy().ravel(), minlength=E)
+    np.testing.assert_array_equal(row[:E], counts)
+    assert not np.array_equal(want, counts)
+    assert row[2 * E + 2:3 * E + 2].sum() == row[:E].sum() == K * int(valid.sum())
+    assert (row[3 * E + 2] > 0) == full_stats
+    # No noise: τ = 0 with the same uniforms, fields off, eval mode: c° = counts.
+    f0 = f._replace(tau=torch.tensor(0.0, dtype=torch.float64))
+    for kw in (dict(fields=f0, training=True), dict(fields=None, training=True),
+               dict(fields=f, training=False)):
+        r0 = route(z, K, aux_free_bias_E=aux, valid_N=valid, noise=u, full_stats=full_stats,
+                   **kw)
+        assert torch.equal(r0.stats_F[:E], r0.stats_F[2 * E + 2:3 * E + 2]), kw
+
+
+def test_route_observe_tick_matches_the_reference_end_to_end():
+    """Law v2.1 through the whole torch path: each tick two layers route 512 tokens with the
+    controller's live fields and given uniforms (``route``), observe their rows
+    (``observe_stats``) and tick; the reference routes the same tokens with the same fields
+    (``chronomoe_dyn.routing.route``: the same selection, and the row's noiseless counts are
+    the top-k of its noiseless score) and steps on a ``RoutingObservation`` built from the
+    torch rows, noiseless counts included. The states agree to 1e-10 over 40 ticks in which
+    the noiseless counts differ from the counts. Catches a row whose c° is the noisy
+    selection and a tick whose usage reads the routed counts."""
+    from chronomoe_dyn import RoutingObservation, init_state, step
+    cfg = ControllerConfig(exploration_tau0=0.5, micro_period=2, pressure_gain=2.0)
+    L = 2
+    ctrl = PxTController(L, E, cfg, seed=4, dtype=torch.float64)
+    ref = init_state(cfg, L, E, seed=4)
+    g = np.random.default_rng(5)
+    differ = 0
+    for t in range(40):
+        bias, temp, scale, tau = (x.double().numpy() for x in ctrl.routing_fields())
+        rows = []
+        for li in range(L):
+            z = g.normal(0.0, 2.0, (N, E)) + np.linspace(0.0, 1.5, E)   # a skewed router
+            u = g.uniform(1e-12, 1.0, (N, E))
+            want = ref_route(z, RefLayerFields(bias[li], temp[li], float(scale[li]), float(tau)),
+                             K, u)
+            r = route(torch.from_numpy(z), K, fields=ctrl.layer_fields(li), training=True,
+                      noise=torch.from_numpy(u))
+            assert torch.equal(r.expert_idx_NK, torch.from_numpy(want.selected_NK))
+            row = r.stats_F.numpy().copy()
+            np.testing.assert_array_equal(
+                row[2 * E + 2:3 * E + 2],
+                np.bincount(topk_stable(want.score_NE, K).ravel(), minlength=E))
+            ctrl.observe_stats(li, r.stats_F)
+            rows.append(row)
+        a = np.stack(rows)
+        obs = RoutingObservation(a[:, :E], a[:, E:2 * E], None, a[:, 2 * E] / a[:, 2 * E + 1],
+                                 noiseless_counts=a[:, 2 * E + 2:3 * E + 2])
+        differ += not np.array_equal(obs.counts, obs.noiseless_counts)
+        ref = step(ref, cfg, obs)
+        ctrl.tick()
+        got = ctrl.to_reference_state()
+        for name in ("usage_LE", "delta_LE", "reliability_LE", "pressure_LE", "T_eff_LE",
+                     "lens_LE", "logit_scale_L", "R"):
+            np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=0,
+                                       atol=1e-10, err_msg=f"tick {t + 1}: {name}")
+        assert np.allclose(np.angle(np.exp(1j * (got.theta_LE - ref.theta_LE))), 0.0,
+                           atol=1e-10)
+    assert differ == 40 and int(ctrl.skipped_ticks) == 0

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -193,6 +194,34 @@ def test_metrics_jsonl_follows_the_schema(tmp_path):
     assert "routing.png" in names and "load.png" in names
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["training"]["max_steps"] == 6 and cfg["model"]["num_experts"] == 4
+
+
+def test_run_metrics_read_the_routed_counts(tmp_path):
+    """Run metrics (law v2.1): MaxVio and the load are the routed counts (the load the experts
+    really got), not the noiseless counts the controller reads; explored and entropy sit at
+    3E + 2 and 3E + 3. A model without ``routing_stats`` logs its load counts through the same
+    reader (padded to a 3E + 4 row). Catches the metrics reading the v2.0 offsets or c°."""
+    from chronomoe_torch.metrics import routing_metrics
+    from chronomoe_torch.routing import stats_width
+    E = 4
+    row = np.zeros((1, stats_width(E)))
+    row[0, :E] = [4.0, 4.0, 4.0, 4.0]                   # routed: balanced
+    row[0, 2 * E + 1] = 8.0                             # tokens
+    row[0, 2 * E + 2:3 * E + 2] = [16.0, 0.0, 0.0, 0.0]  # the router's own choice: one expert
+    row[0, 3 * E + 2:] = [12.0, 4.0]                    # explored slots, Σ entropy
+    m = routing_metrics(row)
+    assert m["maxvio"] == 0.0 and m["load_LE"].tolist() == [[0.25] * 4]
+    assert m["exploration_rate"] == 12.0 / 16.0 and m["routing_entropy"] == 0.5
+    model = tiny_model()
+    model.routing_stats = None                          # the counts-only log path
+    tr = ChronoMoETrainer(model, tiny_config(tmp_path, max_steps=3), loader())
+    tr.train()
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        load = torch.tensor(r["load_LE"])
+        assert load.shape == (2, 4) and torch.all(load.sum(1) == 4 * S * 2)  # B·S·K slots
+        assert r["maxvio_L"] == pytest.approx((load.amax(1) / load.mean(1) - 1).tolist())
+        assert "exploration_rate" not in r
 
 
 def test_eval_maxvio_global_is_over_the_whole_eval_set(tmp_path):
