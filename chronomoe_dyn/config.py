@@ -133,8 +133,12 @@ class ControllerConfig:
     simulator it cost loss (+0.036 against the ablation vs +0.012)."""
 
     # --- meta-knob κ ------------------------------------------------------------------------
-    beta_pressure: float = 0.5
-    """β_p: κ gain on pressure, factor exp(β_p κ). Seed: 0.5."""
+    beta_pressure: float = 0.0
+    """β_p: κ gain on the bias, factor exp(β_p κ). Calibrated: 0 (seed 0.5). Since law v2.1
+    the bias corrects the router's noiseless choice, and κ already raises its authority over
+    that choice through the temperature (z̃/T shrinks as T·e^{β_T κ} grows); with the seed's
+    0.5 as well the loop overshot at κ = +1 on real text (MaxVio_global 0.681 ± 0.278, 3 seeds;
+    0.228 ± 0.016 with 0). docs/calibration.md, "Law v2.1"."""
     beta_temperature: float = 0.4
     """β_T: κ gain on temperature, factor exp(β_T κ). Seed: 0.4."""
     beta_lens: float = 0.7

@@ -15,13 +15,13 @@ from chronomoe_dyn import config as config_module
 
 # DESIGN.md §3: the seed's defaults, the Kuramoto/lens constants the design chose, and the
 # constants the calibration chose (docs/calibration.md: drift_gain, pressure_gain, beta_drift,
-# beta_reliability, reliability_sharpness).
+# beta_reliability, reliability_sharpness; beta_pressure with law v2.1).
 DESIGN_DEFAULTS = {
     "micro_period": 5, "macro_period": 20, "usage_decay": 0.95,
     "eta_structural_T_global": 0.005, "eta_structural_T_local": 0.01, "T_base": 1.0,
     "beta_R": 0.5, "beta_drift": 0.1, "beta_reliability": 0.8, "reliability_sharpness": 8.0,
     "T_min": 0.3, "T_max": 3.0,
-    "lens_rate": 0.05, "lens_max": 1.0, "beta_pressure": 0.5, "beta_temperature": 0.4,
+    "lens_rate": 0.05, "lens_max": 1.0, "beta_pressure": 0.0, "beta_temperature": 0.4,
     "beta_lens": 0.7, "landscape_threshold_std": 0.5,
     "landscape_formed_variance": 0.01, "unhealthy_reliability": 0.3,
     "coupling": 0.25, "drift_gain": 0.1, "omega_disorder_std": 0.05,
