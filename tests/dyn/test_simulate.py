@@ -700,6 +700,12 @@ def test_default_run_learns_settles_and_forms_healthy_valleys():
     R locks at once and stays near its ceiling (R_∞ 0.978 for perfectly stable routing, study
     ``kuramoto``): from the incoherent level at tick 0 (0.16 ≈ 1/sqrt(L·E)) to 0.88 by tick 60,
     0.905 over ticks ≤ 800, 0.968 after 2800.
+    Law v2.1 (noiseless counts, β_p 0; re-measured 2026-12-05): exploration 0.337 → 0.141
+    (2.39×; v2: 3.2×, asserted > 3×, now > 2.2×: with the bias balancing the router's own
+    choice, more tokens sit near a decision boundary late, where the noise flips them); R 0.154
+    at tick 0, 0.914 over ticks 100–800, 0.955 late; var(T̄_local) late 0.0132 (6 of 8 systems
+    above 0.01 on their own); 2.8 valleys per layer, none unhealthy, 98 % above 0.5; loss 2.19
+    → 1.47.
     What does not hold (asserted as the finding, so a change of the law that brings it back
     shows up): "R rises as the router settles" in the v1 sense, R(late) > R(early) + 0.2
     (0.968 vs 0.905, +0.063; provisional constants: 0.42 → 0.84), and v1's R < 0.35 over
@@ -715,7 +721,7 @@ def test_default_run_learns_settles_and_forms_healthy_valleys():
     assert not R_late > R_early + 0.2                                  # the finding (docstring)
     assert tr.kappa_BT[:, early].mean() == pytest.approx(0.5)
     assert tr.kappa_BT[:, -1].mean() == pytest.approx(-0.3, abs=1e-3)
-    assert tr.exploration_BT[:, early].mean() > 3 * tr.exploration_BT[:, late].mean()
+    assert tr.exploration_BT[:, early].mean() > 2.2 * tr.exploration_BT[:, late].mean()
     assert tr.variance_local_BTL[:, late].mean() > 0.01                # the landscape forms
     valleys = tr.valley_local_BTLE[:, late]
     assert valleys.any(axis=-1).all()                                  # every layer has valleys
