@@ -45,7 +45,7 @@ import numpy as np
 
 from ..gridstore import GridSpec
 from .calibrate_io import default_candidates_path, load_candidates, load_real_text
-from .common import claim, first_sustained
+from .common import KAPPA_LEVER_RATIO, claim, first_sustained, lever_ratio
 from .runner import (check_late_window, constant_schedule, default_schedule_with, make_plan,
                      run_study, sim_sections, simulate_cell, system_blocks,
                      validate_simulate)
@@ -70,7 +70,7 @@ CONFIG = {
     "formed_min_records": 5,       # records in a row above it (100 ticks at record_every 20)
     "healthy_reliability": 0.5,    # a valley is healthy when its token loss beats the layer mean
     # the criteria of issue 9 ("What it must show"), applied to the simulator:
-    "min_exploration_ratio": 3.0,  # exploration at κ = +1 ≥ this × at κ = −1
+    "min_exploration_ratio": KAPPA_LEVER_RATIO,  # exploration at κ = +1 ≥ this × at κ = −1
     "maxvio_tolerance": 0.02,      # MaxVio(κ=+1) ≤ MaxVio(κ=−1) + this ("balance not worse")
     "min_R_span": 0.3,             # R's 10–90 % range over a run (mean over systems)
     "min_valley_health": 0.7,
@@ -215,13 +215,17 @@ def summarise(ps: dict[str, np.ndarray]) -> dict:
     return out
 
 
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def _criteria(c: dict, cfg: dict) -> dict:
     """Issue 9's simulator checks for one candidate; each {"holds", "evidence"}."""
     s, off, lo, hi = c["schedule"], c["fields_off"], c["kappa=-1"], c["kappa=+1"]
 
     sd = max(x for x in (s["loss_late_sd"], off["loss_late_sd"], 0.0) if x is not None)
     d_loss, d_vio = s["loss_late"] - off["loss_late"], s["maxvio_late"] - off["maxvio_late"]
-    ratio = hi["exploration"] / lo["exploration"] if lo["exploration"] > 0 else math.inf
+    ratio = lever_ratio(hi["exploration"], lo["exploration"])
     tol = cfg["maxvio_tolerance"]
     vh = s["valley_health"]
     pair = c["vs_fields_off"]
@@ -264,10 +268,10 @@ def analyse(cfg: dict, store, out) -> tuple[dict, list]:
                                cfg) for j, cond in enumerate(CONDITIONS)}
         for cond in CONDITIONS:
             row[cond] = summarise(ps[cond])
-        s, off, lo, hi = row["schedule"], row["fields_off"], row["kappa=-1"], row["kappa=+1"]
+        lo, hi = row["kappa=-1"], row["kappa=+1"]
         row["lever"] = {
-            "exploration_ratio": hi["exploration"] / lo["exploration"]
-            if lo["exploration"] > 0 else None,
+            "exploration_ratio": _finite_or_none(lever_ratio(hi["exploration"],
+                                                             lo["exploration"])),
             "maxvio_plus_minus_minus": hi["maxvio_late"] - lo["maxvio_late"],
             "loss_plus_minus_minus": hi["loss_late"] - lo["loss_late"],
             "R_plus_minus_minus": hi["R_mean"] - lo["R_mean"]}

@@ -127,8 +127,8 @@ def markdown(summary: dict, cfg: dict) -> str:
                 _f(s["var_local_late"], "{:.4f}"), _landscape(s),
                 _f(s["valley_health"], "{:.2f}"), _f(s["gate_mean"], "{:.2f}")]) + " |")
     out += ["", "## Criteria (issue 9, \"What it must show\", on the simulator)", "",
-            f"- **F** fields earn their keep: late MaxVio below the fields-off run and late loss "
-            f"no worse than it by more than one sd over systems (the larger of the two).",
+            "- **F** fields earn their keep: late MaxVio below the fields-off run and late loss "
+            "no worse than it by more than one sd over systems (the larger of the two).",
             f"- **K** κ is a causal, monotone lever: exploration at κ ≡ +1 ≥ "
             f"{cfg['min_exploration_ratio']:g}× that at κ ≡ −1, and late MaxVio at +1 ≤ at −1 + "
             f"{cfg['maxvio_tolerance']:g}.",

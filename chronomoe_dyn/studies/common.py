@@ -223,6 +223,20 @@ def first_sustained(mask: np.ndarray, min_run: int = 1) -> int | None:
     return None
 
 
+KAPPA_LEVER_RATIO = 3.0
+"""Issue 9's κ lever: exploration at the highest κ ≥ this × at the lowest (every study's claim)."""
+
+
+def lever_ratio(hi, lo):
+    """Exploration at the highest κ over the lowest, elementwise (floats or arrays): hi / lo,
+    ∞ where lo = 0 < hi, and 0 where both are 0 (no exploration is no lever: the claim must not
+    hold vacuously)."""
+    hi_a, lo_a = np.asarray(hi, dtype=np.float64), np.asarray(lo, dtype=np.float64)
+    safe = np.where(lo_a > 0, lo_a, 1.0)
+    out = np.where(lo_a > 0, hi_a / safe, np.where(hi_a > 0, np.inf, 0.0))
+    return float(out) if out.ndim == 0 else out
+
+
 def claim(holds, evidence: str) -> dict:
     """One entry of a study's claim table: ``holds`` True/False (None: no data to decide) and
     the evidence, numbers and tolerance included, as text."""

@@ -49,7 +49,8 @@ import numpy as np
 
 from ..gridstore import GridSpec
 from ..plot import new_figure, plot_run, save_figure, shade_band
-from .common import HEALTHY_RANGES, claim, claims_line, first_sustained, in_range_fraction
+from .common import (HEALTHY_RANGES, KAPPA_LEVER_RATIO, claim, claims_line, first_sustained,
+                     in_range_fraction, lever_ratio)
 from .runner import (constant_schedule, default_schedule_with, make_plan, run_study,
                      sim_sections, simulate_cell, system_blocks, validate_simulate)
 
@@ -184,10 +185,11 @@ def _control_claims(cs: dict, kappas: list, tol: dict) -> dict:
         claims["exploration_rises_with_kappa"] = claim(
             bool(np.all(np.diff(ex) > 0)), "explored share over the run, κ ascending: "
             + ", ".join(f"κ≡{k:+g} {v:.3f}" for k, v in zip(ks, ex)))
-        ratio = hi["exploration"] / lo["exploration"] if lo["exploration"] > 0 else np.inf
+        ratio = lever_ratio(hi["exploration"], lo["exploration"])
         claims["kappa_lever_3x"] = claim(
-            ratio >= 3.0, f"exploration at κ≡{ks[-1]:+g} / at κ≡{ks[0]:+g} = "
-            f"{hi['exploration']:.3f}/{lo['exploration']:.3f} = {ratio:.1f}× (issue 9: ≥ 3×)")
+            ratio >= KAPPA_LEVER_RATIO, f"exploration at κ≡{ks[-1]:+g} / at κ≡{ks[0]:+g} = "
+            f"{hi['exploration']:.3f}/{lo['exploration']:.3f} = {ratio:.1f}× (issue 9: ≥ "
+            f"{KAPPA_LEVER_RATIO:g}×)")
         claims["balance_no_worse_as_kappa_rises"] = claim(
             hi["maxvio"] <= lo["maxvio"] + tol["maxvio"],
             f"MaxVio over the run at κ≡{ks[-1]:+g} {hi['maxvio']:.3f} vs κ≡{ks[0]:+g} "

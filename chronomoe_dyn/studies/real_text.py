@@ -38,13 +38,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..runlog import read_records
+from .common import KAPPA_LEVER_RATIO, lever_ratio
 
 __all__ = ["load_arm_runs", "fields_claims", "kappa_claims", "shift_claims", "landscape_claims",
            "main"]
 
 TOL = {
     "loss_sd_factor": 1.0,
-    "explore_ratio": 3.0,
+    "explore_ratio": KAPPA_LEVER_RATIO,
     "R_span": 0.3,
     "shift_window": 50,
     "shift_pre_window": 100,
@@ -170,9 +171,9 @@ def kappa_claims(arms: dict[str, list[dict]]) -> tuple[list[dict], dict]:
         _claim("routing entropy increases with κ", all(np.diff(en) > 0), fmt("routing_entropy"),
                "strictly increasing means"),
         _claim("exploration at κ = +1 ≥ 3× κ = −1",
-               ex[-1] > 0 and ex[-1] >= TOL["explore_ratio"] * ex[0],
-               f"{ex[-1]:.3f} / {ex[0]:.3f} = {ex[-1] / max(ex[0], 1e-12):.1f}×",
-               "ratio of means ≥ 3"),
+               lever_ratio(ex[-1], ex[0]) >= TOL["explore_ratio"],
+               f"{ex[-1]:.3f} / {ex[0]:.3f} = {lever_ratio(ex[-1], ex[0]):.1f}×",
+               f"ratio of means ≥ {TOL['explore_ratio']:g}"),
         _claim("balance does not get worse as κ rises",
                all(mv[i + 1] <= mv[i] + table[kk[i]]["maxvio_global"][1]
                    for i in range(len(kk) - 1)),

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..gridstore import GridSpec
 from ..plot import new_figure, save_figure
-from .common import HEALTHY_RANGES, claim, claims_line
+from .common import HEALTHY_RANGES, KAPPA_LEVER_RATIO, claim, claims_line, lever_ratio
 from .runner import (check_late_window, make_plan, run_study, sim_sections, simulate_cell,
                      system_blocks, validate_simulate)
 
@@ -55,7 +55,7 @@ CONFIG = {
     "env": {},                      # EnvConfig changes
     # claim tolerances: R and MaxVio differences (late means over 8 systems: seed-to-seed
     # standard errors ≈ 0.01), the κ lever on exploration (issue 9: ≥ 3× from κ = −1 to +1)
-    "tolerances": {"R": 0.05, "maxvio": 0.02, "exploration_ratio": 3.0},
+    "tolerances": {"R": 0.05, "maxvio": 0.02, "exploration_ratio": KAPPA_LEVER_RATIO},
 }
 
 QUICK = {"kappa": [-0.6, 0.0, 0.6], "coupling": [0.0, 2.0], "num_systems": 2, "ticks": 400}
@@ -178,7 +178,7 @@ def _claims(a: dict, kappas: list, Ks: list, tol: dict) -> dict:
     ik = np.argsort(kappas)
     k_lo, k_hi = kappas[ik[0]], kappas[ik[-1]]
     ex, vio, R = a["exploration"][:, ik], a["maxvio"][:, ik], a["R"][:, ik]
-    ratio = np.divide(ex[:, -1], ex[:, 0], out=np.full(len(Ks), np.inf), where=ex[:, 0] > 0)
+    ratio = lever_ratio(ex[:, -1], ex[:, 0])
 
     def per_K(v, f):
         return ", ".join(f"K={K:g}: {f.format(x)}" for K, x in zip(Ks, v))

@@ -362,3 +362,17 @@ def test_helpers():
     assert math.isnan(in_range_fraction(np.array([np.nan]), 0, 1))
     assert first_sustained(np.array([1, 0, 1, 1, 1, 0], bool), 3) == 2
     assert first_sustained(np.array([1, 0, 1, 1, 0], bool), 3) is None
+
+
+# ---- shared claim helpers ---------------------------------------------------------------------
+
+def test_lever_ratio_is_never_a_vacuous_lever():
+    """κ's lever (every study's claim): hi/lo, ∞ from zero exploration, 0 when both are 0 (a
+    run set with no exploration at all must not pass a ≥ 3× lever)."""
+    from chronomoe_dyn.studies.common import KAPPA_LEVER_RATIO, lever_ratio
+    assert lever_ratio(0.6, 0.2) == pytest.approx(3.0)
+    assert lever_ratio(0.6, 0.0) == math.inf
+    assert lever_ratio(0.0, 0.0) == 0.0 and not lever_ratio(0.0, 0.0) >= KAPPA_LEVER_RATIO
+    got = lever_ratio(np.array([0.6, 0.6, 0.0]), np.array([0.3, 0.0, 0.0]))
+    assert got.tolist() == [2.0, math.inf, 0.0]
+    assert isinstance(lever_ratio(1.0, 0.5), float)
