@@ -435,6 +435,9 @@ def test_kappa_smoothing_ema():
 
 
 def test_knob_factors_known_values(cfg):
+    # the calibrated default β_p is 0 (law v2.1): κ leaves the bias factor at 1
+    assert knob_factors(1.0, cfg).pressure == 1.0 and knob_factors(-1.0, cfg).pressure == 1.0
+    cfg = ControllerConfig(beta_pressure=0.5)          # the seed's β_p, to tell the factors apart
     f = knob_factors(1.0, cfg)
     assert tuple(f) == pytest.approx((math.exp(0.5), math.exp(0.4), math.exp(0.7),
                                       math.exp(1.5)))
@@ -444,8 +447,10 @@ def test_knob_factors_known_values(cfg):
 
 def test_routing_fields_formula_and_clamp():
     """bias = e^{β_p κ}(k_P·P + lens), temperature = clip(T_eff·e^{β_T κ}, T_lo, T_hi),
-    scale = max(σ_L, floor), τ = τ₀·e^{β_τ κ}; k_P = 2 so that P and lens are told apart."""
-    cfg = ControllerConfig(pressure_gain=2.0, routing_T_min=0.2, routing_T_max=8.0)
+    scale = max(σ_L, floor), τ = τ₀·e^{β_τ κ}; k_P = 2 so that P and lens are told apart, and
+    the seed's β_p 0.5 (the default is 0) so that κ's factor on the bias shows."""
+    cfg = ControllerConfig(pressure_gain=2.0, routing_T_min=0.2, routing_T_max=8.0,
+                           beta_pressure=0.5)
     s = hand_state(cfg, usage=[0.25] * 4, pressure_LE=np.array([[0.5, -0.5, 0.0, 1.0]]),
                    lens_LE=np.array([[0.1, 0.2, -0.3, 1.0]]),
                    T_eff_LE=np.array([[1.0, 2.0, 20.0, 0.01]]), kappa=0.25,

@@ -393,7 +393,7 @@ def test_set_knob_validation_and_tensor_path():
 
 
 def test_set_knob_refreshes_fields_without_smoothing():
-    cfg = ControllerConfig()
+    cfg = ControllerConfig(beta_pressure=0.5)   # the seed's β_p (default 0): κ moves the bias too
     ctrl = PxTController(2, 4, cfg, dtype=torch.float64)
     for t in range(20):
         ctrl.observe_all(torch.arange(8.0).reshape(2, 4), torch.ones(2, 4))
