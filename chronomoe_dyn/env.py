@@ -66,7 +66,7 @@ from .law import RoutingFields
 from .rng import (STREAM_BATCH, STREAM_DOMAIN, STREAM_GUMBEL, STREAM_HOME, STREAM_LOSS,
                   STREAM_QUALITY, STREAM_TOKEN)
 from .routing import route as route_layer
-from .routing import sum_experts, topk_stable
+from .routing import sum_experts
 
 __all__ = ["EnvConfig", "Event", "EnvState", "init_env", "apply_event", "route", "learn",
            "domain_cumulative", "make_quality", "raw_logits", "RoutedTick", "EVENT_KINDS"]
@@ -191,8 +191,8 @@ def route(env: EnvConfig, es: EnvState, fields: RoutingFields, seed: int, tick: 
         # mean over tokens, summed in token order (the kernel's loop)
         scale_L[li] = np.add.accumulate(r.logit_std_N)[-1] / T
         explored_L[li] = float(r.explored_NK.sum())
-        if noisy:                   # the noiseless top-k (the one the explored slots are out of)
-            best_LTK[li] = topk_stable(r.score_NE, K)
+        if noisy:                   # the noiseless top-k (route formed it for the explored slots)
+            best_LTK[li] = r.noiseless_NK
     u_LTK = rng.uniform(seed, STREAM_LOSS, tick, np.arange(L * T * K)).reshape(L, T, K)
     q_LTK = es.quality_LED[np.arange(L)[:, None, None], sel_LTK, dom_T[None, :, None]]
     x_LTK = env.loss_floor + env.loss_range * (1.0 - q_LTK) + env.loss_noise * (2.0 * u_LTK - 1.0)

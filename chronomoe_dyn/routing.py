@@ -51,6 +51,9 @@ class Routed(NamedTuple):
     """[N, K] bool: the slot's expert is not in the top-k of ``score_NE``."""
     logit_std_N: np.ndarray
     """[N] population standard deviation across experts of the raw logits."""
+    noiseless_NK: np.ndarray | None = None
+    """[N, K] int64 top-k of ``score_NE`` (the router's choice before the noise, what law
+    v2.1's usage counts); ``selected_NK`` itself when there is no noise."""
 
 
 def sum_experts(x: np.ndarray) -> np.ndarray:
@@ -112,6 +115,7 @@ def route(z_NE: np.ndarray, fields: LayerFields, k: int, u_NE: np.ndarray | None
         s = score = z
     selected = topk_stable(score, k)
     if score is s:
+        best = selected
         explored = np.zeros(selected.shape, dtype=bool)
     else:
         best = topk_stable(s, k)
@@ -123,4 +127,4 @@ def route(z_NE: np.ndarray, fields: LayerFields, k: int, u_NE: np.ndarray | None
     else:
         ex = np.exp(z - z.max(axis=-1, keepdims=True))
         gates = np.take_along_axis(ex / ex.sum(axis=-1, keepdims=True), selected, axis=-1)
-    return Routed(selected, gates, s, explored, logit_std)
+    return Routed(selected, gates, s, explored, logit_std, best)

@@ -219,9 +219,12 @@ def test_gates_come_from_the_raw_logits_and_explored_slots_are_outside_the_noise
     w = np.exp(zs - zs.max(axis=-1, keepdims=True))
     np.testing.assert_allclose(r.gates_NK, w / w.sum(axis=-1, keepdims=True), rtol=1e-12)
     best = topk_stable(r.score_NE, k)
+    np.testing.assert_array_equal(r.noiseless_NK, best)         # the choice law v2.1 counts
     for n in range(N):
         for j in range(k):
             assert r.explored_NK[n, j] == (r.selected_NK[n, j] not in best[n])
+    quiet = route(z, f, k, None)                                  # no noise: the choice is the
+    assert quiet.noiseless_NK is quiet.selected_NK                # selection itself
 
 
 # ---------------------------------------------------------------------------------------------
